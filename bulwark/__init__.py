@@ -1,0 +1,1 @@
+"""Bulwark: an email security gateway as an event-sourced pipeline on Apache Kafka."""

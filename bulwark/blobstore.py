@@ -1,0 +1,69 @@
+"""Content-addressed store for raw messages (the claim check).
+
+A message is stored under the sha256 of its bytes, written to a temporary
+file, fsynced, renamed into place and the directory fsynced: after ``put``
+returns, the message survives a power cut. Storing the same bytes twice is a
+no-op, which makes a client's retry after a 451 harmless.
+
+Blobs are never deleted by the pipeline: forensics replays read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+class BlobStoreError(OSError):
+    pass
+
+
+class BlobStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("not a sha256 hex digest")
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    def put_sync(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        final = self.path(digest)
+        if final.exists():
+            return digest
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".incoming-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise BlobStoreError(exc.errno, f"blob store {self.root} cannot store: {exc.strerror}") from None
+        return digest
+
+    def get_sync(self, digest: str) -> bytes:
+        data = self.path(digest).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BlobStoreError(f"blob {digest} is corrupt (content does not match its digest)")
+        return data
+
+    async def put(self, data: bytes) -> str:
+        return await asyncio.to_thread(self.put_sync, data)
+
+    async def get(self, digest: str) -> bytes:
+        return await asyncio.to_thread(self.get_sync, digest)

@@ -1,0 +1,300 @@
+"""``bulwark``: the one command-line entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import sys
+
+import click
+
+from bulwark.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+@click.group()
+def main() -> None:
+    """Bulwark, an email security gateway on Apache Kafka.
+
+    Where things run comes from BULWARK_* environment variables (see the
+    README); what the gateway does comes from the policy file.
+    """
+
+
+# -- services -----------------------------------------------------------------
+
+
+@main.command()
+def ingest() -> None:
+    """Run the SMTP server (ingest)."""
+    from ingest.server import serve
+
+    _run(serve(_settings()))
+
+
+@main.group()
+def streams() -> None:
+    """The Faust stream processors."""
+
+
+@streams.command("worker")
+@click.option("--loglevel", default="info", show_default=True)
+def streams_worker(loglevel: str) -> None:
+    """Run a Faust worker (content checks and verdicts)."""
+    from streams.app import run_worker
+
+    run_worker(_settings(), loglevel)
+
+
+@main.group()
+def sinks() -> None:
+    """The sinks that act on verdicts."""
+
+
+@sinks.command("delivery")
+def sinks_delivery() -> None:
+    """Run the delivery sink."""
+    from sinks.delivery import serve
+
+    _run(serve(_settings()))
+
+
+@sinks.command("quarantine")
+def sinks_quarantine() -> None:
+    """Run the quarantine sink."""
+    from sinks.quarantine import serve
+
+    _run(serve(_settings()))
+
+
+@main.command("demo-mailbox")
+def demo_mailbox() -> None:
+    """Run the demo downstream mail server (writes a Maildir)."""
+    from bulwark.demo_mailbox import serve
+
+    _run(serve(_settings()))
+
+
+@main.command("up")
+def up() -> None:
+    """Run the whole gateway locally: Kafka, topics, ingest, worker, sinks, demo mailbox."""
+    from bulwark.devstack import run_local
+
+    sys.exit(run_local(_settings()))
+
+
+# -- topics and schemas ---------------------------------------------------------
+
+
+@main.group()
+def topics() -> None:
+    """Bulwark's Kafka topics."""
+
+
+@topics.command("ensure")
+def topics_ensure() -> None:
+    """Create the declared topics that are missing; report the others."""
+    from bulwark.kafka import ensure_topics
+
+    reports = _run(ensure_topics(_settings()))
+    bad = False
+    for report in reports:
+        click.echo(f"{report.name:20} {report.status}")
+        bad |= report.status not in ("ok", "created")
+    sys.exit(1 if bad else 0)
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """Print the declared topics."""
+    from schemas.topics import ALL_TOPICS
+
+    for spec in ALL_TOPICS:
+        events = ", ".join(f"{c.TYPE} v{c.VERSION}" for c in spec.carries)
+        click.echo(f"{spec.name:20} key={spec.key}; {spec.kind}; {spec.partitions} partitions\n    {spec.purpose}\n    carries: {events}")
+
+
+@main.group()
+def schemas() -> None:
+    """JSON Schema files for outside consumers."""
+
+
+@schemas.command("generate")
+def schemas_generate() -> None:
+    """Write schemas/json/ from the event definitions."""
+    from schemas.jsonschema import JSON_DIR, write
+
+    names = write()
+    click.echo(f"wrote {len(names)} files to {JSON_DIR}")
+
+
+@schemas.command("check")
+def schemas_check() -> None:
+    """Exit non-zero when schemas/json/ is out of date."""
+    from schemas.jsonschema import stale
+
+    differing = stale()
+    for name in differing:
+        click.echo(f"stale: {name}", err=True)
+    sys.exit(1 if differing else 0)
+
+
+# -- policy ---------------------------------------------------------------------
+
+
+@main.group()
+def policy() -> None:
+    """The policy file."""
+
+
+@policy.command("check")
+@click.argument("path", required=False)
+def policy_check(path: str | None) -> None:
+    """Validate a policy file (default: $BULWARK_POLICY) and print its version."""
+    from bulwark.policy import PolicyError, load
+
+    try:
+        loaded = load(path or _settings().policy_path)
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    click.echo(f"policy ok, version {loaded.version}")
+
+
+# -- forensics ------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("ident")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line")
+def trace(ident: str, as_json: bool) -> None:
+    """Print the timeline of a message id or a session id, from Kafka alone."""
+    from bulwark.trace import describe, trace as run_trace
+
+    records = _run(run_trace(_settings(), ident))
+    if not records:
+        click.echo(f"nothing on the topics for {ident}", err=True)
+        sys.exit(1)
+    for record in records:
+        if as_json:
+            click.echo(json.dumps({"topic": record.topic, "offset": record.offset,
+                                   "event": record.event.model_dump(mode="json")}))
+        else:
+            when = record.event.occurred_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+            click.echo(f"{when}  {record.topic:17} {record.event.TYPE:21} {describe(record.event)}")
+
+
+# -- quarantine -----------------------------------------------------------------
+
+
+@main.group()
+def quarantine() -> None:
+    """Messages held for review."""
+
+
+def _index():
+    from sinks.quarantine import index_path
+    from sinks.store import JsonIndex
+
+    path = index_path(_settings())
+    if not path.exists():
+        raise click.ClickException(f"no quarantine index at {path} (has the quarantine sink run here?)")
+    return JsonIndex(path, read_only=True)
+
+
+def _held(message_id: str) -> dict:
+    record = _index().get(message_id)
+    if record is None:
+        raise click.ClickException(f"{message_id} is not in the quarantine")
+    return record
+
+
+@quarantine.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include released and deleted messages")
+@click.option("--json", "as_json", is_flag=True)
+def quarantine_list(show_all: bool, as_json: bool) -> None:
+    """List quarantined messages."""
+    rows = [r for _, r in _index().items() if show_all or r["state"] == "quarantined"]
+    rows.sort(key=lambda r: r["quarantined_at"])
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps(r))
+        else:
+            env = r["envelope"]
+            click.echo(f"{r['message_id']}  {r['state']:11} {r['quarantined_at'][:19]}  "
+                       f"<{env['mail_from']}> -> {', '.join(env['rcpt_to'])}  [{', '.join(r['reasons'])}]")
+
+
+@quarantine.command("show")
+@click.argument("message_id")
+def quarantine_show(message_id: str) -> None:
+    """Show why a message is held, and its headers."""
+    from email.parser import BytesHeaderParser
+
+    from bulwark.blobstore import BlobStore
+
+    record = _held(message_id)
+    click.echo(json.dumps({k: v for k, v in record.items() if k != "announced"}, indent=2))
+    try:
+        raw = BlobStore(_settings().blob_dir).get_sync(record["envelope"]["sha256"])
+    except OSError as exc:
+        click.echo(f"(message body unavailable: {exc})")
+        return
+    click.echo("\n--- headers ---")
+    for name, value in BytesHeaderParser().parsebytes(raw).items():
+        click.echo(f"{name}: {value}")
+
+
+def _publish(event) -> None:
+    from bulwark.kafka import EventPublisher, make_producer
+
+    async def go():
+        publisher = EventPublisher(make_producer(_settings(), "bulwark-cli"))
+        await publisher.start()
+        try:
+            await publisher.publish(event)
+        finally:
+            await publisher.stop()
+
+    _run(go())
+
+
+@quarantine.command("release")
+@click.argument("message_id")
+@click.option("--by", default=None, help="Who releases it (default: the current user)")
+def quarantine_release(message_id: str, by: str | None) -> None:
+    """Release a message: the delivery sink delivers it."""
+    from schemas.events import Envelope, QuarantineReleased
+
+    record = _held(message_id)
+    if record["state"] != "quarantined":
+        raise click.ClickException(f"{message_id} is already {record['state']}")
+    _publish(QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
+                                envelope=Envelope.model_validate(record["envelope"]), by=by or getpass.getuser()))
+    click.echo(f"released {message_id}")
+
+
+@quarantine.command("delete")
+@click.argument("message_id")
+@click.option("--by", default=None, help="Who deletes it (default: the current user)")
+def quarantine_delete(message_id: str, by: str | None) -> None:
+    """Delete a message from the quarantine (it is never delivered)."""
+    from schemas.events import QuarantineDeleted
+
+    record = _held(message_id)
+    if record["state"] != "quarantined":
+        raise click.ClickException(f"{message_id} is already {record['state']}")
+    _publish(QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by or getpass.getuser()))
+    click.echo(f"deleted {message_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Starting the whole gateway on one machine: `make run` and the test suite.
+
+Each Bulwark component runs as its own process, as it would in production
+(and in docker-compose.yml): the broker, ingest, the Faust worker, the two
+sinks and the demo mailbox. This module starts them in order, waits for each
+to be ready, and stops them all, in reverse order, on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bulwark.settings import REPO_ROOT, Settings
+
+KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
+
+#: (name, bulwark subcommand) in start order.
+COMPONENTS = [
+    ("mailbox", ["demo-mailbox"]),
+    ("quarantine", ["sinks", "quarantine"]),
+    ("delivery", ["sinks", "delivery"]),
+    ("streams", ["streams", "worker"]),
+    ("ingest", ["ingest"]),
+]
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+@dataclass
+class LocalStack:
+    settings: Settings
+    env: dict[str, str]
+    kafka_port: int
+    kafka_dir: Path
+    log_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, extra_env: dict[str, str] | None = None) -> "LocalStack":
+        port = int(settings.kafka_bootstrap.rpartition(":")[2])
+        kafka_dir = settings.data_dir / "kafka"
+        env = {
+            **os.environ,
+            **(extra_env or {}),
+            "BULWARK_KAFKA_PORT": str(port),
+            "BULWARK_KAFKA_CONTROLLER_PORT": os.environ.get("BULWARK_KAFKA_CONTROLLER_PORT", str(port + 1)),
+            "BULWARK_KAFKA_DIR": str(kafka_dir),
+        }
+        return cls(settings, env, port, kafka_dir, settings.data_dir / "logs")
+
+    # -- Kafka ------------------------------------------------------------------
+
+    def kafka(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(KAFKA_SCRIPT), command], env=self.env, check=check,
+                              capture_output=True, text=True)
+
+    def start_kafka(self) -> None:
+        result = self.kafka("start", check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"Kafka did not start:\n{result.stdout}\n{result.stderr}")
+
+    def stop_kafka(self) -> None:
+        self.kafka("stop", check=False)
+
+    def ensure_topics(self) -> None:
+        self.run_cli(["topics", "ensure"])
+
+    # -- Bulwark processes ----------------------------------------------------------
+
+    def run_cli(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bulwark.cli", *args], env=self.env, check=check,
+                              capture_output=True, text=True)
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "bulwark.cli", *args], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, timeout: float = 20) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def start_all(self) -> None:
+        self.start_kafka()
+        self.ensure_topics()
+        for name, args in COMPONENTS:
+            proc = self.start(name, args)
+            if name == "mailbox":
+                wait_for_port(self.settings.mailbox_host, self.settings.mailbox_port, 30, proc)
+            if name == "ingest":
+                wait_for_port(self.settings.smtp_host, self.settings.smtp_port, 60, proc)
+
+    def stop_all(self, kafka: bool = True) -> None:
+        for name, _ in reversed(COMPONENTS):
+            self.stop(name)
+        if kafka:
+            self.stop_kafka()
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def run_local(settings: Settings) -> int:
+    stack = LocalStack.from_settings(settings)
+    print(f"Starting Kafka on {settings.kafka_bootstrap} (data in {stack.kafka_dir}) ...", flush=True)
+    try:
+        stack.start_all()
+    except Exception as exc:
+        print(f"could not start the gateway: {exc}", file=sys.stderr)
+        for name, _ in COMPONENTS:
+            tail = stack.log_tail(name)
+            if tail:
+                print(f"--- {name} log ---\n{tail}", file=sys.stderr)
+        stack.stop_all()
+        return 1
+    print(
+        f"""
+Bulwark is running.
+
+  Send mail to      smtp://{settings.smtp_host}:{settings.smtp_port}   (e.g. to someone@example.com)
+  Delivered mail    {settings.mailbox_dir}/new   (demo mailbox on port {settings.mailbox_port})
+  Raw messages      {settings.blob_dir}
+  Logs              {stack.log_dir}
+  Policy            {settings.policy_path}
+
+  Trace a message   .venv/bin/bulwark trace <queue id from the 250 reply>
+  Quarantine        .venv/bin/bulwark quarantine list
+
+Ctrl-C stops everything.""",
+        flush=True,
+    )
+    stopping = False
+
+    def _stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            for name, proc in list(stack.procs.items()):
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; see {stack.log_dir / (name + '.log')}", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop_all()
+    return 0

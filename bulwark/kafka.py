@@ -1,0 +1,382 @@
+"""Producing, reading and creating Bulwark's topics with aiokafka.
+
+Every event goes to the topic that declares it, keyed as that topic says, with
+the record timestamp set to the event's own time (so Faust windows run in
+event time and a replay gives the same answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from bulwark.settings import Settings
+from schemas import codec
+from schemas.events import Event
+from schemas.topics import ALL_TOPICS, BY_NAME, TopicSpec, record_key, topic_for
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        # A few milliseconds of linger lets concurrent sessions share one
+        # produce request instead of each paying for its own round trip.
+        linger_ms=5,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+    )
+
+
+class EventPublisher:
+    """Publishes events to their declared topics.
+
+    ``publish`` waits for the broker's acknowledgement (acks=all) and is what
+    the 250 after DATA waits on. ``emit`` is for audit events that must not
+    hold up the SMTP dialogue: they are handed to the producer in the order
+    they were emitted and their failures are logged.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer):
+        self.producer = producer
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._drainer: asyncio.Task | None = None
+        self.emit_failures = 0
+
+    async def start(self) -> None:
+        await self.producer.start()
+        self._drainer = asyncio.create_task(self._drain(), name="event-emitter")
+
+    async def stop(self) -> None:
+        await self._queue.join()
+        if self._drainer:
+            self._drainer.cancel()
+        await self.producer.stop()
+
+    async def _send(self, event: Event) -> asyncio.Future:
+        spec = topic_for(type(event))
+        value, headers = codec.encode(event)
+        return await self.producer.send(
+            spec.name,
+            value=value,
+            key=record_key(spec, event),
+            headers=headers,
+            timestamp_ms=event.timestamp_ms,
+        )
+
+    async def publish(self, event: Event):
+        """Send and wait until the broker has the event; raises on failure."""
+        future = await self._send(event)
+        return await future
+
+    def emit(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+
+    async def _drain(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                future = await self._send(event)
+                future.add_done_callback(self._log_failure)
+            except Exception:
+                self.emit_failures += 1
+                log.exception("could not publish %s", event.TYPE)
+            finally:
+                self._queue.task_done()
+
+    def _log_failure(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.emit_failures += 1
+            log.warning("audit event lost: %s", future.exception())
+
+
+class DurableLog:
+    """Records the events a 250 reply depends on, in Kafka transactions.
+
+    Concurrent sessions share one transaction (group commit): the committer
+    takes every event waiting, sends them all, commits once and answers every
+    waiter. So no session pays for a private flush, and none waits for
+    another's.
+
+    Why transactions: aiokafka never expires an idempotent producer's
+    batches, so after a timeout a record could still land later, and the
+    client, told 451, would send the message again. Here a batch that is not
+    committed in time is abandoned; a fresh producer with the same
+    transactional id fences the old one, which aborts its transaction, and
+    read_committed consumers never see the records. "451" means "not
+    recorded" (except in the inherent window where the commit reached the
+    broker and its answer did not reach us, RFC 1047).
+    """
+
+    def __init__(self, settings: Settings, transactional_id: str):
+        self.settings = settings
+        self.transactional_id = transactional_id
+        self.deadline = 2 * settings.kafka_request_timeout_ms / 1000
+        self._producer: AIOKafkaProducer | None = None
+        self._waiting: list[tuple[Event, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._committer: asyncio.Task | None = None
+        self._reconnect: asyncio.Task | None = None
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            client_id=self.transactional_id,
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=self.transactional_id,
+            request_timeout_ms=self.settings.kafka_request_timeout_ms,
+        )
+
+    async def start(self) -> None:
+        producer = self._new_producer()
+        await producer.start()
+        self._producer = producer
+        self._committer = asyncio.create_task(self._commit_loop(), name="durable-log")
+
+    async def stop(self) -> None:
+        if self._committer:
+            self._committer.cancel()
+        if self._producer:
+            await self._producer.stop()
+
+    async def record(self, event: Event) -> None:
+        """Return once the event is committed; raise if it is not."""
+        if self._producer is None:
+            raise ConnectionError("the event log is unavailable (reconnecting to Kafka)")
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, future))
+        self._wake.set()
+        await future
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._waiting = self._waiting, []
+            if not batch:
+                continue
+            producer = self._producer
+            try:
+                if producer is None:
+                    raise ConnectionError("the event log is unavailable (reconnecting to Kafka)")
+                attempt = asyncio.create_task(self._commit(producer, [e for e, _ in batch]))
+                # Not wait_for: that would wait for the cancelled commit to
+                # unwind, and against a dead broker that can take minutes.
+                done, _ = await asyncio.wait({attempt}, timeout=self.deadline)
+                if not done:
+                    attempt.cancel()
+                    raise TimeoutError(f"no commit within {self.deadline:g}s")
+                attempt.result()
+            except Exception as exc:  # timeout, broker gone, fenced...
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(ConnectionError(f"not recorded: {type(exc).__name__}"))
+                if producer is not None and producer is self._producer:
+                    self._abandon(producer)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _commit(self, producer: AIOKafkaProducer, events: list[Event]) -> None:
+        # No abort on failure: the producer is abandoned, and fencing it
+        # aborts its transaction on the broker, which works even when this
+        # process cannot reach the broker right now.
+        await producer.begin_transaction()
+        sends = []
+        for event in events:
+            spec = topic_for(type(event))
+            value, headers = codec.encode(event)
+            sends.append(await producer.send(
+                spec.name, value=value, key=record_key(spec, event), headers=headers,
+                timestamp_ms=event.timestamp_ms,
+            ))
+        await asyncio.gather(*sends)
+        await producer.commit_transaction()
+
+    def _abandon(self, producer: AIOKafkaProducer) -> None:
+        self._producer = None
+        log.error("event log unavailable; answering 451 until Kafka is back")
+
+        async def close_quietly():
+            try:
+                await asyncio.wait_for(producer.stop(), 5)
+            except Exception:
+                pass
+
+        async def reconnect():
+            asyncio.create_task(close_quietly())
+            while True:
+                fresh = self._new_producer()
+                try:
+                    # Same transactional id: the broker fences the old
+                    # producer and aborts whatever it left open.
+                    await fresh.start()
+                except Exception:
+                    await asyncio.sleep(1)
+                    continue
+                self._producer = fresh
+                log.info("event log available again")
+                return
+
+        self._reconnect = asyncio.create_task(reconnect())
+
+
+@dataclass
+class TopicReport:
+    name: str
+    status: str  # created, ok, or a description of the mismatch
+
+
+async def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = ALL_TOPICS) -> list[TopicReport]:
+    """Create the declared topics that are missing; report how existing ones differ."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="bulwark-topics")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        reports = []
+        for spec in specs:
+            if spec.name in existing:
+                reports.append(TopicReport(spec.name, "ok"))
+                continue
+            topic = NewTopic(
+                name=spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=1,
+                topic_configs=spec.topic_config(settings.audit_retention_ms),
+            )
+            try:
+                await admin.create_topics([topic])
+                reports.append(TopicReport(spec.name, "created"))
+            except TopicAlreadyExistsError:  # a concurrent ensure won the race
+                reports.append(TopicReport(spec.name, "ok"))
+        # Partition counts are compared for topics that already existed (a
+        # topic created a moment ago may not be described fully yet).
+        existed = [spec for spec, report in zip(specs, reports) if report.status == "ok"]
+        if existed:
+            described = await admin.describe_topics([spec.name for spec in existed])
+            partitions = {d["topic"]: len(d["partitions"]) for d in described}
+            for report, spec in zip(reports, specs):
+                have = partitions.get(spec.name)
+                if report.status == "ok" and have != spec.partitions:
+                    report.status = f"has {have} partitions, declared {spec.partitions}"
+        return reports
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    event: Event
+
+
+async def read_topics(
+    settings: Settings,
+    topics: list[str],
+    keys: set[bytes] | None = None,
+) -> list[Record]:
+    """Every event on these topics up to their current end, optionally only some keys.
+
+    Reads without a consumer group, so it disturbs no running component.
+    Records that are not Bulwark events are skipped with a warning.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        client_id="bulwark-reader",
+    )
+    await consumer.start()
+    try:
+        # The declarations say how many partitions each topic has (and
+        # `bulwark topics ensure` checks that the cluster agrees).
+        partitions = [TopicPartition(topic, p) for topic in topics for p in range(BY_NAME[topic].partitions)]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        records: list[Record] = []
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, messages in batch.items():
+                for msg in messages:
+                    if msg.offset >= ends[tp]:
+                        continue
+                    if keys is None or msg.key in keys:
+                        try:
+                            event = codec.decode(msg.value, msg.headers)
+                        except (codec.UnknownEvent, ValueError) as exc:
+                            log.warning("skipping %s[%d]@%d: %s", tp.topic, tp.partition, msg.offset, exc)
+                            continue
+                        records.append(Record(tp.topic, tp.partition, msg.offset, msg.key, event))
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def consume(
+    settings: Settings, group_id: str, topics: list[str], handle: Callable[[list[Event]], Awaitable[None]]
+) -> None:
+    """Consume topics with a group, handing decoded events to ``handle`` a batch at a time.
+
+    Offsets are committed after ``handle`` returns, so a crash redelivers the
+    batch and ``handle`` must be idempotent.
+    """
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",  # never act on an aborted transaction
+        client_id=group_id,
+    )
+    await consumer.start()
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=500, max_records=200)
+            events = []
+            for records in batch.values():
+                for record in records:
+                    try:
+                        events.append(codec.decode(record.value, record.headers))
+                    except (codec.UnknownEvent, ValueError) as exc:
+                        log.error("skipping %s@%d: %s", record.topic, record.offset, exc)
+            if events:
+                await handle(events)
+            if batch:
+                await consumer.commit()
+    finally:
+        await consumer.stop()
+
+
+async def start_publisher(settings: Settings, client_id: str) -> EventPublisher:
+    """A started publisher; waits for the broker rather than failing at start-up."""
+    while True:
+        publisher = EventPublisher(make_producer(settings, client_id))
+        try:
+            await publisher.start()
+            return publisher
+        except Exception as exc:
+            log.warning("waiting for Kafka at %s: %s", settings.kafka_bootstrap, exc)
+            await asyncio.sleep(2)

@@ -1,0 +1,61 @@
+"""Where things run: addresses, ports and directories, from the environment.
+
+Settings say *where* (deployment); the policy file says *what* (behaviour).
+Every variable is read here and nowhere else, so docker-compose.yml, the local
+launcher and the tests set the same names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str
+    data_dir: Path
+    blob_dir: Path
+    policy_path: Path
+    smtp_host: str
+    smtp_port: int
+    mailbox_host: str
+    mailbox_port: int
+    mailbox_dir: Path
+    #: How long a produce may wait for the broker before it fails. Ingest
+    #: answers 451 only once the record has certainly failed, so this bounds
+    #: how long a client waits during a broker outage.
+    kafka_request_timeout_ms: int
+    #: -1 keeps audit events for ever.
+    audit_retention_ms: int
+    streams_web_port: int
+    delivery_poll_seconds: float
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        data_dir = Path(_env("BULWARK_DATA_DIR", str(REPO_ROOT / "var"))).resolve()
+        return cls(
+            kafka_bootstrap=_env("BULWARK_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            data_dir=data_dir,
+            blob_dir=Path(_env("BULWARK_BLOB_DIR", str(data_dir / "blobs"))),
+            policy_path=Path(_env("BULWARK_POLICY", str(REPO_ROOT / "infra" / "policy.local.yaml"))),
+            smtp_host=_env("BULWARK_SMTP_HOST", "127.0.0.1"),
+            smtp_port=int(_env("BULWARK_SMTP_PORT", "2525")),
+            mailbox_host=_env("BULWARK_MAILBOX_HOST", "127.0.0.1"),
+            mailbox_port=int(_env("BULWARK_MAILBOX_PORT", "2526")),
+            mailbox_dir=Path(_env("BULWARK_MAILBOX_DIR", str(data_dir / "mailbox"))),
+            kafka_request_timeout_ms=int(_env("BULWARK_KAFKA_REQUEST_TIMEOUT_MS", "15000")),
+            audit_retention_ms=int(_env("BULWARK_AUDIT_RETENTION_MS", "-1")),
+            streams_web_port=int(_env("BULWARK_STREAMS_WEB_PORT", "6066")),
+            delivery_poll_seconds=float(_env("BULWARK_DELIVERY_POLL_SECONDS", "1.0")),
+        )
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)

@@ -1,0 +1,1 @@
+"""Bulwark's events and topics: the contract between every stage."""

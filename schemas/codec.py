@@ -1,0 +1,100 @@
+"""Events on the wire: JSON values, with type and version also in Kafka headers.
+
+Reading goes through the upcasters: a record written by an older version of
+Bulwark is lifted, one version at a time, to the shape the code knows today.
+Topics are never rewritten, so this is how history stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+
+from .events import EVENT_TYPES, Event
+
+HEADER_TYPE = "bulwark-type"
+HEADER_VERSION = "bulwark-version"
+HEADER_EVENT_ID = "bulwark-event-id"
+
+Headers = Sequence[tuple[str, bytes]]
+Upcaster = Callable[[dict], dict]
+
+
+class UnknownEvent(ValueError):
+    """A record that is not a Bulwark event, or of a version we cannot read."""
+
+
+def _message_received_v1_to_v2(data: dict) -> dict:
+    # v1 kept the envelope flat, called the blob key "digest" and the
+    # recipients "recipients", and had no direction (v1 gateways were
+    # inbound-only).
+    data = dict(data)
+    envelope = {
+        "mail_from": data.pop("mail_from"),
+        "rcpt_to": data.pop("recipients"),
+        "sha256": data.pop("digest"),
+        "size": data.pop("size"),
+        "client_ip": data.pop("client_ip"),
+        "client_helo": data.pop("client_helo", None),
+        "authenticated_user": None,
+        "tls": data.pop("tls", None),
+        "received_at": data["occurred_at"],
+    }
+    data["envelope"] = envelope
+    data["direction"] = "inbound"
+    data["version"] = 2
+    return data
+
+
+#: (type, version it reads) -> function returning the next version's dict.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    ("message.received", 1): _message_received_v1_to_v2,
+}
+
+
+def upcast(data: dict) -> dict:
+    event_type, version = data.get("type"), data.get("version")
+    cls = EVENT_TYPES.get(event_type)
+    if cls is None:
+        raise UnknownEvent(f"unknown event type {event_type!r}")
+    while version != cls.VERSION:
+        step = UPCASTERS.get((event_type, version))
+        if step is None:
+            raise UnknownEvent(f"no upcaster for {event_type} v{version} (current is v{cls.VERSION})")
+        data = step(data)
+        version = data["version"]
+    return data
+
+
+def encode(event: Event) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The record value and headers for an event."""
+    headers = [
+        (HEADER_TYPE, event.TYPE.encode()),
+        (HEADER_VERSION, str(event.VERSION).encode()),
+        (HEADER_EVENT_ID, event.event_id.encode()),
+    ]
+    return event.model_dump_json().encode(), headers
+
+
+def decode(value: bytes, headers: Iterable[tuple[str, bytes]] | None = None) -> Event:
+    """Parse a record value (of any known version) into the current event class."""
+    try:
+        data = json.loads(value)
+    except (TypeError, ValueError) as exc:
+        raise UnknownEvent(f"record is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UnknownEvent("record is not a JSON object")
+    for name, raw in headers or ():
+        # The body is authoritative; the headers let consumers filter cheaply
+        # without parsing. Disagreement means a corrupt or forged record.
+        if name == HEADER_TYPE and raw.decode() != data.get("type"):
+            raise UnknownEvent("type header and body disagree")
+    data = upcast(data)
+    return EVENT_TYPES[data["type"]].model_validate(data)
+
+
+def header(headers: Iterable[tuple[str, bytes]] | None, name: str) -> str | None:
+    for key, raw in headers or ():
+        if key == name:
+            return raw.decode()
+    return None

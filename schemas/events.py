@@ -1,0 +1,327 @@
+"""Every event Bulwark publishes, declared once.
+
+Events are immutable facts. Each carries its type and schema version, the
+time it happened (event time: it is also the Kafka record timestamp, so
+windows and replays agree), and the correlation ids that tie it to its SMTP
+session and its message. Changing the shape of an event means a new version,
+an upcaster in ``schemas.codec`` and a fixture of the old form in the tests;
+topics are never rewritten.
+
+The JSON Schema files in ``schemas/json/`` are generated from these classes
+(``bulwark schemas generate``) for consumers outside Python.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def new_id() -> str:
+    """A 28-hex-digit id that sorts by creation time.
+
+    Written by hand because Python 3.11 has no uuid7: 48 bits of milliseconds
+    then 64 random bits, so ids of one gateway sort in the order they were made
+    (handy when reading a mailbox or a log) and never collide in practice.
+    """
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Event(BaseModel):
+    """Fields common to every event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Set by each concrete event class; they also appear as JSON fields.
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int]
+
+    event_id: str = Field(default_factory=new_id, description="Unique id of this event")
+    type: str = Field(description="Event type, e.g. session.connected")
+    version: int = Field(description="Schema version of this event type")
+    occurred_at: datetime = Field(
+        default_factory=utcnow,
+        description="When it happened (UTC); also the Kafka record timestamp",
+    )
+    session_id: str | None = Field(default=None, description="SMTP session this event belongs to")
+    message_id: str | None = Field(default=None, description="Bulwark message id (the queue id)")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs):
+        super().__pydantic_init_subclass__(**kwargs)
+        if "TYPE" in cls.__dict__:
+            # The type and version fields default to the class's own, and
+            # accept nothing else: an event cannot claim to be another.
+            cls.model_fields["type"].default = cls.TYPE
+            cls.model_fields["version"].default = cls.VERSION
+            cls.model_rebuild(force=True)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("occurred_at must carry a time zone")
+        return value.astimezone(timezone.utc)
+
+    def model_post_init(self, __context) -> None:
+        if self.type != self.TYPE or self.version != self.VERSION:
+            raise ValueError(
+                f"{type(self).__name__} is {self.TYPE} v{self.VERSION}, "
+                f"not {self.type} v{self.version}"
+            )
+
+    @property
+    def timestamp_ms(self) -> int:
+        return int(self.occurred_at.timestamp() * 1000)
+
+
+# --------------------------------------------------------------------------
+# smtp.sessions: one event per step of the SMTP dialogue, keyed by client IP.
+# --------------------------------------------------------------------------
+
+
+class SessionEvent(Event):
+    client_ip: str = Field(description="Address of the SMTP client")
+
+
+class SessionConnected(SessionEvent):
+    TYPE: ClassVar[str] = "session.connected"
+    VERSION: ClassVar[int] = 1
+    client_port: int
+    listener: str = Field(description="Which listener accepted it (inbound, submission...)")
+    server_port: int
+
+
+class SessionEhlo(SessionEvent):
+    TYPE: ClassVar[str] = "session.ehlo"
+    VERSION: ClassVar[int] = 1
+    hostname: str
+    esmtp: bool = Field(description="EHLO (true) or HELO (false)")
+
+
+class SessionStartTls(SessionEvent):
+    TYPE: ClassVar[str] = "session.starttls"
+    VERSION: ClassVar[int] = 1
+    outcome: Literal["success", "failure"]
+    tls_version: str | None = None
+    cipher: str | None = None
+
+
+class SessionAuth(SessionEvent):
+    """An AUTH attempt. Never the password or any part of the exchange."""
+
+    TYPE: ClassVar[str] = "session.auth"
+    VERSION: ClassVar[int] = 1
+    mechanism: str
+    username: str | None = Field(default=None, description="Login name the client gave")
+    outcome: Literal["success", "failure"]
+    reason: str | None = None
+
+
+class SessionMail(SessionEvent):
+    TYPE: ClassVar[str] = "session.mail"
+    VERSION: ClassVar[int] = 1
+    sender: str = Field(description="MAIL FROM address; empty for the null sender")
+    parameters: dict[str, str] = Field(default_factory=dict)
+    accepted: bool
+    reply_code: int
+    reason: str | None = None
+
+
+class SessionRcpt(SessionEvent):
+    TYPE: ClassVar[str] = "session.rcpt"
+    VERSION: ClassVar[int] = 1
+    recipient: str
+    accepted: bool
+    reply_code: int
+    reason: str | None = Field(default=None, description="Why it was refused (relay, unknown user...)")
+
+
+class SessionRset(SessionEvent):
+    TYPE: ClassVar[str] = "session.rset"
+    VERSION: ClassVar[int] = 1
+
+
+class SessionData(SessionEvent):
+    """The end of DATA: what the gateway answered and why."""
+
+    TYPE: ClassVar[str] = "session.data"
+    VERSION: ClassVar[int] = 1
+    accepted: bool
+    reply_code: int
+    size: int
+    reason: str | None = None
+
+
+class SessionDisconnected(SessionEvent):
+    TYPE: ClassVar[str] = "session.disconnected"
+    VERSION: ClassVar[int] = 1
+    duration_seconds: float
+    messages_accepted: int
+
+
+# --------------------------------------------------------------------------
+# mail.received and mail.verdicts, keyed by message id.
+# --------------------------------------------------------------------------
+
+
+class Envelope(BaseModel):
+    """What the sinks need to act on a message: a claim check on the blob store."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mail_from: str = Field(description="Reverse path; empty for the null sender")
+    rcpt_to: list[str] = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Key of the raw message in the blob store")
+    size: int
+    client_ip: str
+    client_helo: str | None = None
+    authenticated_user: str | None = None
+    tls: str | None = Field(default=None, description="TLS version of the session, if any")
+    received_at: datetime
+    requiretls: bool = False
+
+
+Direction = Literal["inbound", "outbound", "internal"]
+
+
+class MessageReceived(Event):
+    """A message accepted at the end of DATA: durable in the blob store and here.
+
+    Version 2 renamed v1's ``digest`` and ``recipients`` to ``envelope.sha256``
+    and ``envelope.rcpt_to`` and grouped the envelope; see ``schemas.codec``.
+    """
+
+    TYPE: ClassVar[str] = "message.received"
+    VERSION: ClassVar[int] = 2
+    envelope: Envelope
+    direction: Direction
+    header_message_id: str | None = Field(default=None, description="The Message-ID header, if any")
+
+
+Outcome = Literal["pass", "hit", "fail"]
+
+
+class CheckResult(BaseModel):
+    """A named result of one check. Checks report; the verdict decides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    check: str = Field(description="The check that produced it")
+    name: str = Field(description="Result name, e.g. ATTACHMENT_TYPE_BLOCKED")
+    outcome: Outcome = Field(description="hit: found something; pass: clean; fail: could not check")
+    detail: str | None = None
+    evidence: list[str] = Field(default_factory=list, description="What was found, masked where sensitive")
+
+
+Action = Literal["deliver", "quarantine", "reject", "redirect"]
+
+
+class Verdict(Event):
+    TYPE: ClassVar[str] = "message.verdict"
+    VERSION: ClassVar[int] = 1
+    action: Action
+    reasons: list[str] = Field(default_factory=list, description="Result names that decided the action")
+    redirect_to: str | None = None
+    results: list[CheckResult]
+    policy_version: str
+    envelope: Envelope
+    direction: Direction
+
+
+# --------------------------------------------------------------------------
+# mail.deliveries and quarantine.events, keyed by message id.
+# --------------------------------------------------------------------------
+
+
+class DeliveryQueued(Event):
+    TYPE: ClassVar[str] = "delivery.queued"
+    VERSION: ClassVar[int] = 1
+    source: Literal["verdict", "release", "dsn"]
+    recipients: list[str]
+
+
+RecipientOutcome = Literal["delivered", "deferred", "bounced"]
+
+
+class RecipientResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    recipient: str
+    outcome: RecipientOutcome
+    reply_code: int | None = None
+    reply: str | None = None
+
+
+class DeliveryAttempted(Event):
+    TYPE: ClassVar[str] = "delivery.attempted"
+    VERSION: ClassVar[int] = 1
+    attempt: int
+    server: str = Field(description="host:port tried")
+    tls: str | None = None
+    recipients: list[RecipientResult]
+    next_attempt_at: datetime | None = Field(default=None, description="When deferred recipients are retried")
+
+
+class DeliveryBounced(Event):
+    """Recipients given up on; a DSN went to the sender unless it was null."""
+
+    TYPE: ClassVar[str] = "delivery.bounced"
+    VERSION: ClassVar[int] = 1
+    recipients: list[RecipientResult]
+    dsn_message_id: str | None = Field(default=None, description="Message id of the DSN, if one was sent")
+
+
+class QuarantineAdded(Event):
+    TYPE: ClassVar[str] = "quarantine.added"
+    VERSION: ClassVar[int] = 1
+    envelope: Envelope
+    reasons: list[str]
+    policy_version: str
+
+
+class QuarantineReleased(Event):
+    TYPE: ClassVar[str] = "quarantine.released"
+    VERSION: ClassVar[int] = 1
+    envelope: Envelope
+    by: str = Field(description="Who released it")
+
+
+class QuarantineDeleted(Event):
+    TYPE: ClassVar[str] = "quarantine.deleted"
+    VERSION: ClassVar[int] = 1
+    by: str
+
+
+# Every concrete event, for the codec and the JSON Schema generator.
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.TYPE: cls
+    for cls in (
+        SessionConnected,
+        SessionEhlo,
+        SessionStartTls,
+        SessionAuth,
+        SessionMail,
+        SessionRcpt,
+        SessionRset,
+        SessionData,
+        SessionDisconnected,
+        MessageReceived,
+        Verdict,
+        DeliveryQueued,
+        DeliveryAttempted,
+        DeliveryBounced,
+        QuarantineAdded,
+        QuarantineReleased,
+        QuarantineDeleted,
+    )
+}
+
+AnyEventType = Annotated[str, Field(description="One of EVENT_TYPES")]

@@ -1,0 +1,119 @@
+"""Every Kafka topic Bulwark uses, declared once.
+
+Everything else (the producers, the Faust app, ``bulwark topics ensure``,
+the README's table) refers to these declarations.
+
+Audit topics keep every event for ever by default: they are the record an
+administrator traces and replays. State topics are compacted: the latest
+value per key is the state (a ban, an account, the active policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import events as ev
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    key: str
+    #: The event field whose value is the record key.
+    key_field: str
+    kind: str  # "audit" or "state"
+    partitions: int
+    carries: tuple[type[ev.Event], ...]
+    purpose: str
+    #: Extra topic configs; retention for audit topics comes from settings.
+    config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def compacted(self) -> bool:
+        return self.kind == "state"
+
+    def topic_config(self, audit_retention_ms: int) -> dict[str, str]:
+        if self.compacted:
+            base = {"cleanup.policy": "compact"}
+        else:
+            base = {"cleanup.policy": "delete", "retention.ms": str(audit_retention_ms)}
+        return {**base, **self.config}
+
+
+SESSIONS = TopicSpec(
+    name="smtp.sessions",
+    key="client IP address",
+    key_field="client_ip",
+    kind="audit",
+    partitions=6,
+    carries=(
+        ev.SessionConnected,
+        ev.SessionEhlo,
+        ev.SessionStartTls,
+        ev.SessionAuth,
+        ev.SessionMail,
+        ev.SessionRcpt,
+        ev.SessionRset,
+        ev.SessionData,
+        ev.SessionDisconnected,
+    ),
+    purpose="Every step of every SMTP dialogue; keyed by IP so one IP's counters live on one partition",
+)
+
+RECEIVED = TopicSpec(
+    name="mail.received",
+    key="message id",
+    key_field="message_id",
+    kind="audit",
+    partitions=6,
+    carries=(ev.MessageReceived,),
+    purpose="Messages accepted with 250: envelope, client context and the blob store key",
+)
+
+VERDICTS = TopicSpec(
+    name="mail.verdicts",
+    key="message id",
+    key_field="message_id",
+    kind="audit",
+    partitions=6,
+    carries=(ev.Verdict,),
+    purpose="One verdict per message: every check result, the action and the policy version",
+)
+
+DELIVERIES = TopicSpec(
+    name="mail.deliveries",
+    key="message id",
+    key_field="message_id",
+    kind="audit",
+    partitions=6,
+    carries=(ev.DeliveryQueued, ev.DeliveryAttempted, ev.DeliveryBounced),
+    purpose="Delivery attempts, their per-recipient outcome, retries and DSNs",
+)
+
+QUARANTINE = TopicSpec(
+    name="quarantine.events",
+    key="message id",
+    key_field="message_id",
+    kind="audit",
+    partitions=6,
+    carries=(ev.QuarantineAdded, ev.QuarantineReleased, ev.QuarantineDeleted),
+    purpose="Quarantined messages and what administrators did with them",
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE)
+
+BY_NAME = {spec.name: spec for spec in ALL_TOPICS}
+
+
+def record_key(spec: TopicSpec, event: ev.Event) -> bytes:
+    value = getattr(event, spec.key_field)
+    if not value:
+        raise ValueError(f"{event.TYPE} has no {spec.key_field} to key {spec.name} by")
+    return str(value).encode()
+
+
+def topic_for(event_cls: type[ev.Event]) -> TopicSpec:
+    for spec in ALL_TOPICS:
+        if event_cls in spec.carries:
+            return spec
+    raise LookupError(f"{event_cls.__name__} is not carried by any declared topic")

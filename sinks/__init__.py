@@ -1,0 +1,1 @@
+"""Sinks: act on the outside world (delivery, quarantine) from the verdict topic."""

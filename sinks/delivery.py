@@ -1,0 +1,368 @@
+"""The delivery sink: delivers what the verdicts (and released quarantine) say to deliver.
+
+It consumes ``mail.verdicts`` and ``quarantine.events`` and keeps its own
+queue (RocksDB, like Postfix's queue directories) of what it still has to
+deliver. A message enters the queue once, keyed by message id: a verdict
+consumed twice finds it already there, so nothing is delivered twice. The
+Kafka offset is committed only after the queue write is on disk.
+
+Each due entry is delivered with aiosmtplib to the domain's mail servers (or
+the default ones, as the guide recommends), or to a smarthost or the MX for
+other domains. 4xx and connection failures are retried on the policy's
+schedule; 5xx, or a recipient still deferred after the delivery period, gets
+a DSN to the sender. Every attempt is a ``delivery.attempted`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+
+import aiosmtplib
+import dns.asyncresolver
+import dns.exception
+from bulwark.blobstore import BlobStore
+from bulwark.kafka import EventPublisher, consume, start_publisher
+from bulwark.policy import Policy, load
+from bulwark.service import configure_logging, run_until_signalled
+from bulwark.settings import Settings
+from schemas import events as ev
+from schemas.events import new_id, utcnow
+from schemas.topics import QUARANTINE, VERDICTS
+from sinks.dsn import build_dsn
+from sinks.store import JsonIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class NoRoute(Exception):
+    pass
+
+
+def received_header(policy: Policy, message_id: str, envelope: ev.Envelope, recipients: list[str]) -> bytes:
+    """The trace header (RFC 5321 4.4) for the hop into Bulwark."""
+    proto = "ESMTP" + ("S" if envelope.tls else "") + ("A" if envelope.authenticated_user else "")
+    helo = envelope.client_helo or "unknown"
+    header = (
+        f"Received: from {helo} ([{envelope.client_ip}])\r\n"
+        f"\tby {policy.hostname} (Bulwark) with {proto} id {message_id}"
+    )
+    if len(recipients) == 1:
+        header += f"\r\n\tfor <{recipients[0]}>"
+    return f"{header}; {format_datetime(envelope.received_at)}\r\n".encode()
+
+
+class DeliverySink:
+    def __init__(self, settings: Settings, policy: Policy, publisher: EventPublisher, queue: JsonIndex):
+        self.settings = settings
+        self.policy = policy
+        self.publisher = publisher
+        self.queue = queue
+        self.blobs = BlobStore(settings.blob_dir)
+        self._in_flight: set[str] = set()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(16)
+
+    # -- taking work in -----------------------------------------------------
+
+    def _entry(self, message_id: str, session_id: str | None, source: str, envelope: ev.Envelope,
+               recipients: list[str], extra_headers: dict[str, str] | None = None) -> dict:
+        now = utcnow()
+        return {
+            "message_id": message_id,
+            "session_id": session_id,
+            "source": source,
+            "envelope": envelope.model_dump(mode="json"),
+            "recipients": {r: {"state": "pending", "reply_code": None, "reply": None} for r in recipients},
+            "extra_headers": extra_headers or {},
+            "attempts": 0,
+            "first_queued_at": now.isoformat(),
+            "next_attempt_at": now.isoformat(),
+            "done": False,
+            "queued_event_sent": False,
+        }
+
+    def _work_from(self, event: ev.Event) -> dict | None:
+        if isinstance(event, ev.Verdict):
+            if event.action == "deliver":
+                return self._entry(event.message_id, event.session_id, "verdict", event.envelope, event.envelope.rcpt_to)
+            if event.action == "redirect" and event.redirect_to:
+                return self._entry(
+                    event.message_id, event.session_id, "verdict", event.envelope, [event.redirect_to],
+                    {"X-Bulwark-Redirected-For": ", ".join(event.envelope.rcpt_to)},
+                )
+        elif isinstance(event, ev.QuarantineReleased):
+            return self._entry(event.message_id, event.session_id, "release", event.envelope, event.envelope.rcpt_to)
+        return None
+
+    async def take(self, events: list[ev.Event]) -> None:
+        """Queue the work these events ask for; idempotent on message id."""
+        new: dict[str, dict] = {}
+        for event in events:
+            entry = self._work_from(event)
+            if entry and entry["message_id"] not in self.queue and entry["message_id"] not in new:
+                new[entry["message_id"]] = entry
+        self.queue.put_many(new)
+        # Announce what was queued, including entries queued before a crash
+        # that never got their event out.
+        for event in events:
+            entry = self.queue.get(event.message_id) if event.message_id else None
+            if entry and not entry["queued_event_sent"]:
+                await self._announce(entry)
+        if new:
+            self._wake.set()
+
+    async def _announce(self, entry: dict) -> None:
+        await self.publisher.publish(
+            ev.DeliveryQueued(
+                message_id=entry["message_id"],
+                session_id=entry["session_id"],
+                source=entry["source"],
+                recipients=list(entry["recipients"]),
+            )
+        )
+        entry["queued_event_sent"] = True
+        self.queue.put(entry["message_id"], entry)
+
+    # -- delivering ---------------------------------------------------------
+
+    async def _routes(self, domain: str) -> list[Route]:
+        if self.policy.is_local_domain(domain):
+            servers = self.policy.servers_for_domain(domain)
+            if not servers:
+                raise NoRoute(f"no mail server for local domain {domain} and no default mail server")
+            return [Route(s.host, s.port) for s in servers]
+        if self.policy.delivery.smarthost:
+            host, _, port = self.policy.delivery.smarthost.rpartition(":")
+            return [Route(host, int(port))]
+        try:
+            answer = await dns.asyncresolver.resolve(domain, "MX")
+            records = sorted(answer, key=lambda r: r.preference)
+            if len(records) == 1 and str(records[0].exchange) == ".":
+                raise NoRoute(f"{domain} accepts no mail (null MX)")
+            return [Route(str(r.exchange).rstrip("."), 25) for r in records]
+        except dns.resolver.NXDOMAIN:
+            raise NoRoute(f"domain {domain} does not exist") from None
+        except dns.resolver.NoAnswer:
+            return [Route(domain, 25)]  # RFC 5321 5.1: the implicit MX
+
+    async def _send(self, route: Route, mail_from: str, rcpts: list[str], data: bytes):
+        """(per-recipient results, TLS version) for one SMTP transaction."""
+        client = aiosmtplib.SMTP(
+            hostname=route.host,
+            port=route.port,
+            local_hostname=self.policy.hostname,
+            timeout=self.policy.delivery.connect_timeout_seconds,
+            # Opportunistic STARTTLS (RFC 7435): encrypt whenever offered,
+            # without requiring a certificate the peer may not have.
+            start_tls=None,
+            validate_certs=False,
+        )
+        try:
+            await client.connect()
+        except (ssl.SSLError, aiosmtplib.SMTPException) as exc:
+            if not isinstance(exc, (ssl.SSLError,)) and "TLS" not in str(exc):
+                raise
+            # TLS negotiation failed: the guide retries without it.
+            client = aiosmtplib.SMTP(hostname=route.host, port=route.port, local_hostname=self.policy.hostname,
+                                     timeout=self.policy.delivery.connect_timeout_seconds, start_tls=False)
+            await client.connect()
+        tls = None
+        transport = client.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            tls = transport.get_extra_info("ssl_object").version()
+        results: dict[str, ev.RecipientResult] = {}
+        try:
+            errors, response = await client.sendmail(mail_from, rcpts, data)
+            for rcpt in rcpts:
+                if rcpt in errors:
+                    refusal = errors[rcpt]
+                    results[rcpt] = _result(rcpt, refusal.code, refusal.message)
+                else:
+                    results[rcpt] = ev.RecipientResult(recipient=rcpt, outcome="delivered", reply_code=250, reply=response)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            for refused in exc.recipients:
+                results[refused.recipient] = _result(refused.recipient, refused.code, refused.message)
+        except aiosmtplib.SMTPResponseException as exc:  # MAIL or DATA refused: all recipients share it
+            for rcpt in rcpts:
+                results.setdefault(rcpt, _result(rcpt, exc.code, exc.message))
+        finally:
+            try:
+                await client.quit()
+            except aiosmtplib.SMTPException:
+                client.close()
+        return [results[r] for r in rcpts], tls
+
+    async def deliver(self, entry: dict) -> None:
+        envelope = ev.Envelope.model_validate(entry["envelope"])
+        message_id = entry["message_id"]
+        pending = [r for r, s in entry["recipients"].items() if s["state"] == "pending"]
+        entry["attempts"] += 1
+        raw = await self.blobs.get(envelope.sha256)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in entry["extra_headers"].items()).encode()
+
+        by_domain: dict[str, list[str]] = {}
+        for rcpt in pending:
+            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
+
+        outcomes: list[ev.RecipientResult] = []
+        last_remote = None
+        for domain, rcpts in by_domain.items():
+            try:
+                routes = await self._routes(domain)
+            except NoRoute as exc:
+                outcomes += [ev.RecipientResult(recipient=r, outcome="bounced", reply_code=550, reply=f"5.1.2 {exc}")
+                             for r in rcpts]
+                continue
+            except dns.exception.DNSException as exc:
+                outcomes += [ev.RecipientResult(recipient=r, outcome="deferred", reply=f"4.4.3 DNS lookup failed: {exc}")
+                             for r in rcpts]
+                continue
+            data = received_header(self.policy, message_id, envelope, rcpts) + extra + raw
+            for route in routes:  # the next server is tried only if this one cannot be reached
+                last_remote = route.host
+                try:
+                    results, tls = await self._send(route, entry["envelope"]["mail_from"], rcpts, data)
+                except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
+                    results = [ev.RecipientResult(recipient=r, outcome="deferred", reply=f"4.4.1 {route}: {exc}")
+                               for r in rcpts]
+                    await self._record_attempt(entry, route, None, results)
+                    continue
+                await self._record_attempt(entry, route, tls, results)
+                break
+            outcomes += results
+
+        await self._settle(entry, envelope, outcomes, last_remote, raw)
+
+    async def _record_attempt(self, entry: dict, route: Route, tls: str | None,
+                              results: list[ev.RecipientResult]) -> None:
+        deferred = any(r.outcome == "deferred" for r in results)
+        await self.publisher.publish(
+            ev.DeliveryAttempted(
+                message_id=entry["message_id"],
+                session_id=entry["session_id"],
+                attempt=entry["attempts"],
+                server=str(route),
+                tls=tls,
+                recipients=results,
+                next_attempt_at=self._next_attempt(entry) if deferred else None,
+            )
+        )
+
+    def _next_attempt(self, entry: dict) -> datetime:
+        schedule = self.policy.delivery.retry_schedule_seconds
+        wait = schedule[min(entry["attempts"], len(schedule)) - 1]
+        return utcnow() + timedelta(seconds=wait)
+
+    async def _settle(self, entry: dict, envelope: ev.Envelope, outcomes: list[ev.RecipientResult],
+                      remote: str | None, raw: bytes) -> None:
+        first = datetime.fromisoformat(entry["first_queued_at"])
+        expired = utcnow() - first >= timedelta(seconds=self.policy.delivery.give_up_after_seconds)
+        bounced: list[ev.RecipientResult] = []
+        for result in outcomes:
+            state = entry["recipients"][result.recipient]
+            state.update(reply_code=result.reply_code, reply=result.reply)
+            if result.outcome == "deferred" and expired:
+                result = result.model_copy(update={"outcome": "bounced"})
+            state["state"] = result.outcome
+            if result.outcome == "bounced":
+                bounced.append(result)
+        still_pending = any(s["state"] == "deferred" for s in entry["recipients"].values())
+        for state in entry["recipients"].values():
+            if state["state"] == "deferred":
+                state["state"] = "pending"
+        entry["done"] = not still_pending
+        entry["next_attempt_at"] = self._next_attempt(entry).isoformat() if still_pending else None
+        self.queue.put(entry["message_id"], entry)
+        if bounced:
+            await self._bounce(entry, envelope, bounced, remote, raw)
+
+    async def _bounce(self, entry: dict, envelope: ev.Envelope, bounced: list[ev.RecipientResult],
+                      remote: str | None, raw: bytes) -> None:
+        dsn_id = None
+        # Never answer the null sender, and never bounce a bounce (RFC 5321 6.1).
+        if envelope.mail_from and entry["source"] != "dsn":
+            dsn_id = new_id()
+            dsn = build_dsn(self.policy.hostname, entry["message_id"], envelope, bounced, remote, raw)
+            digest = await self.blobs.put(dsn)
+            dsn_envelope = ev.Envelope(
+                mail_from="", rcpt_to=[envelope.mail_from], sha256=digest, size=len(dsn),
+                client_ip="127.0.0.1", client_helo=self.policy.hostname, received_at=utcnow(),
+            )
+            dsn_entry = self._entry(dsn_id, entry["session_id"], "dsn", dsn_envelope, [envelope.mail_from])
+            self.queue.put(dsn_id, dsn_entry)
+            await self._announce(dsn_entry)
+            self._wake.set()
+        await self.publisher.publish(
+            ev.DeliveryBounced(
+                message_id=entry["message_id"], session_id=entry["session_id"],
+                recipients=bounced, dsn_message_id=dsn_id,
+            )
+        )
+
+    async def _deliver_guarded(self, entry: dict) -> None:
+        try:
+            async with self._slots:
+                await self.deliver(entry)
+        except Exception:
+            # Keep the entry pending and try again later; never drop it.
+            log.exception("delivery of %s failed unexpectedly; will retry", entry["message_id"])
+            entry["next_attempt_at"] = self._next_attempt(entry).isoformat()
+            self.queue.put(entry["message_id"], entry)
+        finally:
+            self._in_flight.discard(entry["message_id"])
+
+    def due(self) -> list[dict]:
+        now = utcnow()
+        return [
+            entry
+            for key, entry in self.queue.items()
+            if not entry["done"]
+            and key not in self._in_flight
+            and datetime.fromisoformat(entry["next_attempt_at"]) <= now
+        ]
+
+    async def scheduler(self) -> None:
+        while True:
+            for entry in self.due():
+                self._in_flight.add(entry["message_id"])
+                asyncio.create_task(self._deliver_guarded(entry))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.delivery_poll_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _result(rcpt: str, code: int, message: str) -> ev.RecipientResult:
+    outcome = "bounced" if 500 <= code < 600 else "deferred"
+    return ev.RecipientResult(recipient=rcpt, outcome=outcome, reply_code=code, reply=message)
+
+
+async def serve(settings: Settings) -> None:
+    configure_logging("delivery")
+    policy = load(settings.policy_path)
+    queue = JsonIndex(settings.data_dir / "delivery" / "queue")
+    publisher = await start_publisher(settings, "bulwark-delivery")
+    sink = DeliverySink(settings, policy, publisher, queue)
+    try:
+        await run_until_signalled(
+            consume(settings, "bulwark-delivery", [VERDICTS.name, QUARANTINE.name], sink.take),
+            sink.scheduler(),
+        )
+    finally:
+        await publisher.stop()
+        queue.close()

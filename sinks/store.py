@@ -1,0 +1,55 @@
+"""A small durable index (RocksDB via rocksdict) of JSON records by message id.
+
+Writes are synchronous (fsynced WAL): a sink commits its Kafka offset only
+after the record is on disk, so a power cut never loses what the offset says
+was handled. The CLI opens the same index read-only beside a running sink.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
+
+
+class JsonIndex:
+    def __init__(self, path: Path, read_only: bool = False):
+        self.path = Path(path)
+        options = Options(raw_mode=True)
+        if read_only:
+            self.db = Rdict(str(self.path), options=options, access_type=AccessType.read_only())
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            options.create_if_missing(True)
+            self.db = Rdict(str(self.path), options=options)
+            durable = WriteOptions()
+            durable.sync = True
+            self.db.set_write_options(durable)
+
+    def get(self, key: str) -> dict | None:
+        raw = self.db.get(key.encode())
+        return None if raw is None else json.loads(raw)
+
+    def __contains__(self, key: str) -> bool:
+        return self.db.get(key.encode()) is not None
+
+    def put(self, key: str, record: dict) -> None:
+        self.db[key.encode()] = json.dumps(record, default=str).encode()
+
+    def put_many(self, records: dict[str, dict]) -> None:
+        """One synced write for a whole batch."""
+        if not records:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for key, record in records.items():
+            batch.put(key.encode(), json.dumps(record, default=str).encode())
+        self.db.write(batch)
+
+    def items(self) -> Iterator[tuple[str, dict]]:
+        for key, raw in self.db.items():
+            yield key.decode(), json.loads(raw)
+
+    def close(self) -> None:
+        self.db.close()

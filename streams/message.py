@@ -1,0 +1,52 @@
+"""A received message as the checks see it: envelope, raw bytes, MIME parts."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from dataclasses import dataclass
+from email.message import EmailMessage
+from functools import cached_property
+from typing import Iterator
+
+from schemas.events import Direction, Envelope
+
+
+@dataclass(frozen=True)
+class Part:
+    content_type: str
+    filename: str | None
+    payload: bytes
+
+
+@dataclass
+class Message:
+    message_id: str
+    session_id: str | None
+    envelope: Envelope
+    direction: Direction
+    raw: bytes
+
+    @cached_property
+    def mime(self) -> EmailMessage:
+        # email.policy.default never raises on malformed input: it records
+        # defects and does its best, which is what a gateway needs.
+        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
+
+    @property
+    def subject(self) -> str:
+        return str(self.mime.get("Subject", ""))
+
+    def parts(self) -> Iterator[Part]:
+        """Every leaf part, decoded from its transfer encoding."""
+        for part in self.mime.walk():
+            if part.is_multipart():
+                continue
+            try:
+                payload = part.get_payload(decode=True) or b""
+            except Exception:  # a broken encoding is still a part to look at
+                payload = part.get_payload(decode=False).encode("utf-8", "surrogateescape")
+            yield Part(part.get_content_type(), part.get_filename(), payload)
+
+    def attachments(self) -> Iterator[Part]:
+        return (p for p in self.parts() if p.filename)

@@ -1,0 +1,57 @@
+"""The one place that turns check results into an action.
+
+Checks report named results; the policy says what each result means. The
+strongest action wins: reject > quarantine > redirect > deliver. The verdict
+lists every result, the names that decided it and the policy version, so a
+decision can be explained from the topic alone months later.
+"""
+
+from __future__ import annotations
+
+from bulwark.policy import Policy
+from schemas.events import CheckResult, Verdict
+from streams.checks import CHECKS
+from streams.message import Message
+
+SEVERITY = {"deliver": 0, "redirect": 1, "quarantine": 2, "reject": 3}
+
+
+def action_for(result: CheckResult, policy: Policy) -> str:
+    if result.outcome == "pass":
+        return "deliver"
+    if result.name in policy.actions:
+        return policy.actions[result.name]
+    check = CHECKS.get(result.check)
+    default = check.default_actions.get(result.name) if check else None
+    # A failed check whose meaning nobody declared is treated as suspect:
+    # it never lets a message through unchecked.
+    return default or ("quarantine" if result.outcome == "fail" else "deliver")
+
+
+def decide(message: Message, results: list[CheckResult], policy: Policy) -> Verdict:
+    action, reasons = "deliver", []
+    for result in results:
+        wanted = action_for(result, policy)
+        if wanted == "deliver":
+            continue
+        reasons.append(result.name)
+        if SEVERITY[wanted] > SEVERITY[action]:
+            action = wanted
+    redirect_to = None
+    if action == "redirect":
+        if policy.redirect_to:
+            redirect_to = policy.redirect_to
+        else:  # nowhere to redirect to: hold it for a person rather than deliver
+            action = "quarantine"
+            reasons.append("REDIRECT_ADDRESS_MISSING")
+    return Verdict(
+        session_id=message.session_id,
+        message_id=message.message_id,
+        action=action,
+        reasons=reasons,
+        redirect_to=redirect_to,
+        results=results,
+        policy_version=policy.version,
+        envelope=message.envelope,
+        direction=message.direction,
+    )

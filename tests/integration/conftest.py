@@ -1,0 +1,165 @@
+"""The real stack, started once per test session.
+
+A single-node Kafka broker (the project's own launcher), the topics, ingest,
+the Faust worker and both sinks, each its own process exactly as `make run`
+starts them; the downstream mail server is the programmable one in
+``downstream.py``. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+
+import pytest
+
+from bulwark.devstack import COMPONENTS, LocalStack
+from bulwark.kafka import Record, read_topics
+from bulwark.settings import Settings
+from schemas.topics import ALL_TOPICS
+
+from .downstream import Downstream, start_downstream
+
+LOCAL_DOMAIN = "example.test"
+TRUSTED_SERVER_IP = "127.0.0.10"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_policy(path: Path, downstream_port: int) -> None:
+    path.write_text(
+        f"""
+hostname: gateway.example.test
+local_domains: [{LOCAL_DOMAIN}]
+mail_servers:
+  - name: downstream
+    host: 127.0.0.1
+    port: {downstream_port}
+    default: true
+    trusted_addresses: [{TRUSTED_SERVER_IP}/32]
+delivery:
+  retry_schedule_seconds: [1, 2]
+  give_up_after_seconds: 6
+  connect_timeout_seconds: 5
+  smarthost: 127.0.0.1:{downstream_port}
+"""
+    )
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    stack: LocalStack
+    downstream: Downstream
+
+    def message(self, sender: str, rcpts: list[str], subject: str, body: str = "Hello.\n") -> EmailMessage:
+        msg = EmailMessage()
+        msg["From"] = sender
+        msg["To"] = ", ".join(rcpts)
+        msg["Subject"] = subject
+        msg["Message-ID"] = make_msgid(domain="client.test")
+        msg.set_content(body)
+        return msg
+
+    def smtp(self, source_ip: str = "127.0.0.1") -> smtplib.SMTP:
+        return smtplib.SMTP(self.settings.smtp_host, self.settings.smtp_port, timeout=60,
+                            source_address=(source_ip, 0))
+
+    def send(self, msg: EmailMessage, source_ip: str = "127.0.0.1") -> str:
+        """Send one message and return the gateway's queue id (from its 250 reply)."""
+        with self.smtp(source_ip) as client:
+            client.ehlo("client.test")
+            client.mail(msg["From"])
+            for rcpt in [a.strip() for a in msg["To"].split(",")]:
+                code, reply = client.rcpt(rcpt)
+                assert code == 250, (code, reply)
+            code, reply = client.data(msg.as_bytes())
+            assert code == 250, (code, reply)
+        return reply.decode().rsplit(" ", 1)[1]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = self.stack.run_cli(list(args), check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"bulwark {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def records(self, topics: list[str] | None = None, keys: set[str] | None = None) -> list[Record]:
+        return asyncio.run(read_topics(
+            self.settings, topics or [t.name for t in ALL_TOPICS],
+            keys={k.encode() for k in keys} if keys else None,
+        ))
+
+    def wait_records(self, predicate, topics: list[str], keys: set[str] | None = None,
+                     timeout: float = 30, what: str = "events") -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.records(topics, keys) if predicate(r)]
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} on {topics} within {timeout:.0f}s")
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory) -> Gateway:
+    root = tmp_path_factory.mktemp("bulwark")
+    kafka_port, downstream_port = free_port(), free_port()
+    downstream, controller = start_downstream(downstream_port)
+    policy = root / "policy.yaml"
+    write_policy(policy, downstream_port)
+    env = {
+        "BULWARK_DATA_DIR": str(root),
+        "BULWARK_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+        "BULWARK_KAFKA_CONTROLLER_PORT": str(free_port()),
+        "BULWARK_POLICY": str(policy),
+        "BULWARK_SMTP_PORT": str(free_port()),
+        "BULWARK_MAILBOX_PORT": str(free_port()),
+        "BULWARK_STREAMS_WEB_PORT": str(free_port()),
+        "BULWARK_KAFKA_REQUEST_TIMEOUT_MS": "5000",
+        "BULWARK_DELIVERY_POLL_SECONDS": "0.2",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    settings = Settings.from_env()
+    stack = LocalStack.from_settings(settings)
+    try:
+        stack.start_kafka()
+        stack.ensure_topics()
+        for name, args in COMPONENTS:
+            if name != "mailbox":  # the test's own downstream server plays that part
+                stack.start(name, args)
+        from bulwark.devstack import wait_for_port
+
+        wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
+        gw = Gateway(settings, stack, downstream)
+        # Warm-up: the first message proves every stage is consuming.
+        msg = gw.message("warmup@partner.test", [f"warmup@{LOCAL_DOMAIN}"], "warm-up")
+        gw.send(msg)
+        downstream.wait_for(lambda d: "warm-up" in d.text, timeout=120, what="warm-up delivery")
+        yield gw
+    except BaseException:
+        for name, _ in COMPONENTS:
+            print(f"--- {name} ---\n{stack.log_tail(name, 80)}", file=sys.stderr)
+        raise
+    finally:
+        stack.stop_all()
+        controller.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
