@@ -60,6 +60,8 @@ def describe(event: ev.Event) -> str:
     match event:
         case ev.SessionConnected():
             return f"connect from {event.client_ip}:{event.client_port} on {event.listener} (port {event.server_port})"
+        case ev.SessionRefused():
+            return f"refused at {event.phase} with {event.reply_code} ({event.reason})"
         case ev.SessionEhlo():
             return f"{'EHLO' if event.esmtp else 'HELO'} {event.hostname}"
         case ev.SessionStartTls():

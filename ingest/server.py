@@ -21,7 +21,9 @@ from bulwark.kafka import DurableLog, EventPublisher, start_publisher
 from bulwark.policy import Policy, load
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
-from ingest.relay import check_recipient
+from ingest import guards as guard_phases
+from ingest.guards import Refusal
+from ingest.guards.relay import RelayGuard, may_relay
 from schemas import events as ev
 from schemas.events import new_id, utcnow
 
@@ -58,6 +60,16 @@ class GatewaySMTP(SMTP):
         if not starttls:
             self.handler.on_connect(self.session, transport)
 
+    async def _handle_client(self) -> None:
+        # aiosmtpd has no connect hook that can refuse; this runs the connect
+        # guards before the banner, as Postfix's smtpd_client_restrictions do.
+        refusal = await self.handler.connect_refusal(self.session)
+        if refusal is not None:
+            await self.push(refusal.reply)
+            self.transport.close()
+            return
+        await super()._handle_client()
+
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
         super().connection_lost(error)
@@ -69,13 +81,20 @@ class IngestHandler:
     """aiosmtpd hooks, named after the SMTP phases."""
 
     def __init__(self, policy: Policy, publisher: EventPublisher, durable: DurableLog, blobs: BlobStore,
-                 listener: str = "inbound"):
+                 listener: str = "inbound", guards: list | None = None):
         self.policy = policy
         self.publisher = publisher
         self.durable = durable
         self.blobs = blobs
         self.listener = listener
+        self.guards = guards if guards is not None else default_guards(policy)
         self._header_parser = BytesHeaderParser()
+
+    @staticmethod
+    def _close_after(server: SMTP, refusal: Refusal | None) -> None:
+        if refusal is not None and refusal.close and server.transport is not None:
+            # The reply is written first; closing on the next loop turn.
+            asyncio.get_running_loop().call_soon(server.transport.close)
 
     # -- connection ------------------------------------------------------
 
@@ -92,6 +111,17 @@ class IngestHandler:
                 server_port=sock[1],
             )
         )
+
+    async def connect_refusal(self, session: GatewaySession) -> Refusal | None:
+        refusal = await guard_phases.judge(self.guards, "on_connect", session)
+        if refusal is not None:
+            self.publisher.emit(
+                ev.SessionRefused(
+                    session_id=session.id, client_ip=session.client_ip, phase="connect",
+                    reply_code=refusal.code, reason=refusal.reason,
+                )
+            )
+        return refusal
 
     def on_disconnect(self, session: GatewaySession) -> None:
         self.publisher.emit(
@@ -117,29 +147,31 @@ class IngestHandler:
 
     # -- envelope ------------------------------------------------------------
 
-    def _may_relay(self, session: GatewaySession) -> bool:
-        return bool(session.authenticated) or self.policy.is_domain_mail_server(session.client_ip)
-
     async def handle_MAIL(self, server, session: GatewaySession, envelope: Envelope, address: str, options: list[str]):
         # aiosmtpd hands over the null reverse-path as "<>"; Bulwark's events
         # use the empty string, so "no sender" can never be mistaken for one.
         address = "" if address == "<>" else address
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
+        refusal = await guard_phases.judge(self.guards, "on_mail", session, address, options)
         self.publisher.emit(
             ev.SessionMail(
                 session_id=session.id,
                 client_ip=session.client_ip,
                 sender=address,
                 parameters=dict(_parse_param(o) for o in options),
-                accepted=True,
-                reply_code=250,
+                accepted=refusal is None,
+                reply_code=refusal.code if refusal else 250,
+                reason=refusal.reason if refusal else None,
             )
         )
+        if refusal:
+            self._close_after(server, refusal)
+            return refusal.reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server, session: GatewaySession, envelope: Envelope, address: str, options: list[str]):
-        refusal = check_recipient(self.policy, address, self._may_relay(session))
+        refusal = await guard_phases.judge(self.guards, "on_rcpt", session, address, options)
         self.publisher.emit(
             ev.SessionRcpt(
                 session_id=session.id,
@@ -151,6 +183,7 @@ class IngestHandler:
             )
         )
         if refusal:
+            self._close_after(server, refusal)
             return refusal.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -163,7 +196,7 @@ class IngestHandler:
     # -- content -------------------------------------------------------------
 
     def _direction(self, session: GatewaySession, rcpts: list[str]) -> str:
-        if not self._may_relay(session):
+        if not may_relay(self.policy, session):
             return "inbound"
         local = [self.policy.is_local_domain(r.rpartition("@")[2]) for r in rcpts]
         return "internal" if all(local) else "outbound"
@@ -184,6 +217,12 @@ class IngestHandler:
                     reason=reason,
                 )
             )
+
+        refusal = await guard_phases.judge(self.guards, "on_data", session, raw)
+        if refusal is not None:
+            data_event(False, refusal.reply, refusal.reason)
+            self._close_after(server, refusal)
+            return refusal.reply
 
         try:
             digest = await self.blobs.put(raw)
@@ -232,6 +271,11 @@ class IngestHandler:
         # message on the client's side.
         log.exception("unexpected error in the SMTP dialogue")
         return TEMPFAIL_INTERNAL
+
+
+def default_guards(policy: Policy) -> list:
+    """The guards the policy enables, in the order they judge."""
+    return [RelayGuard(policy)]
 
 
 def _parse_param(option: str) -> tuple[str, str]:

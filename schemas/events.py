@@ -100,6 +100,16 @@ class SessionConnected(SessionEvent):
     server_port: int
 
 
+class SessionRefused(SessionEvent):
+    """The gateway ended the dialogue before or outside a command (e.g. at connect)."""
+
+    TYPE: ClassVar[str] = "session.refused"
+    VERSION: ClassVar[int] = 1
+    phase: str = Field(description="Where: connect, or the command that was refused")
+    reply_code: int
+    reason: str
+
+
 class SessionEhlo(SessionEvent):
     TYPE: ClassVar[str] = "session.ehlo"
     VERSION: ClassVar[int] = 1
@@ -220,6 +230,9 @@ class CheckResult(BaseModel):
     outcome: Outcome = Field(description="hit: found something; pass: clean; fail: could not check")
     detail: str | None = None
     evidence: list[str] = Field(default_factory=list, description="What was found, masked where sensitive")
+    version: str | None = Field(
+        default=None, description="Version of what judged it (engine, signature database, rule set)"
+    )
 
 
 Action = Literal["deliver", "quarantine", "reject", "redirect"]
@@ -305,6 +318,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (
         SessionConnected,
+        SessionRefused,
         SessionEhlo,
         SessionStartTls,
         SessionAuth,

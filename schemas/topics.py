@@ -48,6 +48,7 @@ SESSIONS = TopicSpec(
     partitions=6,
     carries=(
         ev.SessionConnected,
+        ev.SessionRefused,
         ev.SessionEhlo,
         ev.SessionStartTls,
         ev.SessionAuth,

@@ -54,10 +54,10 @@ async def judge(event: MessageReceived, blobs: BlobStore, policy: Policy):
         raw = await blobs.get(event.envelope.sha256)
     except OSError as exc:
         # Without the bytes nothing can be checked or delivered: hold it.
-        message = Message(event.message_id, event.session_id, event.envelope, event.direction, b"")
+        message = Message(event.message_id, event.session_id, event.envelope, event.direction, b"", policy)
         failed = CheckResult(check="blobstore", name="MESSAGE_UNREADABLE", outcome="fail", detail=str(exc))
         return decide(message, [failed], policy)
-    message = Message(event.message_id, event.session_id, event.envelope, event.direction, raw)
+    message = Message(event.message_id, event.session_id, event.envelope, event.direction, raw, policy)
     return decide(message, await run_checks(message, policy), policy)
 
 

@@ -7,9 +7,12 @@ import email.policy
 from dataclasses import dataclass
 from email.message import EmailMessage
 from functools import cached_property
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from schemas.events import Direction, Envelope
+
+if TYPE_CHECKING:
+    from bulwark.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Message:
     envelope: Envelope
     direction: Direction
     raw: bytes
+    #: The policy it is judged under: checks ask it about the client (is it a
+    #: domain mail server? allow-listed?) for their exclusions.
+    policy: "Policy | None" = None
 
     @cached_property
     def mime(self) -> EmailMessage:

@@ -6,20 +6,13 @@ authentication, never on the sender address it claims.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bulwark.policy import Policy
+from ingest.guards import Refusal
 
-
-@dataclass(frozen=True)
-class Refusal:
-    reply: str
-    reason: str
-
-    @property
-    def code(self) -> int:
-        return int(self.reply[:3])
-
+if TYPE_CHECKING:
+    from ingest.server import GatewaySession
 
 RELAY_DENIED = Refusal("554 5.7.1 Relay access denied", "relay denied")
 
@@ -28,6 +21,10 @@ def _smuggles_route(local_part: str) -> bool:
     # user%other.example@local, bang paths and a second @ ask the downstream
     # server to forward the mail elsewhere: a relay through a local domain.
     return any(c in local_part for c in "%!@")
+
+
+def may_relay(policy: Policy, session: "GatewaySession") -> bool:
+    return bool(session.authenticated) or policy.is_domain_mail_server(session.client_ip)
 
 
 def check_recipient(policy: Policy, address: str, may_relay: bool) -> Refusal | None:
@@ -44,3 +41,13 @@ def check_recipient(policy: Policy, address: str, may_relay: bool) -> Refusal | 
             return Refusal("553 5.7.1 Routing characters in a local address are not accepted", "relay attempt")
         return None
     return None if may_relay else RELAY_DENIED
+
+
+class RelayGuard:
+    name = "relay"
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    async def on_rcpt(self, session: "GatewaySession", recipient: str, params: list[str]) -> Refusal | None:
+        return check_recipient(self.policy, recipient, may_relay(self.policy, session))
