@@ -313,6 +313,73 @@ class QuarantineDeleted(Event):
     by: str
 
 
+# --------------------------------------------------------------------------
+# State topics (compacted): the latest event per key is the state.
+# --------------------------------------------------------------------------
+
+
+class PolicyPublished(Event):
+    """A validated policy made active by ``bulwark policy apply``."""
+
+    TYPE: ClassVar[str] = "policy.published"
+    VERSION: ClassVar[int] = 1
+    policy_version: str = Field(description="Version every verdict and refusal made under it records")
+    document: dict = Field(description="The validated policy, as JSON")
+    source: str = Field(description="File it was applied from")
+    applied_by: str
+
+
+class AccountRecorded(Event):
+    """An account known to the gateway: created locally or by a verification source.
+
+    ``password_hash`` is an Argon2id verifier for local accounts (never the
+    password); accounts from a verification source have none and
+    authenticate against their source.
+    """
+
+    TYPE: ClassVar[str] = "account.recorded"
+    VERSION: ClassVar[int] = 1
+    address: str
+    domain: str
+    source: str = Field(description="'local', or the name of the verification source that vouched for it")
+    password_hash: str | None = None
+    by: str = Field(description="Who or what recorded it")
+
+
+class AccountStateChanged(Event):
+    """An account disabled or enabled (Account Hijack Detection, or an administrator)."""
+
+    TYPE: ClassVar[str] = "account.state_changed"
+    VERSION: ClassVar[int] = 1
+    address: str
+    enabled: bool
+    reason: str
+    by: str
+    details: dict = Field(default_factory=dict, description="Counts, window and client addresses, when automatic")
+
+
+class BanIssued(Event):
+    """Dynamic Screening banned a client address until ``expires_at``."""
+
+    TYPE: ClassVar[str] = "screening.ban_issued"
+    VERSION: ClassVar[int] = 1
+    client_ip: str
+    reason: str
+    counters: dict[str, int] = Field(default_factory=dict)
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    expires_at: datetime
+
+
+class BanLifted(Event):
+    """A ban ended early (``bulwark screening unban``)."""
+
+    TYPE: ClassVar[str] = "screening.ban_lifted"
+    VERSION: ClassVar[int] = 1
+    client_ip: str
+    by: str
+
+
 # Every concrete event, for the codec and the JSON Schema generator.
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
@@ -335,6 +402,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
         QuarantineAdded,
         QuarantineReleased,
         QuarantineDeleted,
+        PolicyPublished,
+        AccountRecorded,
+        AccountStateChanged,
+        BanIssued,
+        BanLifted,
     )
 }
 

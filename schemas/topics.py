@@ -101,12 +101,56 @@ QUARANTINE = TopicSpec(
     purpose="Quarantined messages and what administrators did with them",
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE)
+POLICY = TopicSpec(
+    name="config.policy",
+    key='"active"',
+    key_field="policy_key",
+    kind="state",
+    partitions=1,
+    carries=(ev.PolicyPublished,),
+    purpose="The active policy and its version; every component follows it without a restart",
+)
+
+ACCOUNTS = TopicSpec(
+    name="directory.accounts",
+    key="account address",
+    key_field="address",
+    kind="state",
+    partitions=6,
+    carries=(ev.AccountRecorded,),
+    purpose="Accounts the gateway knows: local ones and those a verification source vouched for",
+)
+
+ACCOUNT_STATE = TopicSpec(
+    name="accounts.state",
+    key="account address",
+    key_field="address",
+    kind="state",
+    partitions=6,
+    carries=(ev.AccountStateChanged,),
+    purpose="Disabled and re-enabled accounts (Account Hijack Detection, administrators)",
+)
+
+BANS = TopicSpec(
+    name="screening.bans",
+    key="client IP address",
+    key_field="client_ip",
+    kind="state",
+    partitions=6,
+    carries=(ev.BanIssued, ev.BanLifted),
+    purpose="Dynamic Screening bans with reason, counts, window and expiry; ingest enforces them",
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, ACCOUNT_STATE, BANS,
+)
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}
 
 
 def record_key(spec: TopicSpec, event: ev.Event) -> bytes:
+    if spec.key_field == "policy_key":
+        return b"active"  # one active policy: compaction keeps the latest
     value = getattr(event, spec.key_field)
     if not value:
         raise ValueError(f"{event.TYPE} has no {spec.key_field} to key {spec.name} by")
