@@ -169,8 +169,11 @@ def parse(text: str, path: Path | str = "<policy>") -> Policy:
         root = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise PolicyError(path, [(mark.line + 1 if mark else None, "", f"not valid YAML: {exc}")]) from None
+        # PyYAML marks where it noticed the problem; the context mark (where
+        # the unfinished construct began) is usually where the mistake is.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+        what = " ".join(filter(None, [getattr(exc, "context", None), getattr(exc, "problem", None)])) or str(exc)
+        raise PolicyError(path, [(mark.line + 1 if mark else None, "", f"not valid YAML: {what}")]) from None
     if not isinstance(data, dict):
         raise PolicyError(path, [(1, "", "expected a mapping of policy sections")])
     try:

@@ -1,0 +1,118 @@
+"""Events: immutable, typed, versioned; old versions upcast; schemas current."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jsonschema
+import pytest
+from pydantic import ValidationError
+
+from schemas import codec
+from schemas import events as ev
+from schemas.jsonschema import JSON_DIR, render, stale
+from schemas.topics import ALL_TOPICS, BY_NAME, record_key, topic_for
+
+FIXTURES = Path(__file__).parent / "fixtures" / "events"
+
+
+def _envelope(**overrides) -> ev.Envelope:
+    fields = dict(mail_from="a@partner.test", rcpt_to=["b@example.test"], sha256="ab" * 32, size=10,
+                  client_ip="192.0.2.1", received_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    return ev.Envelope(**{**fields, **overrides})
+
+
+def test_events_are_immutable_and_carry_type_version_and_ids():
+    event = ev.SessionRcpt(session_id="s1", client_ip="192.0.2.1", recipient="b@example.test",
+                           accepted=False, reply_code=554, reason="relay denied")
+    assert (event.type, event.version) == ("session.rcpt", 1)
+    assert event.event_id and event.occurred_at.tzinfo is not None
+    with pytest.raises(ValidationError):
+        event.accepted = True  # type: ignore[misc]
+
+
+def test_an_event_cannot_claim_another_type():
+    with pytest.raises(ValidationError, match="is session.rset v1"):
+        ev.SessionRset(type="session.rcpt", client_ip="192.0.2.1")
+
+
+def test_naive_timestamps_are_refused():
+    with pytest.raises(ValidationError, match="time zone"):
+        ev.SessionRset(client_ip="192.0.2.1", occurred_at=datetime(2026, 1, 1))
+
+
+def test_wire_round_trip_with_type_and_version_in_headers():
+    event = ev.MessageReceived(message_id="m1", session_id="s1", envelope=_envelope(), direction="inbound")
+    value, headers = codec.encode(event)
+    assert dict(headers)[codec.HEADER_TYPE] == b"message.received"
+    assert dict(headers)[codec.HEADER_VERSION] == b"2"
+    assert codec.decode(value, headers) == event
+
+
+def test_a_header_that_disagrees_with_the_body_is_refused():
+    value, _ = codec.encode(ev.SessionRset(client_ip="192.0.2.1"))
+    with pytest.raises(codec.UnknownEvent, match="disagree"):
+        codec.decode(value, [(codec.HEADER_TYPE, b"session.rcpt")])
+
+
+def test_unknown_and_garbage_records_are_named_errors():
+    with pytest.raises(codec.UnknownEvent, match="unknown event type"):
+        codec.decode(b'{"type": "nope", "version": 1}')
+    with pytest.raises(codec.UnknownEvent, match="not JSON"):
+        codec.decode(b"\xff\x00")
+
+
+def test_a_v1_message_received_is_upcast_to_the_current_version():
+    raw = (FIXTURES / "message.received.v1.json").read_bytes()
+    event = codec.decode(raw, [(codec.HEADER_TYPE, b"message.received"), (codec.HEADER_VERSION, b"1")])
+    assert isinstance(event, ev.MessageReceived) and event.version == 2
+    assert event.envelope.rcpt_to == ["bob@example.com", "carol@example.com"]
+    assert event.envelope.sha256 == "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    assert event.envelope.received_at == event.occurred_at
+    assert event.direction == "inbound"
+    assert event.header_message_id == "<v1@partner.test>"
+
+
+def test_a_version_from_the_future_is_not_guessed_at():
+    data = json.loads((FIXTURES / "message.received.v1.json").read_text())
+    data["version"] = 9
+    with pytest.raises(codec.UnknownEvent, match="no upcaster"):
+        codec.decode(json.dumps(data).encode())
+
+
+def test_generated_json_schemas_are_current():
+    assert stale() == [], "run `make schemas` (bulwark schemas generate) and commit schemas/json/"
+
+
+def test_every_event_validates_against_its_published_json_schema():
+    event = ev.Verdict(message_id="m1", action="quarantine", reasons=["ATTACHMENT_TYPE_BLOCKED"],
+                       results=[ev.CheckResult(check="attachment_type", name="ATTACHMENT_TYPE_BLOCKED",
+                                               outcome="hit", evidence=["x.exe"])],
+                       policy_version="abc", envelope=_envelope(), direction="inbound")
+    schema = json.loads((JSON_DIR / "message.verdict.v1.json").read_text())
+    jsonschema.validate(json.loads(codec.encode(event)[0]), schema)
+    other = json.loads(codec.encode(ev.SessionRset(client_ip="192.0.2.1"))[0])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(other, schema)
+
+
+def test_every_event_type_has_exactly_one_topic_and_a_schema_file():
+    files = render()
+    for cls in ev.EVENT_TYPES.values():
+        assert f"{cls.TYPE}.v{cls.VERSION}.json" in files
+        assert [t.name for t in ALL_TOPICS if cls in t.carries] == [topic_for(cls).name]
+
+
+def test_state_topics_are_compacted_and_audit_topics_keep_everything():
+    assert BY_NAME["smtp.sessions"].topic_config(-1) == {"cleanup.policy": "delete", "retention.ms": "-1"}
+    for name in ("config.policy", "directory.accounts", "accounts.state", "screening.bans"):
+        assert BY_NAME[name].topic_config(-1)["cleanup.policy"] == "compact"
+
+
+def test_records_are_keyed_as_their_topic_declares():
+    session = ev.SessionRset(client_ip="192.0.2.7", session_id="s")
+    assert record_key(topic_for(ev.SessionRset), session) == b"192.0.2.7"
+    received = ev.MessageReceived(message_id="m9", envelope=_envelope(), direction="inbound")
+    assert record_key(topic_for(ev.MessageReceived), received) == b"m9"
