@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit kafka schemas clean
+.PHONY: run test unit bench kafka schemas clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP) kafka
 ## Only the fast tests, no services.
 unit: $(STAMP)
 	$(BIN)/pytest tests --ignore=tests/integration
+
+## Benchmarks: each script in bench/ starts what it needs and prints its figures.
+bench: $(STAMP) kafka
+	$(BIN)/python -m bench
 
 ## Regenerate schemas/json/ after changing an event.
 schemas: $(STAMP)

@@ -1,0 +1,1 @@
+"""Benchmarks: each module here prints its figures. `make bench` runs them all."""
