@@ -104,11 +104,15 @@ def topics_ensure() -> None:
     """Create the declared topics that are missing; report the others."""
     from bulwark.kafka import ensure_topics
 
+    from streams.app import declare_internal_topics
+
     reports = _run(ensure_topics(_settings()))
     bad = False
     for report in reports:
         click.echo(f"{report.name:20} {report.status}")
         bad |= report.status not in ("ok", "created")
+    for name in _run(declare_internal_topics(_settings())):
+        click.echo(f"{name:20} ok (stream processor state)")
     sys.exit(1 if bad else 0)
 
 
@@ -190,6 +194,23 @@ def trace(ident: str, as_json: bool) -> None:
         else:
             when = record.event.occurred_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
             click.echo(f"{when}  {record.topic:17} {record.event.TYPE:21} {describe(record.event)}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def outbreaks(as_json: bool) -> None:
+    """Fingerprints marked as outbreaks (from the outbreak.alerts topic)."""
+    from bulwark.kafka import read_topics
+    from schemas.topics import OUTBREAK_ALERTS
+
+    latest = {r.event.fingerprint: r.event for r in _run(read_topics(_settings(), [OUTBREAK_ALERTS.name]))}
+    for alert in sorted(latest.values(), key=lambda a: a.occurred_at):
+        if as_json:
+            click.echo(alert.model_dump_json())
+        else:
+            click.echo(f"{alert.occurred_at:%Y-%m-%d %H:%M:%S}  {alert.kind:10} {alert.fingerprint[:40]}  "
+                       f"{alert.distinct_senders} senders, {alert.distinct_client_ips} client addresses "
+                       f"in {alert.window_seconds // 60} min (e.g. {alert.example_message_id})")
 
 
 # -- quarantine -----------------------------------------------------------------

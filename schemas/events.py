@@ -380,6 +380,35 @@ class BanLifted(Event):
     by: str
 
 
+# --------------------------------------------------------------------------
+# Outbreak Protection.
+# --------------------------------------------------------------------------
+
+
+class OutbreakObserved(Event):
+    """One fingerprint of one received message (keyed by fingerprint for counting)."""
+
+    TYPE: ClassVar[str] = "outbreak.observed"
+    VERSION: ClassVar[int] = 1
+    fingerprint: str
+    kind: Literal["attachment", "body", "urls"]
+    sender: str
+    client_ip: str
+
+
+class OutbreakDetected(Event):
+    """A fingerprint seen from enough distinct senders to be an outbreak."""
+
+    TYPE: ClassVar[str] = "outbreak.detected"
+    VERSION: ClassVar[int] = 1
+    fingerprint: str
+    kind: Literal["attachment", "body", "urls"]
+    distinct_senders: int
+    distinct_client_ips: int
+    window_seconds: int
+    example_message_id: str
+
+
 # Every concrete event, for the codec and the JSON Schema generator.
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
@@ -407,6 +436,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         AccountStateChanged,
         BanIssued,
         BanLifted,
+        OutbreakObserved,
+        OutbreakDetected,
     )
 }
 

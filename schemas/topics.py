@@ -141,8 +141,29 @@ BANS = TopicSpec(
     purpose="Dynamic Screening bans with reason, counts, window and expiry; ingest enforces them",
 )
 
+OUTBREAK_FINGERPRINTS = TopicSpec(
+    name="outbreak.fingerprints",
+    key="fingerprint",
+    key_field="fingerprint",
+    kind="audit",
+    partitions=6,
+    carries=(ev.OutbreakObserved,),
+    purpose="Fingerprints of every received message, repartitioned so one fingerprint is counted in one place",
+)
+
+OUTBREAK_ALERTS = TopicSpec(
+    name="outbreak.alerts",
+    key="fingerprint",
+    key_field="fingerprint",
+    kind="state",
+    partitions=6,
+    carries=(ev.OutbreakDetected,),
+    purpose="Fingerprints marked as outbreaks; later messages carrying them are quarantined",
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, ACCOUNT_STATE, BANS,
+    OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}

@@ -147,6 +147,11 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
             log.info("message %s: %s %s", event.message_id, verdict.action, ",".join(verdict.reasons))
 
     app.bulwark_agents = {"content": content}  # type: ignore[attr-defined]
+
+    # Outbreak Protection: fingerprints counted across senders (streams/outbreak.py).
+    from streams import outbreak
+
+    app.bulwark_agents.update(outbreak.register(app, settings, received, blobs, lambda: policy))  # type: ignore[attr-defined]
     return app
 
 
@@ -154,3 +159,23 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     app = build_app(settings)
     sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel, "--without-web"]
     app.main()
+
+
+async def declare_internal_topics(settings: Settings) -> list[str]:
+    """Create the changelog topics of every Faust table before any worker starts.
+
+    A worker that creates them itself on a fresh cluster keeps a metadata
+    cache without them, and its tables fail with "changelog has 0
+    partitions" until the cache expires (minutes). `bulwark topics ensure`
+    calls this, so the topics exist before the first worker looks.
+    """
+    app = build_app(settings)
+    await app.maybe_start_producer()
+    try:
+        names = []
+        for table in app.tables.values():
+            await table.changelog_topic.maybe_declare()
+            names += list(table.changelog_topic.topics)
+        return names
+    finally:
+        await app.producer.stop()

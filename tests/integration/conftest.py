@@ -55,6 +55,9 @@ delivery:
   give_up_after_seconds: 6
   connect_timeout_seconds: 5
   smarthost: 127.0.0.1:{downstream_port}
+checks:
+  outbreak:
+    threshold_senders: 5
 """
     )
 
@@ -86,7 +89,8 @@ class Gateway:
             for rcpt in [a.strip() for a in msg["To"].split(",")]:
                 code, reply = client.rcpt(rcpt)
                 assert code == 250, (code, reply)
-            code, reply = client.data(msg.as_bytes())
+            # SMTP lines end in CRLF (RFC 5321 2.3.8); smtplib leaves bytes as they are.
+            code, reply = client.data(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
             assert code == 250, (code, reply)
         return reply.decode().rsplit(" ", 1)[1]
 

@@ -1,0 +1,42 @@
+"""Outbreak Protection: messages carrying a fingerprint marked as an outbreak.
+
+The counting happens in streams/outbreak.py (distinct senders per
+fingerprint in event-time hopping windows); this check only looks the
+message's fingerprints up in the table of marked outbreaks.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from schemas.events import CheckResult
+from streams import outbreak
+from streams.checks import CheckSettings
+from streams.message import Message
+
+NAME = "outbreak"
+DESCRIPTION = "Fingerprints (attachments, normalised body, URL hosts) seen from many senders at once"
+
+FOUND = "OUTBREAK_FOUND"
+CLEAN = "OUTBREAK_OK"
+
+
+class Settings(CheckSettings):
+    threshold_senders: int = Field(
+        default=20, ge=2, description="Distinct senders of one fingerprint within the window that mark an outbreak"
+    )
+    window_minutes: int = Field(default=60, ge=1, description="Width of the hopping window (fixed at worker start)")
+
+
+DEFAULT_ACTIONS = {FOUND: "quarantine"}
+
+
+async def check(message: Message, settings: Settings) -> list[CheckResult]:
+    marked = []
+    for fingerprint, kind in outbreak.fingerprints(message).items():
+        record = outbreak.ACTIVE.get(fingerprint)
+        if record:
+            marked.append(f"{kind} {fingerprint[:24]}… from {record['distinct_senders']} senders")
+    if marked:
+        return [CheckResult(check=NAME, name=FOUND, outcome="hit", detail="part of an outbreak", evidence=marked)]
+    return [CheckResult(check=NAME, name=CLEAN, outcome="pass")]

@@ -1,0 +1,223 @@
+"""Outbreak Protection: mass campaigns seen in this gateway's own traffic.
+
+Two agents, because counting must be keyed by what is counted:
+
+1. ``outbreak_observe`` reads every ``message.received`` (keyed by message
+   id), fingerprints the message and publishes one ``outbreak.observed``
+   event per fingerprint to ``outbreak.fingerprints``, keyed by fingerprint:
+   a repartition, so every observation of one fingerprint reaches one worker.
+2. ``outbreak_count`` keeps, per fingerprint, the distinct senders and client
+   addresses in event-time hopping windows. When the distinct senders in a
+   window reach the policy's threshold it records the outbreak in a global
+   table (every worker holds all of it) and publishes ``outbreak.detected``
+   to the compacted ``outbreak.alerts`` topic.
+
+The ``outbreak`` check (streams/checks/outbreak.py) looks each message's
+fingerprints up in that table: later messages carrying a marked fingerprint
+are quarantined (or refused, per policy).
+
+Fingerprints: the SHA-256 of each attachment; a hash of the normalised body
+text (lower case, digits and whitespace collapsed, URLs reduced to their
+host), which survives the per-recipient personalisation campaigns use; and a
+hash of the set of URL hosts. A similarity hash (TLSH, ssdeep) would catch
+more variation but cannot be a Kafka key: it needs a nearest-neighbour
+search, which this design leaves for later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from html.parser import HTMLParser
+
+from streams.message import Message
+
+log = logging.getLogger(__name__)
+
+#: Fingerprint -> outbreak record, for the outbreak check. Replaced by the
+#: Faust global table when the worker builds its app; empty elsewhere.
+ACTIVE: Mapping[str, dict] = {}
+
+#: Shorter bodies say too little: "Thanks!" from many senders is not a campaign.
+MIN_BODY_CHARS = 200
+#: Smaller attachments (signatures, logos) are common to legitimate mail.
+MIN_ATTACHMENT_BYTES = 512
+
+_URL = re.compile(r"https?://([^\s/\"'<>?#]+)[^\s\"'<>]*", re.IGNORECASE)
+_DIGITS = re.compile(r"\d+")
+_SPACE = re.compile(r"\s+")
+
+
+class _Text(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.chunks: list[str] = []
+        self.hrefs: list[str] = []
+
+    def handle_data(self, data):
+        self.chunks.append(data)
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name == "href" and value:
+                self.hrefs.append(value)
+
+
+def _body_text(message: Message) -> tuple[str, list[str]]:
+    texts, urls = [], []
+    for part in message.parts():
+        if part.filename or not part.content_type.startswith("text/"):
+            continue
+        text = part.payload.decode("utf-8", "replace")
+        if part.content_type == "text/html":
+            parser = _Text()
+            parser.feed(text)
+            urls += [m.group(1).lower() for h in parser.hrefs for m in [_URL.match(h)] if m]
+            text = " ".join(parser.chunks)
+        urls += [m.group(1).lower() for m in _URL.finditer(text)]
+        texts.append(text)
+    return "\n".join(texts), urls
+
+
+def normalise(text: str) -> str:
+    text = _URL.sub(lambda m: m.group(1).lower(), text.lower())
+    text = _DIGITS.sub("0", text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def fingerprints(message: Message) -> dict[str, str]:
+    """Fingerprint -> kind ("attachment", "body", "urls")."""
+    found: dict[str, str] = {}
+    for part in message.attachments():
+        if len(part.payload) >= MIN_ATTACHMENT_BYTES:
+            found["att:" + hashlib.sha256(part.payload).hexdigest()] = "attachment"
+    text, urls = _body_text(message)
+    body = normalise(text)
+    if len(body) >= MIN_BODY_CHARS:
+        found["body:" + hashlib.sha256(body.encode()).hexdigest()] = "body"
+    hosts = sorted(set(urls))
+    if hosts:
+        found["urls:" + hashlib.sha256("\n".join(hosts).encode()).hexdigest()] = "urls"
+    return found
+
+
+class _Marked(Mapping):
+    """The marked fingerprints, read from the compacted outbreak.alerts topic."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __getitem__(self, fingerprint):
+        return self.view.state[fingerprint].model_dump(mode="json")
+
+    def __iter__(self):
+        return iter(self.view.state)
+
+    def __len__(self):
+        return len(self.view.state)
+
+
+def register(app, settings_, received_topic, blobs, current_policy) -> dict:
+    """Declare the outbreak topics, tables and agents on the Faust app."""
+    from bulwark.state import StateView
+    from schemas import codec
+    from schemas import events as ev
+    from schemas.topics import OUTBREAK_ALERTS, OUTBREAK_FINGERPRINTS, record_key
+    from streams.checks import CHECKS
+
+    global ACTIVE
+
+    def settings():
+        return CHECKS["outbreak"].settings(current_policy())
+
+    fingerprints_topic = app.topic(
+        OUTBREAK_FINGERPRINTS.name, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw", partitions=OUTBREAK_FINGERPRINTS.partitions,
+    )
+    alerts_topic = app.topic(
+        OUTBREAK_ALERTS.name, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw", partitions=OUTBREAK_ALERTS.partitions,
+    )
+    # The window is fixed when the worker starts (a Faust table's window is
+    # part of its declaration); the threshold follows the live policy.
+    window_seconds = settings().window_minutes * 60
+    seen = app.Table(
+        "outbreak-seen", default=dict, key_type=str,
+        partitions=OUTBREAK_FINGERPRINTS.partitions,
+    ).hopping(
+        timedelta(seconds=window_seconds),
+        timedelta(seconds=max(60, window_seconds // 4)),
+        expires=timedelta(seconds=2 * window_seconds),
+    )
+    # Every worker needs every mark (any worker may judge a message carrying
+    # it), so the marks are read from their compacted topic by each worker.
+    # (Not a Faust GlobalTable: on a fresh cluster its recovery waits for a
+    # changelog topic that Faust's own metadata never sees, and the worker
+    # never becomes ready.)
+    alerts_view = StateView(settings_, OUTBREAK_ALERTS)
+    active = _Marked(alerts_view)
+    ACTIVE = active
+
+    @app.agent(received_topic)
+    async def outbreak_observe(stream):
+        await alerts_view.start()
+        async for record in stream.events():
+            try:
+                event = codec.decode(record.value, dict(record.headers or {}).items())
+            except (codec.UnknownEvent, ValueError):
+                continue
+            if not isinstance(event, ev.MessageReceived) or not settings().enabled:
+                continue
+            try:
+                raw = await blobs.get(event.envelope.sha256)
+            except OSError as exc:
+                log.warning("outbreak: message %s unreadable: %s", event.message_id, exc)
+                continue
+            message = Message(event.message_id, event.session_id, event.envelope, event.direction, raw)
+            for fingerprint, kind in fingerprints(message).items():
+                observed = ev.OutbreakObserved(
+                    message_id=event.message_id, session_id=event.session_id,
+                    # Event time of the message, so windows and replays agree.
+                    occurred_at=event.occurred_at,
+                    fingerprint=fingerprint, kind=kind,
+                    sender=event.envelope.mail_from.lower(), client_ip=event.envelope.client_ip,
+                )
+                value, headers = codec.encode(observed)
+                await fingerprints_topic.send(key=record_key(OUTBREAK_FINGERPRINTS, observed), value=value,
+                                              headers=headers, timestamp=observed.occurred_at.timestamp())
+
+    @app.agent(fingerprints_topic)
+    async def outbreak_count(stream):
+        async for record in stream.events():
+            try:
+                observed = codec.decode(record.value, dict(record.headers or {}).items())
+            except (codec.UnknownEvent, ValueError):
+                continue
+            if not isinstance(observed, ev.OutbreakObserved):
+                continue
+            fp = observed.fingerprint
+            if fp in active:
+                continue  # already an outbreak: stop counting, the sets stay bounded
+            # A per-window union (Faust applies |= to every hopping window
+            # the event falls in), with flat keys so the union is exact.
+            seen[fp] |= {f"s:{observed.sender}": 1, f"i:{observed.client_ip}": 1}
+            windows = seen.table.window.ranges(observed.occurred_at.timestamp())
+            fullest = max((dict(seen[fp][w]) for w in windows), key=lambda v: sum(k.startswith("s:") for k in v))
+            senders = [k for k in fullest if k.startswith("s:")]
+            ips = [k for k in fullest if k.startswith("i:")]
+            threshold = settings().threshold_senders
+            if len(senders) >= threshold:
+                detected = ev.OutbreakDetected(
+                    occurred_at=observed.occurred_at, fingerprint=fp, kind=observed.kind,
+                    distinct_senders=len(senders), distinct_client_ips=len(ips),
+                    window_seconds=window_seconds, example_message_id=observed.message_id,
+                )
+                value, headers = codec.encode(detected)
+                await alerts_topic.send(key=record_key(OUTBREAK_ALERTS, detected), value=value,
+                                        headers=headers, timestamp=detected.occurred_at.timestamp())
+                log.warning("outbreak: %s seen from %d senders", fp, len(senders))
+
+    return {"outbreak_observe": outbreak_observe, "outbreak_count": outbreak_count}
