@@ -32,6 +32,8 @@ def local_stack(policy_text: str, components=("ingest",), extra_env: dict[str, s
         "BULWARK_SMTP_PORT": str(free_port()),
         "BULWARK_MAILBOX_PORT": str(free_port()),
         "BULWARK_STREAMS_WEB_PORT": str(free_port()),
+        # The Faust worker's antivirus and macros checks scan through clamd.
+        "BULWARK_CLAMD_PORT": str(free_port()),
         **(extra_env or {}),
     }
     saved = {k: os.environ.get(k) for k in env}
@@ -40,6 +42,8 @@ def local_stack(policy_text: str, components=("ingest",), extra_env: dict[str, s
     stack = LocalStack.from_settings(settings)
     try:
         stack.start_kafka()
+        if "streams" in components:
+            stack.start_clamd()
         stack.ensure_topics()
         for name, args in COMPONENTS:
             if name in components:

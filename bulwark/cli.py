@@ -173,6 +173,77 @@ def policy_check(path: str | None) -> None:
     click.echo(f"policy ok, version {loaded.version}")
 
 
+@policy.command("apply")
+@click.argument("path")
+@click.option("--by", default=None, help="Who applies it (default: the current user)")
+@click.option("--if-changed", is_flag=True, help="Do nothing when this version is already active")
+def policy_apply(path: str, by: str | None, if_changed: bool) -> None:
+    """Validate a policy file and make it active on every component (no restart)."""
+    from bulwark.policy import PolicyError
+    from bulwark.policy_admin import apply
+
+    try:
+        applied = _run(apply(_settings(), path, by or getpass.getuser(), only_if_changed=if_changed))
+    except PolicyError as exc:
+        click.echo(f"{exc}\nnot applied: the running policy stays in force", err=True)
+        sys.exit(2)
+    if applied.event is None:
+        click.echo(f"policy {applied.policy.version} is already active")
+    else:
+        was = f" (was {applied.previous})" if applied.previous else ""
+        click.echo(f"applied policy {applied.policy.version}{was}")
+
+
+@policy.command("show")
+@click.option("--document", is_flag=True, help="Also print the active policy document (YAML)")
+@click.option("--history", is_flag=True, help="List every version still on config.policy")
+def policy_show(document: bool, history: bool) -> None:
+    """Print the active policy version: when, by whom, from which file."""
+    import yaml
+
+    from bulwark.policy_admin import published_history
+    from bulwark.policy_runtime import describe
+
+    events = _run(published_history(_settings()))
+    if not events:
+        click.echo(f"no policy published; components use the file {_settings().policy_path} "
+                   "(run `bulwark policy apply`)", err=True)
+        sys.exit(1)
+    if history:
+        for event in events[:-1]:
+            click.echo(f"  {describe(event)}")
+    click.echo(f"active: {describe(events[-1])}")
+    if document:
+        click.echo(yaml.safe_dump(events[-1].document, sort_keys=False))
+
+
+@policy.command("audit")
+@click.argument("path", required=False)
+def policy_audit(path: str | None) -> None:
+    """Score the active policy (or a file) against the best-practice guide; exit 1 if any is not met."""
+    from bulwark.policy import PolicyError, from_document, load
+    from bulwark.policy_admin import active
+    from bulwark.policy_audit import audit, render
+
+    try:
+        if path:
+            loaded, source = load(path), path
+        else:
+            event = _run(active(_settings()))
+            if event is None:
+                loaded, source = load(_settings().policy_path), f"{_settings().policy_path} (nothing published)"
+            else:
+                loaded = from_document(event.document, "config.policy", version=event.policy_version)
+                source = "the active policy"
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    findings = audit(loaded)
+    click.echo(f"policy {loaded.version}, {source}")
+    click.echo(render(findings))
+    sys.exit(0 if all(f.met for f in findings) else 1)
+
+
 # -- forensics ------------------------------------------------------------------
 
 
@@ -211,6 +282,26 @@ def outbreaks(as_json: bool) -> None:
             click.echo(f"{alert.occurred_at:%Y-%m-%d %H:%M:%S}  {alert.kind:10} {alert.fingerprint[:40]}  "
                        f"{alert.distinct_senders} senders, {alert.distinct_client_ips} client addresses "
                        f"in {alert.window_seconds // 60} min (e.g. {alert.example_message_id})")
+
+
+@main.group()
+def backscatter() -> None:
+    """Backscatter Protection keys."""
+
+
+@backscatter.command("rotate-key")
+@click.option("--by", default=None, help="Who rotates it (default: the current user)")
+def backscatter_rotate_key(by: str | None) -> None:
+    """Start signing with a new key; the previous one verifies for the validity period."""
+    from bulwark.kafka import read_topics
+    from schemas.events import BackscatterKeyRotated
+    from schemas.topics import BACKSCATTER_KEYS
+
+    history = [r.event for r in _run(read_topics(_settings(), [BACKSCATTER_KEYS.name]))]
+    current = max(history, key=lambda e: e.occurred_at).key_number if history else 0
+    event = BackscatterKeyRotated(key_number=(current + 1) % 10, by=by or getpass.getuser())
+    _publish(event)
+    click.echo(f"now signing with key {event.key_number} (from {event.occurred_at:%Y-%m-%d %H:%M:%S} UTC)")
 
 
 # -- quarantine -----------------------------------------------------------------
@@ -275,17 +366,9 @@ def quarantine_show(message_id: str) -> None:
 
 
 def _publish(event) -> None:
-    from bulwark.kafka import EventPublisher, make_producer
+    from bulwark.kafka import publish_once
 
-    async def go():
-        publisher = EventPublisher(make_producer(_settings(), "bulwark-cli"))
-        await publisher.start()
-        try:
-            await publisher.publish(event)
-        finally:
-            await publisher.stop()
-
-    _run(go())
+    _run(publish_once(_settings(), event))
 
 
 @quarantine.command("release")
@@ -315,6 +398,35 @@ def quarantine_delete(message_id: str, by: str | None) -> None:
         raise click.ClickException(f"{message_id} is already {record['state']}")
     _publish(QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by or getpass.getuser()))
     click.echo(f"deleted {message_id}")
+
+
+# -- accounts -------------------------------------------------------------------
+
+from bulwark.accounts_cli import accounts  # noqa: E402  (its own module: the group is large)
+
+main.add_command(accounts)
+
+
+# -- user verification sources ----------------------------------------------------
+
+from bulwark.sources_cli import sources  # noqa: E402  (its own module, like accounts)
+
+main.add_command(sources)
+
+
+# -- data leak prevention -------------------------------------------------------
+
+from bulwark.dlp_cli import dlp  # noqa: E402  (its own module, like accounts)
+
+main.add_command(dlp)
+
+
+# -- Dynamic Screening and the windowed tables ------------------------------------
+
+from bulwark.screening_cli import screening, tables  # noqa: E402  (its own module, like accounts)
+
+main.add_command(screening)
+main.add_command(tables)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from bulwark.settings import REPO_ROOT, Settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
+CLAMD_SCRIPT = REPO_ROOT / "infra" / "clamav" / "clamd.sh"
 
 #: (name, bulwark subcommand) in start order.
 COMPONENTS = [
@@ -52,6 +53,7 @@ class LocalStack:
     kafka_dir: Path
     log_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings, extra_env: dict[str, str] | None = None) -> "LocalStack":
@@ -63,6 +65,10 @@ class LocalStack:
             "BULWARK_KAFKA_PORT": str(port),
             "BULWARK_KAFKA_CONTROLLER_PORT": os.environ.get("BULWARK_KAFKA_CONTROLLER_PORT", str(port + 1)),
             "BULWARK_KAFKA_DIR": str(kafka_dir),
+            # A private clamd (infra/clamav/clamd.sh) next to the other state.
+            "BULWARK_CLAMD_HOST": settings.clamd_host,
+            "BULWARK_CLAMD_PORT": str(settings.clamd_port),
+            "BULWARK_CLAMD_DIR": os.environ.get("BULWARK_CLAMD_DIR", str(settings.data_dir / "clamd")),
         }
         return cls(settings, env, port, kafka_dir, settings.data_dir / "logs")
 
@@ -80,8 +86,30 @@ class LocalStack:
     def stop_kafka(self) -> None:
         self.kafka("stop", check=False)
 
+    # -- clamd (the antivirus and macros checks scan through it) -------------------
+
+    def clamd(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(CLAMD_SCRIPT), command], env=self.env, check=False,
+                              capture_output=True, text=True)
+
+    def start_clamd(self) -> None:
+        result = self.clamd("start")
+        if result.returncode != 0:
+            raise RuntimeError(f"clamd did not start:\n{result.stdout}\n{result.stderr}")
+
+    def stop_clamd(self) -> None:
+        self.clamd("stop")
+
     def ensure_topics(self) -> None:
         self.run_cli(["topics", "ensure"])
+
+    def apply_policy(self) -> None:
+        """Publish the local policy file unless that very version is already active."""
+        result = self.run_cli(["policy", "apply", str(self.settings.policy_path), "--if-changed",
+                               "--by", "bulwark up"], check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"the policy was not applied:\n{result.stderr}")
+        print(result.stdout.strip(), flush=True)
 
     # -- Bulwark processes ----------------------------------------------------------
 
@@ -108,20 +136,48 @@ class LocalStack:
             proc.kill()
             proc.wait()
 
+    def restart_exited(self, report=lambda line: None) -> list[str]:
+        """Start again every component that exited, as a service manager would.
+
+        Every component recovers its state from Kafka and its own stores, so
+        a restart is always safe; a Faust worker, for one, stops itself when a
+        rebalance leaves its exactly-once transactions inconsistent.
+        """
+        restarted = []
+        now = time.monotonic()
+        for name, args in COMPONENTS:
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is None:
+                continue
+            recent = [t for t in self.restarts.get(name, []) if now - t < 60]
+            if len(recent) >= 5:  # crash-looping: a restart will not help
+                raise RuntimeError(f"{name} exited 5 times in a minute; see {self.log_dir / (name + '.log')}")
+            report(f"{name} exited with {proc.returncode}; restarting (log: {self.log_dir / (name + '.log')})")
+            self.restarts[name] = [*recent, now]
+            self.start(name, args)
+            restarted.append(name)
+        return restarted
+
     def start_all(self) -> None:
         self.start_kafka()
+        self.start_clamd()
         self.ensure_topics()
+        self.apply_policy()
         for name, args in COMPONENTS:
             proc = self.start(name, args)
             if name == "mailbox":
                 wait_for_port(self.settings.mailbox_host, self.settings.mailbox_port, 30, proc)
             if name == "ingest":
                 wait_for_port(self.settings.smtp_host, self.settings.smtp_port, 60, proc)
+                for port in (self.settings.submission_port, self.settings.submissions_port):
+                    if port:
+                        wait_for_port(self.settings.smtp_host, port, 10, proc)
 
     def stop_all(self, kafka: bool = True) -> None:
         for name, _ in reversed(COMPONENTS):
             self.stop(name)
-        if kafka:
+        if kafka:  # the infrastructure: clamd and the broker
+            self.stop_clamd()
             self.stop_kafka()
 
     def log_tail(self, name: str, lines: int = 40) -> str:
@@ -147,9 +203,13 @@ def run_local(settings: Settings) -> int:
 Bulwark is running.
 
   Send mail to      smtp://{settings.smtp_host}:{settings.smtp_port}   (e.g. to someone@example.com)
+  Submit mail       smtp://{settings.smtp_host}:{settings.submission_port} (STARTTLS, then AUTH)
+                    smtps://{settings.smtp_host}:{settings.submissions_port} (implicit TLS, then AUTH)
+  Add an account    .venv/bin/bulwark accounts add you@example.com
   Delivered mail    {settings.mailbox_dir}/new   (demo mailbox on port {settings.mailbox_port})
   Raw messages      {settings.blob_dir}
   Logs              {stack.log_dir}
+  Antivirus         clamd on {settings.clamd_host}:{settings.clamd_port}   (infra/clamav/clamd.sh status)
   Policy            {settings.policy_path}
 
   Trace a message   .venv/bin/bulwark trace <queue id from the 250 reply>
@@ -168,10 +228,11 @@ Ctrl-C stops everything.""",
     signal.signal(signal.SIGTERM, _stop)
     try:
         while not stopping:
-            for name, proc in list(stack.procs.items()):
-                if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; see {stack.log_dir / (name + '.log')}", file=sys.stderr)
-                    stopping = True
+            try:
+                stack.restart_exited(report=lambda line: print(line, file=sys.stderr, flush=True))
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
+                stopping = True
             time.sleep(0.5)
     finally:
         print("stopping ...", flush=True)

@@ -380,3 +380,13 @@ async def start_publisher(settings: Settings, client_id: str) -> EventPublisher:
         except Exception as exc:
             log.warning("waiting for Kafka at %s: %s", settings.kafka_bootstrap, exc)
             await asyncio.sleep(2)
+
+
+async def publish_once(settings: Settings, event: Event, client_id: str = "bulwark-cli") -> None:
+    """Publish one event and wait for the broker: what a CLI command does."""
+    publisher = EventPublisher(make_producer(settings, client_id))
+    await publisher.start()
+    try:
+        await publisher.publish(event)
+    finally:
+        await publisher.stop()

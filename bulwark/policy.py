@@ -14,13 +14,25 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator,
+)
 
-Action = Literal["deliver", "quarantine", "reject", "redirect"]
+from bulwark.backscatter import BackscatterSettings
+from bulwark.policy_sections import (
+    AllowList, BlockList, IPShielding, LocationScreening, RelayControl, SessionLimits, SmtpCredentials,
+    allow_list_problems,
+)
+from bulwark.policy_verification import UserVerification, VerificationSource, check_verification
+
+# "tag" delivers the message marked (X-Bulwark-Tags, tag_subject_prefix):
+# a modifier of "deliver", never stronger than any other action.
+Action = Literal["deliver", "quarantine", "reject", "redirect", "tag"]
 
 
 class _Strict(BaseModel):
@@ -45,6 +57,9 @@ class MailServer(_Strict):
     trusted_addresses: list[str] = Field(
         default_factory=list,
         description="Addresses or CIDR ranges this server sends from; they may send local mail without AUTH",
+    )
+    requires_smtp_auth: SmtpCredentials | None = Field(
+        default=None, description="Credentials Bulwark logs in with when delivering to this server",
     )
 
     @field_validator("domains")
@@ -78,12 +93,145 @@ class Delivery(_Strict):
     )
 
 
+
+class DynamicScreening(_Strict):
+    """Dynamic Screening: ban client addresses that behave like attackers.
+
+    Every counter runs over the same event-time window (``window_minutes``);
+    crossing any limit bans the address for ``ban_minutes``. Domain mail
+    servers and allow-listed addresses (when ``allow_list.skips`` names
+    dynamic_screening, the default) are never banned.
+    """
+
+    enabled: bool = Field(default=True, description="Enable dynamic screening")
+    failed_rcpt_limit: PositiveInt = Field(
+        default=10, description="Ban IPs who cause this many failed RCPT attempts (unknown users, relay refusals)"
+    )
+    connection_limit: PositiveInt = Field(
+        default=10, description="Ban IPs that connect more than this many times in window_minutes"
+    )
+    window_minutes: PositiveInt = Field(
+        default=5, description="The window every counter runs over (the M of 'more than N times in M minutes')"
+    )
+    failed_auth_limit: PositiveInt = Field(default=3, description="Ban IPs that fail this many authentication attempts")
+    rset_limit: PositiveInt = Field(default=20, description="Ban IPs that send this many RSETs")
+    long_session_limit: PositiveInt = Field(
+        default=1,
+        description="Ban IPs that hold this many sessions open as long as session_limits.max_duration_seconds",
+    )
+    ban_minutes: PositiveInt = Field(default=10, description="Ban IPs for this many minutes")
+    close_session_after_ban: bool = Field(
+        default=True, description="Close SMTP session after banning IP (421 at its next command)"
+    )
+
+
+class AccountHijackDetection(_Strict):
+    """Account Hijack Detection: accounts may send no more than N messages in M minutes."""
+
+    enabled: bool = Field(default=True, description="Enable account hijack detection")
+    message_limit: PositiveInt = Field(default=1000, description="Accounts may send no more than this many messages")
+    window_minutes: PositiveInt = Field(default=60, description="... in this many minutes")
+    disable_account: bool = Field(
+        default=False,
+        description="Disable account when limit is reached (else further messages get 452 until the window moves on)",
+    )
+    include_domain_mail_servers: bool = Field(
+        # On: an account hijacked on the domain's own mail server sends
+        # through Bulwark without AUTH, and is just as much worth limiting.
+        default=True,
+        description="Include non-authenticated sessions from a domain mail server (counted by MAIL FROM)",
+    )
+    notify: list[str] = Field(
+        default_factory=list,
+        description="Administrators told when an account is disabled (default: postmaster@ the first local domain)",
+    )
+
+class TlsRules(_Strict):
+    """Which TLS every listener accepts (SMTP and HTTPS). Modern by default."""
+
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
+        default="TLSv1.2", description="Oldest TLS version accepted; SSLv3, TLS 1.0 and 1.1 never are"
+    )
+    ciphers: str = Field(
+        # Forward secrecy and AEAD only (Mozilla's "intermediate" profile);
+        # TLS 1.3's own suites are all of that kind and always allowed.
+        default="ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1",
+        description="OpenSSL cipher list for TLS 1.2",
+    )
+    requiretls: bool = Field(default=True, description="Advertise and accept REQUIRETLS (RFC 8689) over TLS")
+
+    @field_validator("ciphers")
+    @classmethod
+    def _ciphers(cls, value: str) -> str:
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            raise ValueError(f"no cipher matches {value!r} (an OpenSSL cipher list is expected)") from None
+        return value
+
+
+class PasswordRules(_Strict):
+    """The guide's "Use Strong Passwords": enforced whenever a password is set."""
+
+    min_length: int = Field(default=12, ge=8, description="Fewest characters a password may have")
+    min_strength: int = Field(
+        default=3, ge=0, le=4, description="Lowest zxcvbn score accepted (0 weakest to 4 strongest)"
+    )
+
+
+class Auth(_Strict):
+    passwords: PasswordRules = Field(default_factory=PasswordRules)
+
+
+class ListenerRules(_Strict):
+    """What one SMTP listener offers. AUTH is only ever offered over TLS."""
+
+    auth: bool = Field(description="Offer SMTP AUTH (PLAIN, LOGIN) once the session is encrypted")
+    require_auth: bool = Field(description="Refuse MAIL until the client has authenticated (RFC 6409)")
+
+
+class Listeners(_Strict):
+    """Behaviour per listener; where each listens is deployment (BULWARK_*_PORT)."""
+
+    inbound: ListenerRules = Field(
+        default_factory=lambda: ListenerRules(auth=False, require_auth=False),
+        description="Port 25: mail from the Internet and the domain mail servers",
+    )
+    submission: ListenerRules = Field(
+        default_factory=lambda: ListenerRules(auth=True, require_auth=True),
+        description="Port 587: users' mail clients, STARTTLS then AUTH",
+    )
+    submissions: ListenerRules = Field(
+        default_factory=lambda: ListenerRules(auth=True, require_auth=True),
+        description="Port 465: users' mail clients over implicit TLS (RFC 8314)",
+    )
+
+
+class InlineRefusal(_Strict):
+    """Waiting at the end of DATA for a verdict whose action may be "reject"."""
+
+    enabled: bool = Field(default=True, description="Answer 550 when a reject verdict arrives in time")
+    deadline_seconds: float = Field(
+        default=10.0, gt=0, le=120,
+        description="How long a client waits for the verdict; past it: 250, and a reject is quarantined",
+    )
+
+
 class Policy(_Strict):
+    #: Set when the policy came from config.policy: a later Bulwark may fill
+    #: in new defaults (changing the digest), yet it is still the version the
+    #: administrator applied.
+    _published_version: str | None = PrivateAttr(default=None)
+
     hostname: str = Field(description="The gateway's name in its banner, Received headers and DSNs")
     local_domains: list[str] = Field(min_length=1)
     mail_servers: list[MailServer] = Field(default_factory=list)
     max_message_bytes: PositiveInt = Field(default=50 * 1024 * 1024, description="SIZE advertised in EHLO")
     delivery: Delivery = Field(default_factory=Delivery)
+    screening: DynamicScreening = Field(default_factory=DynamicScreening)
+    hijack: AccountHijackDetection = Field(default_factory=AccountHijackDetection)
     checks: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Settings per content check, over each check's defaults"
     )
@@ -93,6 +241,24 @@ class Policy(_Strict):
     redirect_to: str | None = Field(
         default=None, description="Where messages whose verdict is 'redirect' go (e.g. a compliance mailbox)"
     )
+    tag_subject_prefix: str | None = Field(
+        default=None, description="Put before the Subject of tagged messages (e.g. '[SENSITIVE]'); unset: header only"
+    )
+    tls: TlsRules = Field(default_factory=TlsRules)
+    auth: Auth = Field(default_factory=Auth)
+    listeners: Listeners = Field(default_factory=Listeners)
+    # The SMTP dialogue's defences (bulwark/policy_sections.py).
+    inline_refusal: InlineRefusal = Field(default_factory=InlineRefusal)
+    backscatter: BackscatterSettings = Field(default_factory=BackscatterSettings)
+    relay_control: RelayControl = Field(default_factory=RelayControl)
+    ip_shielding: IPShielding = Field(default_factory=IPShielding)
+    allow_list: AllowList = Field(default_factory=AllowList)
+    block_list: BlockList = Field(default_factory=BlockList)
+    location_screening: LocationScreening = Field(default_factory=LocationScreening)
+    session_limits: SessionLimits = Field(default_factory=SessionLimits)
+    # The guide's user verification sources (bulwark/policy_verification.py).
+    verification_sources: list[VerificationSource] = Field(default_factory=list)
+    user_verification: UserVerification = Field(default_factory=UserVerification)
 
     @field_validator("local_domains")
     @classmethod
@@ -109,10 +275,21 @@ class Policy(_Strict):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _verification_sources_exist(self) -> "Policy":
+        check_verification(self)
+        return self
+
     # -- questions the pipeline asks ------------------------------------
 
     @property
     def version(self) -> str:
+        """The version verdicts and refusals record: the one it was published
+        under, else the digest of its content."""
+        return self._published_version or self.digest
+
+    @cached_property
+    def digest(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -176,6 +353,20 @@ def parse(text: str, path: Path | str = "<policy>") -> Policy:
         raise PolicyError(path, [(mark.line + 1 if mark else None, "", f"not valid YAML: {what}")]) from None
     if not isinstance(data, dict):
         raise PolicyError(path, [(1, "", "expected a mapping of policy sections")])
+    return _validate(data, root, path)
+
+
+def from_document(document: dict, source: str, version: str | None = None) -> Policy:
+    """A published policy document (JSON), validated exactly as a file is."""
+    if not isinstance(document, dict):
+        raise PolicyError(source, [(None, "", "expected a mapping of policy sections")])
+    policy = _validate(document, None, source)
+    if version:
+        policy._published_version = version
+    return policy
+
+
+def _validate(data: dict, root: yaml.Node | None, path: Path | str) -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
@@ -193,6 +384,11 @@ def parse(text: str, path: Path | str = "<policy>") -> Policy:
     problems = [
         (_line_of(root, ("checks", *loc)), ".".join(str(p) for p in ("checks", *loc)), msg)
         for loc, msg in validate_settings(policy)
+    ]
+    # Allow-listing a local address or domain is refused, with the guide's reason.
+    problems += [
+        (_line_of(root, loc), ".".join(str(p) for p in loc), msg)
+        for loc, msg in allow_list_problems(policy.allow_list, policy.local_domains)
     ]
     if problems:
         raise PolicyError(path, problems)

@@ -26,6 +26,14 @@ class Settings:
     policy_path: Path
     smtp_host: str
     smtp_port: int
+    #: Message submission (RFC 6409, port 587 on a real host): STARTTLS, then AUTH.
+    submission_port: int
+    #: Message submission over implicit TLS (RFC 8314, port 465 on a real host).
+    submissions_port: int
+    #: Certificate chain and key (PEM) for every TLS listener; when unset, a
+    #: self-signed pair is generated under the data directory (local runs).
+    tls_cert_path: Path | None
+    tls_key_path: Path | None
     mailbox_host: str
     mailbox_port: int
     mailbox_dir: Path
@@ -37,6 +45,16 @@ class Settings:
     audit_retention_ms: int
     streams_web_port: int
     delivery_poll_seconds: float
+    #: Master secret of Backscatter Protection's keys (32 random bytes,
+    #: created 0600 on first use); the same file on every node.
+    backscatter_secret_file: Path
+    #: The ClamAV daemon the antivirus and macros checks stream messages to
+    #: (clamd's INSTREAM protocol over TCP), how long one scan may take, and
+    #: how many scans one worker runs at once (keep it under clamd's MaxThreads).
+    clamd_host: str
+    clamd_port: int
+    clamd_scan_timeout_seconds: float
+    clamd_max_concurrent_scans: int
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -48,6 +66,10 @@ class Settings:
             policy_path=Path(_env("BULWARK_POLICY", str(REPO_ROOT / "infra" / "policy.local.yaml"))),
             smtp_host=_env("BULWARK_SMTP_HOST", "127.0.0.1"),
             smtp_port=int(_env("BULWARK_SMTP_PORT", "2525")),
+            submission_port=int(_env("BULWARK_SUBMISSION_PORT", "2587")),
+            submissions_port=int(_env("BULWARK_SUBMISSIONS_PORT", "2465")),
+            tls_cert_path=Path(v) if (v := os.environ.get("BULWARK_TLS_CERT")) else None,
+            tls_key_path=Path(v) if (v := os.environ.get("BULWARK_TLS_KEY")) else None,
             mailbox_host=_env("BULWARK_MAILBOX_HOST", "127.0.0.1"),
             mailbox_port=int(_env("BULWARK_MAILBOX_PORT", "2526")),
             mailbox_dir=Path(_env("BULWARK_MAILBOX_DIR", str(data_dir / "mailbox"))),
@@ -55,6 +77,13 @@ class Settings:
             audit_retention_ms=int(_env("BULWARK_AUDIT_RETENTION_MS", "-1")),
             streams_web_port=int(_env("BULWARK_STREAMS_WEB_PORT", "6066")),
             delivery_poll_seconds=float(_env("BULWARK_DELIVERY_POLL_SECONDS", "1.0")),
+            backscatter_secret_file=Path(
+                _env("BULWARK_BACKSCATTER_SECRET_FILE", str(data_dir / "secrets" / "backscatter.key"))
+            ),
+            clamd_host=_env("BULWARK_CLAMD_HOST", "127.0.0.1"),
+            clamd_port=int(_env("BULWARK_CLAMD_PORT", "3310")),
+            clamd_scan_timeout_seconds=float(_env("BULWARK_CLAMD_SCAN_TIMEOUT_SECONDS", "20")),
+            clamd_max_concurrent_scans=int(_env("BULWARK_CLAMD_MAX_CONCURRENT_SCANS", "4")),
         )
 
     def with_(self, **changes) -> "Settings":

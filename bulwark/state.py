@@ -30,9 +30,10 @@ Listener = Callable[[str, Event | None], None]
 
 
 class StateView:
-    def __init__(self, settings: Settings, spec: TopicSpec):
+    def __init__(self, settings: Settings, spec: TopicSpec, isolation_level: str = "read_committed"):
         self.settings = settings
         self.spec = spec
+        self.isolation_level = isolation_level
         self.state: dict[str, Event] = {}
         self._listeners: list[Listener] = []
         self._consumer: AIOKafkaConsumer | None = None
@@ -54,7 +55,7 @@ class StateView:
             bootstrap_servers=self.settings.kafka_bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            isolation_level="read_committed",
+            isolation_level=self.isolation_level,
             client_id=f"bulwark-view-{self.spec.name}",
         )
         await self._consumer.start()

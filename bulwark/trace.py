@@ -72,7 +72,10 @@ def describe(event: ev.Event) -> str:
             return f"MAIL FROM:<{event.sender}> -> {event.reply_code}"
         case ev.SessionRcpt():
             why = f" ({event.reason})" if event.reason else ""
-            return f"RCPT TO:<{event.recipient}> -> {event.reply_code}{why}"
+            v = event.verification
+            checked = (f" [{v.result} by {v.source or 'no source'}{', cached' if v.cached else ''}, "
+                       f"{v.latency_ms:.0f} ms]") if v else ""
+            return f"RCPT TO:<{event.recipient}> -> {event.reply_code}{why}{checked}"
         case ev.SessionRset():
             return "RSET"
         case ev.SessionData():
@@ -87,6 +90,8 @@ def describe(event: ev.Event) -> str:
             hits = [f"{r.name}" for r in event.results if r.outcome != "pass"]
             return (f"verdict {event.action}" + (f" because {', '.join(event.reasons)}" if event.reasons else "")
                     + f" [policy {event.policy_version}; results: {', '.join(hits) or 'all clean'}]")
+        case ev.MessageRefused():
+            return f"refused with {event.reply_code} at the end of DATA because {', '.join(event.reasons)}"
         case ev.DeliveryQueued():
             return f"queued for delivery ({event.source}) to {', '.join(event.recipients)}"
         case ev.DeliveryAttempted():

@@ -14,16 +14,30 @@ import socket
 import time
 from email.parser import BytesHeaderParser
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.kafka import DurableLog, EventPublisher, start_publisher
-from bulwark.policy import Policy, load
+from bulwark.policy import Policy
+from bulwark.policy_runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from ingest import guards as guard_phases
+from ingest.accounts import AccountDirectory
+from ingest.auth import MECHANISMS as AUTH_MECHANISMS
+from ingest.auth import ehlo_keywords, listener_rules, listener_ports, requiretls_refusal, smtp_auth
+from ingest.tls import server_tls
 from ingest.guards import Refusal
-from ingest.guards.relay import RelayGuard, may_relay
+from ingest.guards.ip_shielding import IPShieldingGuard
+from ingest.guards.limits import SessionClock, SessionLimitsGuard, size_reply
+from ingest.guards.lists import ListsGuard
+from ingest.enforcement import start_abuse_guards
+from ingest.guards.location import LocationGuard
+from bulwark.backscatter import Keyring
+from ingest.guards.backscatter import BackscatterGuard
+from ingest.verdicts import VerdictWaiter
+from ingest.guards.relay import RelayGuard, may_relay, raw_path_refusal
+from ingest.guards.verification import start_verification_guard, stop_verification_guard, take_verification
 from schemas import events as ev
 from schemas.events import new_id, utcnow
 
@@ -42,23 +56,115 @@ class GatewaySession(Session):
         self.started = time.monotonic()
         self.messages_accepted = 0
         self.client_ip = ""
+        #: Set once the session is encrypted (STARTTLS or implicit TLS); what
+        #: AUTH and REQUIRETLS trust, as aiosmtpd leaves ``ssl`` None on
+        #: implicit TLS.
+        self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
+        #: What the dialogue guards learn about the connection (allow list,
+        #: host name, country) and its command count (session limits).
+        self.allow_listed_client: str | None = None
+        self.allow_listed_sender: str | None = None
+        self.client_host: str | None = None
+        self.client_country: str | None = None
+        self.commands = 0
+
+    #: Kept across STARTTLS: facts about the connection, not the dialogue.
+    CONNECTION_FACTS = ("allow_listed_client", "client_host", "client_country", "commands")
 
 
 class GatewaySMTP(SMTP):
-    """aiosmtpd's SMTP with connect and disconnect events."""
+    """aiosmtpd's SMTP with connect and disconnect events, asynchronous AUTH and REQUIRETLS."""
 
     def __init__(self, handler: "IngestHandler", **kwargs):
         super().__init__(handler, **kwargs)
         self.handler = handler
+        self._parsing_mail = False
+        self._clock: SessionClock | None = None
+        # Every recognised command passes the on_command guards first (the
+        # commands-per-session limit); aiosmtpd has no hook for that.
+        self._smtp_methods = {name: self._guarded(name, method) for name, method in self._smtp_methods.items()}
+
+    def _guarded(self, command: str, method):
+        async def run(arg):
+            refusal = await self.handler.command_refusal(self.session, command)
+            if refusal is not None:
+                await self.push(refusal.reply)
+                self.transport.close()
+                return
+            await method(arg)
+        return run
+
+    async def push(self, status: str) -> None:
+        # aiosmtpd refuses an oversized message itself, without an enhanced
+        # status code and before any hook: give the RFC 3463 code and record why.
+        rewritten = size_reply(status, self.data_size_limit or 0)
+        if rewritten is not None:
+            status, phase, reason = rewritten
+            self.handler.record_refusal(self.session, phase, Refusal(status, reason))
+        await super().push(status)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        # Source routes and several @ never reach handle_RCPT intact (aiosmtpd
+        # strips the route, or answers a bare syntax error): judge the text.
+        refusal = raw_path_refusal(arg) if self.envelope.mail_from is not None else None
+        if refusal is not None:
+            self.handler.record_rcpt(self.session, (arg or "")[3:].strip(), refusal)
+            await self.push(refusal.reply)
+            return
+        await super().smtp_RCPT(arg)
 
     def _create_session(self) -> Session:
         return GatewaySession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls = self._original_transport is not None
+        before = self.session
         super().connection_made(transport)
+        if starttls and before is not None:
+            # aiosmtpd starts a fresh session after STARTTLS, forgetting what
+            # the client said (RFC 3207 4.2); it is still the same connection,
+            # so it keeps its id and client address.
+            self.session.id, self.session.started = before.id, before.started
+            self.session.client_ip, self.session.messages_accepted = before.client_ip, before.messages_accepted
+            for name in GatewaySession.CONNECTION_FACTS:
+                setattr(self.session, name, getattr(before, name))
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.session.tls_version = ssl_object.version()
+            self.session.tls_cipher = (ssl_object.cipher() or (None,))[0]
         if not starttls:
             self.handler.on_connect(self.session, transport)
+        else:
+            self.handler.on_starttls(self.session)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as exc:
+            self.handler.on_starttls_failed(self.session, exc.__cause__)
+            raise
+
+    @syntax("AUTH <mechanism> [initial-response]")
+    async def smtp_AUTH(self, arg: str) -> None:
+        # Replaces aiosmtpd's, whose authenticator is synchronous (see ingest.auth).
+        await smtp_auth(self, arg)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._parsing_mail = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._parsing_mail = False
+
+    def _getparams(self, params):
+        # aiosmtpd refuses unknown MAIL parameters with 555 before any hook
+        # runs; REQUIRETLS (RFC 8689, no value) is let through to handle_MAIL,
+        # which accepts it only over TLS and records it on the envelope.
+        result = super()._getparams(params)
+        if result is not None and self._parsing_mail and result.get("REQUIRETLS") is True:
+            del result["REQUIRETLS"]
+        return result
 
     async def _handle_client(self) -> None:
         # aiosmtpd has no connect hook that can refuse; this runs the connect
@@ -68,10 +174,13 @@ class GatewaySMTP(SMTP):
             await self.push(refusal.reply)
             self.transport.close()
             return
+        self._clock = SessionClock(self, self.handler.policy.current, self.handler.record_session_end)
         await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
+        if self._clock is not None:
+            self._clock.cancel()
         super().connection_lost(error)
         if session is not None:
             self.handler.on_disconnect(session)
@@ -80,14 +189,20 @@ class GatewaySMTP(SMTP):
 class IngestHandler:
     """aiosmtpd hooks, named after the SMTP phases."""
 
-    def __init__(self, policy: Policy, publisher: EventPublisher, durable: DurableLog, blobs: BlobStore,
-                 listener: str = "inbound", guards: list | None = None):
-        self.policy = policy
+    def __init__(self, policy: Policy | PolicyHolder, publisher: EventPublisher, durable: DurableLog, blobs: BlobStore,
+                 listener: str = "inbound", guards: list | None = None, accounts=None, verdicts=None):
+        # A holder: every read of self.policy (and the guards') is the policy
+        # in force at that moment, so `bulwark policy apply` needs no restart.
+        self.policy = policy = PolicyHolder.of(policy)
         self.publisher = publisher
         self.durable = durable
         self.blobs = blobs
         self.listener = listener
-        self.guards = guards if guards is not None else default_guards(policy)
+        #: ingest.accounts.AccountDirectory: AUTH checks credentials against it.
+        self.accounts = accounts
+        self.guards = guards if guards is not None else default_guards(policy, accounts)
+        #: ingest.verdicts.VerdictWaiter for inline refusal; None: never wait.
+        self.verdicts = verdicts
         self._header_parser = BytesHeaderParser()
 
     @staticmethod
@@ -113,15 +228,54 @@ class IngestHandler:
         )
 
     async def connect_refusal(self, session: GatewaySession) -> Refusal | None:
+        version = self.policy.version
         refusal = await guard_phases.judge(self.guards, "on_connect", session)
         if refusal is not None:
             self.publisher.emit(
                 ev.SessionRefused(
                     session_id=session.id, client_ip=session.client_ip, phase="connect",
-                    reply_code=refusal.code, reason=refusal.reason,
+                    reply_code=refusal.code, reason=refusal.reason, policy_version=version,
                 )
             )
         return refusal
+
+    def on_starttls(self, session: GatewaySession) -> None:
+        self.publisher.emit(ev.SessionStartTls(session_id=session.id, client_ip=session.client_ip, outcome="success",
+                                               tls_version=session.tls_version, cipher=session.tls_cipher))
+
+    def on_starttls_failed(self, session: GatewaySession, error: BaseException | None) -> None:
+        # The handshake's error names what the client offered (no protocol
+        # or cipher in common), which is what an administrator needs.
+        reason = getattr(error, "reason", None) or type(error).__name__
+        log.info("STARTTLS from %s failed: %s", session.client_ip, reason)
+        self.publisher.emit(ev.SessionStartTls(session_id=session.id, client_ip=session.client_ip, outcome="failure"))
+
+    async def command_refusal(self, session: GatewaySession, command: str) -> Refusal | None:
+        refusal = await guard_phases.judge(self.guards, "on_command", session, command)
+        if refusal is not None:
+            self.record_refusal(session, command, refusal)
+        return refusal
+
+    def record_refusal(self, session: GatewaySession, phase: str, refusal: Refusal) -> None:
+        """A refusal outside the handle_* hooks (limits, aiosmtpd's own checks)."""
+        self.publisher.emit(
+            ev.SessionRefused(
+                session_id=session.id, client_ip=session.client_ip, phase=phase,
+                reply_code=refusal.code, reason=refusal.reason, policy_version=self.policy.version,
+            )
+        )
+
+    def record_session_end(self, session: GatewaySession, refusal: Refusal) -> None:
+        self.record_refusal(session, "session", refusal)
+
+    def record_rcpt(self, session: GatewaySession, recipient: str, refusal: Refusal) -> None:
+        """A RCPT refused before handle_RCPT (a path aiosmtpd would rewrite)."""
+        self.publisher.emit(
+            ev.SessionRcpt(
+                session_id=session.id, client_ip=session.client_ip, recipient=recipient, accepted=False,
+                reply_code=refusal.code, reason=refusal.reason, policy_version=self.policy.version,
+            )
+        )
 
     def on_disconnect(self, session: GatewaySession) -> None:
         self.publisher.emit(
@@ -138,7 +292,7 @@ class IngestHandler:
     async def handle_EHLO(self, server, session: GatewaySession, envelope, hostname: str, responses: list[str]):
         session.host_name = hostname
         self.publisher.emit(ev.SessionEhlo(session_id=session.id, client_ip=session.client_ip, hostname=hostname, esmtp=True))
-        return responses
+        return ehlo_keywords(self, session, responses)
 
     async def handle_HELO(self, server, session: GatewaySession, envelope, hostname: str):
         session.host_name = hostname
@@ -151,7 +305,9 @@ class IngestHandler:
         # aiosmtpd hands over the null reverse-path as "<>"; Bulwark's events
         # use the empty string, so "no sender" can never be mistaken for one.
         address = "" if address == "<>" else address
-        refusal = await guard_phases.judge(self.guards, "on_mail", session, address, options)
+        version = self.policy.version
+        refusal = requiretls_refusal(self.policy, session, options) or await guard_phases.judge(
+            self.guards, "on_mail", session, address, options)
         self.publisher.emit(
             ev.SessionMail(
                 session_id=session.id,
@@ -161,16 +317,27 @@ class IngestHandler:
                 accepted=refusal is None,
                 reply_code=refusal.code if refusal else 250,
                 reason=refusal.reason if refusal else None,
+                policy_version=version,
             )
         )
         if refusal:
             self._close_after(server, refusal)
             return refusal.reply
-        envelope.mail_from = address
+        # aiosmtpd takes an empty mail_from for "no MAIL yet" (503 at RCPT),
+        # so its envelope keeps the null sender as "<>".
+        envelope.mail_from = address or "<>"
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server, session: GatewaySession, envelope: Envelope, address: str, options: list[str]):
+        version = self.policy.version
+        session.envelope = envelope  # the transaction so far, for the recipients-per-message limit
+        # A guard may rewrite the recipient first (Backscatter Protection
+        # untags a signed return path), so every guard judges the real address.
+        for guard in self.guards:
+            rewrite = getattr(guard, "rewrite_rcpt", None)
+            if rewrite is not None:
+                address = rewrite(session, address)
         refusal = await guard_phases.judge(self.guards, "on_rcpt", session, address, options)
         self.publisher.emit(
             ev.SessionRcpt(
@@ -180,6 +347,8 @@ class IngestHandler:
                 accepted=refusal is None,
                 reply_code=refusal.code if refusal else 250,
                 reason=refusal.reason if refusal else None,
+                policy_version=version,
+                verification=take_verification(session, address),
             )
         )
         if refusal:
@@ -204,6 +373,7 @@ class IngestHandler:
     async def handle_DATA(self, server, session: GatewaySession, envelope: Envelope):
         raw: bytes = envelope.original_content or b""
         message_id = new_id()
+        version = self.policy.version
 
         def data_event(accepted: bool, reply: str, reason: str | None = None) -> None:
             self.publisher.emit(
@@ -215,6 +385,7 @@ class IngestHandler:
                     reply_code=int(reply[:3]),
                     size=len(raw),
                     reason=reason,
+                    policy_version=version,
                 )
             )
 
@@ -232,34 +403,54 @@ class IngestHandler:
             return TEMPFAIL_RECORD
 
         headers = self._header_parser.parsebytes(raw)
-        ssl = session.ssl or {}
         received = ev.MessageReceived(
             session_id=session.id,
             message_id=message_id,
             envelope=ev.Envelope(
-                mail_from=envelope.mail_from or "",
+                mail_from="" if envelope.mail_from == "<>" else (envelope.mail_from or ""),
                 rcpt_to=list(envelope.rcpt_tos),
                 sha256=digest,
                 size=len(raw),
                 client_ip=session.client_ip,
                 client_helo=session.host_name,
                 authenticated_user=_login_name(session),
-                tls=ssl.get("ssl_object").version() if ssl.get("ssl_object") else None,
+                tls=session.tls_version,
                 received_at=utcnow(),
-                requiretls=False,
+                requiretls="REQUIRETLS" in envelope.mail_options,
             ),
             direction=self._direction(session, list(envelope.rcpt_tos)),
             header_message_id=(headers.get("Message-ID") or None),
         )
+        inline = self.policy.current.inline_refusal
+        pending = self.verdicts.expect(message_id) if self.verdicts and inline.enabled else None
         try:
             await self.durable.record(received)
         except Exception as exc:
             # The broker did not take it: the client keeps the message and
             # retries. The blob we wrote is harmless (content-addressed, and
             # the retry will find it already there).
+            if pending is not None:
+                self.verdicts.forget(message_id)
             log.error("message %s not accepted: Kafka did not acknowledge: %s", message_id, type(exc).__name__)
             data_event(False, TEMPFAIL_RECORD, "event log unavailable")
             return TEMPFAIL_RECORD
+
+        if pending is not None:
+            verdict = await self.verdicts.wait(message_id, pending, inline.deadline_seconds)
+            if verdict is not None and verdict.action == "reject":
+                reply = f"550 5.7.1 Message refused by content policy ({', '.join(verdict.reasons)})"
+                try:
+                    await self.durable.record(ev.MessageRefused(
+                        session_id=session.id, message_id=message_id, reply_code=550,
+                        reasons=verdict.reasons, policy_version=verdict.policy_version,
+                    ))
+                except Exception:
+                    # Cannot record the refusal: accept instead; the reject
+                    # verdict has the quarantine sink hold the message.
+                    log.error("message %s: refusal not recorded; accepting (it will be quarantined)", message_id)
+                else:
+                    data_event(False, reply, "refused by verdict")
+                    return reply
 
         session.messages_accepted += 1
         reply = f"250 2.0.0 Ok: queued as {message_id}"
@@ -273,9 +464,21 @@ class IngestHandler:
         return TEMPFAIL_INTERNAL
 
 
-def default_guards(policy: Policy) -> list:
-    """The guards the policy enables, in the order they judge."""
-    return [RelayGuard(policy)]
+def default_guards(policy: Policy | PolicyHolder, accounts=None) -> list:
+    """The guards, in the order they judge; each reads the policy in force when
+    it judges, and one whose feature the policy turns off lets everything by.
+
+    The lists come first: an allow-listed client is known before the guards
+    that it may skip. IP Shielding precedes relay control, so a forged local
+    sender is told which rule refused it rather than only "authenticate".
+    """
+    return [
+        ListsGuard(policy),
+        LocationGuard(policy),
+        SessionLimitsGuard(policy),
+        IPShieldingGuard(policy),
+        RelayGuard(policy, accounts),
+    ]
 
 
 def _parse_param(option: str) -> tuple[str, str]:
@@ -293,27 +496,75 @@ def _login_name(session: Session) -> str | None:
 
 async def serve(settings: Settings) -> None:
     configure_logging("ingest")
-    policy = load(settings.policy_path)
+    policy = PolicyHolder(settings=settings)
+    await policy.start()
     publisher = await start_publisher(settings, "bulwark-ingest")
     durable = DurableLog(settings, f"bulwark-ingest-{socket.gethostname()}-{settings.smtp_port}")
     await durable.start()
-    handler = IngestHandler(policy, publisher, durable, BlobStore(settings.blob_dir))
-    server = await asyncio.get_running_loop().create_server(
-        lambda: GatewaySMTP(
-            handler,
-            hostname=policy.hostname,
-            ident="Bulwark ESMTP",
-            data_size_limit=policy.max_message_bytes,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-        ),
-        host=settings.smtp_host,
-        port=settings.smtp_port,
-    )
-    log.info("listening for SMTP on %s:%d (policy %s)", settings.smtp_host, settings.smtp_port, policy.version)
+    accounts = AccountDirectory(settings, policy)
+    await accounts.start()
+    tls = server_tls(settings, policy)
+    blobs = BlobStore(settings.blob_dir)
+    verdicts = VerdictWaiter(settings)
+    await verdicts.start()
+    handler = IngestHandler(policy, publisher, durable, blobs, accounts=accounts, verdicts=verdicts)
+    # User verification judges unknown recipients just before relay control
+    # (which it tells about automatically created domains).
+    verification = await start_verification_guard(settings, policy, accounts, publisher)
+    relay_at = next((i for i, g in enumerate(handler.guards) if isinstance(g, RelayGuard)), len(handler.guards))
+    handler.guards.insert(relay_at, verification)
+    # Dynamic Screening and Account Hijack Detection enforce what the streams
+    # decided; right after the lists, so an allow-listed client is known.
+    lists_end = next((i + 1 for i, g in enumerate(handler.guards) if isinstance(g, ListsGuard)), 0)
+    handler.guards[lists_end:lists_end] = await start_abuse_guards(settings, policy, accounts)
+    # Backscatter Protection judges returned mail once relay control has let
+    # it in (it is addressed to a local domain).
+    keyring = Keyring(settings)
+    await keyring.start()
+    handler.guards.append(BackscatterGuard(lambda: policy.current, keyring, publisher))
+
+    def smtp_factory(handler: IngestHandler, implicit_tls: bool):
+        def make() -> GatewaySMTP:
+            # Read per connection: a new policy's name, SIZE and listener
+            # rules, and a renewed certificate, apply to the next session
+            # without a restart.
+            context = tls.refresh()
+            return GatewaySMTP(
+                handler,
+                hostname=policy.current.hostname,
+                ident="Bulwark ESMTP",
+                data_size_limit=policy.current.max_message_bytes,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                # STARTTLS on every port but the one already encrypted.
+                tls_context=None if implicit_tls else context,
+                auth_required=listener_rules(handler).require_auth,
+                # AUTH is GatewaySMTP.smtp_AUTH's alone; aiosmtpd's synchronous
+                # built-ins are switched off so nothing can fall back to them.
+                auth_exclude_mechanism=AUTH_MECHANISMS,
+            )
+        return make
+
+    servers = []
+    for name, port in listener_ports(settings):
+        # One set of guards for all listeners: they hold shared state (bans...).
+        listener = handler if name == "inbound" else IngestHandler(
+            policy, publisher, durable, blobs, listener=name, guards=handler.guards, accounts=accounts,
+            verdicts=verdicts)
+        implicit_tls = name == "submissions"
+        servers.append(await asyncio.get_running_loop().create_server(
+            smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port,
+            ssl=tls.context if implicit_tls else None,
+        ))
+        log.info("listening for SMTP (%s) on %s:%d (policy %s)", name, settings.smtp_host, port, policy.version)
     try:
-        await run_until_signalled(server.serve_forever())
+        await run_until_signalled(*(server.serve_forever() for server in servers))
     finally:
-        server.close()
+        for server in servers:
+            server.close()
+        await stop_verification_guard(verification)
+        await verdicts.stop()
+        await keyring.stop()
+        await accounts.stop()
         await durable.stop()
         await publisher.stop()

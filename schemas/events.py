@@ -108,6 +108,7 @@ class SessionRefused(SessionEvent):
     phase: str = Field(description="Where: connect, or the command that was refused")
     reply_code: int
     reason: str
+    policy_version: str | None = Field(default=None, description="Policy in force when this was decided")
 
 
 class SessionEhlo(SessionEvent):
@@ -144,6 +145,21 @@ class SessionMail(SessionEvent):
     accepted: bool
     reply_code: int
     reason: str | None = None
+    policy_version: str | None = Field(default=None, description="Policy in force when this was decided")
+
+
+class RecipientVerification(BaseModel):
+    """What the user verification sources said about an unknown recipient."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    result: Literal["valid", "invalid", "unavailable"]
+    source: str | None = Field(description="The source whose answer decided; None when none could answer")
+    cached: bool = Field(description="The answer came from the cache, no source was asked")
+    latency_ms: float = Field(description="Time spent asking, in milliseconds")
+    detail: str | None = Field(default=None, description="The source's reason, e.g. its SMTP reply")
+    account_created: bool = False
+    domain_created: bool = Field(default=False, description="The domain became local (automatic domain creation)")
 
 
 class SessionRcpt(SessionEvent):
@@ -153,6 +169,10 @@ class SessionRcpt(SessionEvent):
     accepted: bool
     reply_code: int
     reason: str | None = Field(default=None, description="Why it was refused (relay, unknown user...)")
+    policy_version: str | None = Field(default=None, description="Policy in force when this was decided")
+    verification: RecipientVerification | None = Field(
+        default=None, description="Set when user verification sources were consulted for this recipient"
+    )
 
 
 class SessionRset(SessionEvent):
@@ -169,6 +189,7 @@ class SessionData(SessionEvent):
     reply_code: int
     size: int
     reason: str | None = None
+    policy_version: str | None = Field(default=None, description="Policy in force when this was decided")
 
 
 class SessionDisconnected(SessionEvent):
@@ -248,6 +269,25 @@ class Verdict(Event):
     policy_version: str
     envelope: Envelope
     direction: Direction
+    # Added as an optional field, like those on the session events: every
+    # earlier verdict still reads (with no tags).
+    tags: list[str] = Field(
+        default_factory=list, description="Result names whose action is 'tag': delivered marked with them"
+    )
+
+
+class MessageRefused(Event):
+    """A message whose ``reject`` verdict came in time: the client was answered 550.
+
+    The sender keeps responsibility for it; the quarantine keeps a copy for
+    forensics, marked refused.
+    """
+
+    TYPE: ClassVar[str] = "message.refused"
+    VERSION: ClassVar[int] = 1
+    reply_code: int
+    reasons: list[str]
+    policy_version: str
 
 
 # --------------------------------------------------------------------------
@@ -258,7 +298,10 @@ class Verdict(Event):
 class DeliveryQueued(Event):
     TYPE: ClassVar[str] = "delivery.queued"
     VERSION: ClassVar[int] = 1
-    source: Literal["verdict", "release", "dsn"]
+    # "notification": a message Bulwark itself writes to an administrator
+    # (Account Hijack Detection). Added as a new allowed value, like the
+    # optional fields added elsewhere: every earlier record still reads.
+    source: Literal["verdict", "release", "dsn", "notification"]
     recipients: list[str]
 
 
@@ -346,6 +389,17 @@ class AccountRecorded(Event):
     by: str = Field(description="Who or what recorded it")
 
 
+class DomainCreated(Event):
+    """Automatic domain creation: a default verification source vouched for a
+    recipient in a domain that was not local, so the domain is local from now on."""
+
+    TYPE: ClassVar[str] = "domain.created"
+    VERSION: ClassVar[int] = 1
+    domain: str
+    source: str = Field(description="The default verification source that vouched for it")
+    by: str = Field(description="Who or what created it")
+
+
 class AccountStateChanged(Event):
     """An account disabled or enabled (Account Hijack Detection, or an administrator)."""
 
@@ -378,6 +432,49 @@ class BanLifted(Event):
     VERSION: ClassVar[int] = 1
     client_ip: str
     by: str
+
+
+class AccountLimitReached(Event):
+    """Account Hijack Detection: an account sent its limit of messages in the window.
+
+    Until ``until`` ingest answers that account's next messages 452 (a
+    temporary refusal: the sender's server retries once the window has moved
+    on). When the policy disables accounts instead, the fact is an
+    AccountStateChanged on accounts.state.
+    """
+
+    TYPE: ClassVar[str] = "account.limit_reached"
+    VERSION: ClassVar[int] = 1
+    address: str = Field(description="The account: the AUTH login, or MAIL FROM for a domain mail server session")
+    messages: int = Field(description="Messages counted in the window")
+    limit: int
+    window_start: datetime
+    window_end: datetime
+    client_ips: list[str] = Field(default_factory=list, description="Client addresses the messages came from")
+    until: datetime = Field(description="When ingest accepts this account's messages again")
+
+
+class BackscatterKeyRotated(Event):
+    """A new Backscatter Protection key number, in use from ``occurred_at``.
+
+    Only the number and the start: the key itself is derived from a master
+    secret that never leaves the gateway's hosts (bulwark/backscatter.py).
+    """
+
+    TYPE: ClassVar[str] = "backscatter.key_rotated"
+    VERSION: ClassVar[int] = 1
+    key_number: int = Field(ge=0, le=9)
+    by: str
+
+
+class SessionFlagged(SessionEvent):
+    """Something suspicious noted during the dialogue but, per policy, not refused."""
+
+    TYPE: ClassVar[str] = "session.flagged"
+    VERSION: ClassVar[int] = 1
+    phase: str
+    reason: str
+    detail: str | None = None
 
 
 # --------------------------------------------------------------------------
@@ -433,11 +530,16 @@ EVENT_TYPES: dict[str, type[Event]] = {
         QuarantineDeleted,
         PolicyPublished,
         AccountRecorded,
+        DomainCreated,
         AccountStateChanged,
         BanIssued,
         BanLifted,
+        AccountLimitReached,
         OutbreakObserved,
         OutbreakDetected,
+        MessageRefused,
+        BackscatterKeyRotated,
+        SessionFlagged,
     )
 }
 

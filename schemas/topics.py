@@ -49,6 +49,7 @@ SESSIONS = TopicSpec(
     carries=(
         ev.SessionConnected,
         ev.SessionRefused,
+        ev.SessionFlagged,
         ev.SessionEhlo,
         ev.SessionStartTls,
         ev.SessionAuth,
@@ -77,7 +78,7 @@ VERDICTS = TopicSpec(
     key_field="message_id",
     kind="audit",
     partitions=6,
-    carries=(ev.Verdict,),
+    carries=(ev.Verdict, ev.MessageRefused),
     purpose="One verdict per message: every check result, the action and the policy version",
 )
 
@@ -103,12 +104,16 @@ QUARANTINE = TopicSpec(
 
 POLICY = TopicSpec(
     name="config.policy",
-    key='"active"',
-    key_field="policy_key",
+    # Keyed by version, not by one "active" key: compaction then keeps every
+    # version ever applied (re-applying one replaces only its own record),
+    # so the policy a months-old verdict names can still be read. One
+    # partition keeps them in order: the last record is the active policy.
+    key="policy version (the last record is the active policy)",
+    key_field="policy_version",
     kind="state",
     partitions=1,
     carries=(ev.PolicyPublished,),
-    purpose="The active policy and its version; every component follows it without a restart",
+    purpose="Every policy applied, with its version; the last is active and every component follows it",
 )
 
 ACCOUNTS = TopicSpec(
@@ -119,6 +124,16 @@ ACCOUNTS = TopicSpec(
     partitions=6,
     carries=(ev.AccountRecorded,),
     purpose="Accounts the gateway knows: local ones and those a verification source vouched for",
+)
+
+DOMAINS = TopicSpec(
+    name="directory.domains",
+    key="domain",
+    key_field="domain",
+    kind="state",
+    partitions=1,
+    carries=(ev.DomainCreated,),
+    purpose="Domains made local by automatic domain creation (a default verification source vouched for them)",
 )
 
 ACCOUNT_STATE = TopicSpec(
@@ -141,6 +156,16 @@ BANS = TopicSpec(
     purpose="Dynamic Screening bans with reason, counts, window and expiry; ingest enforces them",
 )
 
+HIJACK_LIMITS = TopicSpec(
+    name="hijack.limits",
+    key="account address",
+    key_field="address",
+    kind="state",
+    partitions=6,
+    carries=(ev.AccountLimitReached,),
+    purpose="Account Hijack Detection: accounts at their message limit, until when; ingest answers them 452",
+)
+
 OUTBREAK_FINGERPRINTS = TopicSpec(
     name="outbreak.fingerprints",
     key="fingerprint",
@@ -161,19 +186,27 @@ OUTBREAK_ALERTS = TopicSpec(
     purpose="Fingerprints marked as outbreaks; later messages carrying them are quarantined",
 )
 
+BACKSCATTER_KEYS = TopicSpec(
+    name="backscatter.keys",
+    key="key number",
+    key_field="key_number",
+    kind="state",
+    partitions=1,
+    carries=(ev.BackscatterKeyRotated,),
+    purpose="Backscatter Protection key rotations (numbers and start times; never key material)",
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
-    SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, ACCOUNT_STATE, BANS,
-    OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS,
+    SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, DOMAINS, ACCOUNT_STATE, BANS, HIJACK_LIMITS,
+    OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS, BACKSCATTER_KEYS,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}
 
 
 def record_key(spec: TopicSpec, event: ev.Event) -> bytes:
-    if spec.key_field == "policy_key":
-        return b"active"  # one active policy: compaction keeps the latest
     value = getattr(event, spec.key_field)
-    if not value:
+    if value is None or value == "":  # (0 is a key: backscatter key number 0)
         raise ValueError(f"{event.TYPE} has no {spec.key_field} to key {spec.name} by")
     return str(value).encode()
 

@@ -25,16 +25,22 @@ from email.utils import format_datetime
 import aiosmtplib
 import dns.asyncresolver
 import dns.exception
+from bulwark.backscatter import Keyring, sign
 from bulwark.blobstore import BlobStore
+from bulwark.created_domains import CreatedDomains
 from bulwark.kafka import EventPublisher, consume, start_publisher
-from bulwark.policy import Policy, load
+from bulwark.policy import Policy
+from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy_sections import SmtpCredentials
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from schemas import events as ev
 from schemas.events import new_id, utcnow
-from schemas.topics import QUARANTINE, VERDICTS
+from schemas.topics import ACCOUNT_STATE, QUARANTINE, VERDICTS
 from sinks.dsn import build_dsn
+from sinks.notify import queue_notifications
 from sinks.store import JsonIndex
+from sinks.tagging import tag_subject
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ log = logging.getLogger(__name__)
 class Route:
     host: str
     port: int
+    #: The mail server "requires SMTP authentication": how to log in.
+    auth: SmtpCredentials | None = None
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -66,15 +74,21 @@ def received_header(policy: Policy, message_id: str, envelope: ev.Envelope, reci
 
 
 class DeliverySink:
-    def __init__(self, settings: Settings, policy: Policy, publisher: EventPublisher, queue: JsonIndex):
+    def __init__(self, settings: Settings, policy: Policy | PolicyHolder, publisher: EventPublisher, queue: JsonIndex):
         self.settings = settings
-        self.policy = policy
+        # Every read of self.policy is the policy in force now (routes,
+        # retry schedule, credentials follow `bulwark policy apply`).
+        self.policy = PolicyHolder.of(policy)
         self.publisher = publisher
         self.queue = queue
         self.blobs = BlobStore(settings.blob_dir)
         self._in_flight: set[str] = set()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(16)
+        #: Domains made local by automatic domain creation: routed like local ones.
+        self.created_domains = CreatedDomains()
+        #: Backscatter Protection keys; None signs nothing (e.g. in unit tests).
+        self.keyring: Keyring | None = None
 
     # -- taking work in -----------------------------------------------------
 
@@ -97,19 +111,32 @@ class DeliverySink:
 
     def _work_from(self, event: ev.Event) -> dict | None:
         if isinstance(event, ev.Verdict):
-            if event.action == "deliver":
-                return self._entry(event.message_id, event.session_id, "verdict", event.envelope, event.envelope.rcpt_to)
-            if event.action == "redirect" and event.redirect_to:
-                return self._entry(
-                    event.message_id, event.session_id, "verdict", event.envelope, [event.redirect_to],
-                    {"X-Bulwark-Redirected-For": ", ".join(event.envelope.rcpt_to)},
-                )
+            return self._mark_tags(event, self._verdict_entry(event))
         elif isinstance(event, ev.QuarantineReleased):
             return self._entry(event.message_id, event.session_id, "release", event.envelope, event.envelope.rcpt_to)
         return None
 
+    def _verdict_entry(self, event: ev.Verdict) -> dict | None:
+        if event.action == "deliver":
+            return self._entry(event.message_id, event.session_id, "verdict", event.envelope, event.envelope.rcpt_to)
+        if event.action == "redirect" and event.redirect_to:
+            return self._entry(
+                event.message_id, event.session_id, "verdict", event.envelope, [event.redirect_to],
+                {"X-Bulwark-Redirected-For": ", ".join(event.envelope.rcpt_to)},
+            )
+        return None
+
+    def _mark_tags(self, event: ev.Verdict, entry: dict | None) -> dict | None:
+        # The "tag" action (DLP): deliver, but say what was found, in a header
+        # and, if the policy asks, in the subject the recipient sees.
+        if entry is not None and event.tags:
+            entry["extra_headers"]["X-Bulwark-Tags"] = ", ".join(event.tags)
+            entry["subject_prefix"] = self.policy.tag_subject_prefix
+        return entry
+
     async def take(self, events: list[ev.Event]) -> None:
         """Queue the work these events ask for; idempotent on message id."""
+        await queue_notifications(self, events)  # administrators told of disabled accounts
         new: dict[str, dict] = {}
         for event in events:
             entry = self._work_from(event)
@@ -140,11 +167,11 @@ class DeliverySink:
     # -- delivering ---------------------------------------------------------
 
     async def _routes(self, domain: str) -> list[Route]:
-        if self.policy.is_local_domain(domain):
+        if self.policy.is_local_domain(domain) or domain in self.created_domains:
             servers = self.policy.servers_for_domain(domain)
             if not servers:
                 raise NoRoute(f"no mail server for local domain {domain} and no default mail server")
-            return [Route(s.host, s.port) for s in servers]
+            return [Route(s.host, s.port, s.requires_smtp_auth) for s in servers]
         if self.policy.delivery.smarthost:
             host, _, port = self.policy.delivery.smarthost.rpartition(":")
             return [Route(host, int(port))]
@@ -184,6 +211,8 @@ class DeliverySink:
         transport = client.transport
         if transport is not None and transport.get_extra_info("ssl_object") is not None:
             tls = transport.get_extra_info("ssl_object").version()
+        if route.auth is not None:
+            await _login(client, route, tls)
         results: dict[str, ev.RecipientResult] = {}
         try:
             errors, response = await client.sendmail(mail_from, rcpts, data)
@@ -206,12 +235,27 @@ class DeliverySink:
                 client.close()
         return [results[r] for r in rcpts], tls
 
+    def _return_path(self, mail_from: str, rcpt_domain: str) -> str:
+        """Backscatter Protection: mail leaving for other domains carries a
+        signed return path when its sender is local, so only genuine
+        bounces and auto-replies can come back (ingest/guards/backscatter.py)."""
+        policy, cfg = self.policy.current, self.policy.current.backscatter
+        leaving = not (policy.is_local_domain(rcpt_domain) or rcpt_domain in self.created_domains)
+        local_sender = policy.is_local_domain(mail_from.rpartition("@")[2])
+        if not (cfg.enabled and self.keyring is not None and mail_from and leaving and local_sender):
+            return mail_from
+        now = utcnow()
+        key, _ = self.keyring.keys(now, cfg.validity_days)
+        return sign(mail_from, key, now, cfg.validity_days)
+
     async def deliver(self, entry: dict) -> None:
         envelope = ev.Envelope.model_validate(entry["envelope"])
         message_id = entry["message_id"]
         pending = [r for r, s in entry["recipients"].items() if s["state"] == "pending"]
         entry["attempts"] += 1
         raw = await self.blobs.get(envelope.sha256)
+        if entry.get("subject_prefix"):
+            raw = tag_subject(raw, entry["subject_prefix"])
         extra = "".join(f"{k}: {v}\r\n" for k, v in entry["extra_headers"].items()).encode()
 
         by_domain: dict[str, list[str]] = {}
@@ -232,10 +276,11 @@ class DeliverySink:
                              for r in rcpts]
                 continue
             data = received_header(self.policy, message_id, envelope, rcpts) + extra + raw
+            mail_from = self._return_path(entry["envelope"]["mail_from"], domain)
             for route in routes:  # the next server is tried only if this one cannot be reached
                 last_remote = route.host
                 try:
-                    results, tls = await self._send(route, entry["envelope"]["mail_from"], rcpts, data)
+                    results, tls = await self._send(route, mail_from, rcpts, data)
                 except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
                     results = [ev.RecipientResult(recipient=r, outcome="deferred", reply=f"4.4.1 {route}: {exc}")
                                for r in rcpts]
@@ -347,6 +392,33 @@ class DeliverySink:
                 pass
 
 
+async def _login(client: aiosmtplib.SMTP, route: Route, tls: str | None) -> None:
+    """Log in to a domain mail server that requires SMTP AUTH (after STARTTLS).
+
+    The password is read only now, from its file or variable, and never
+    logged: failures carry the server's reply or the kind of problem only.
+    """
+    if tls is None:
+        client.close()
+        # Never send the password in clear; deferred, so a fixed TLS setup
+        # on the server gets the mail through.
+        raise aiosmtplib.SMTPException("4.7.0 the server requires AUTH but offered no STARTTLS; "
+                                       "credentials are never sent unencrypted")
+    try:
+        password = route.auth.password()
+    except (OSError, LookupError) as exc:
+        client.close()
+        raise aiosmtplib.SMTPException(f"4.7.0 the SMTP AUTH password for {route} is unavailable: "
+                                       f"{type(exc).__name__}") from None
+    try:
+        await client.login(route.auth.username, password)
+    except aiosmtplib.SMTPException:
+        client.close()
+        raise
+    finally:
+        del password
+
+
 def _result(rcpt: str, code: int, message: str) -> ev.RecipientResult:
     outcome = "bounced" if 500 <= code < 600 else "deferred"
     return ev.RecipientResult(recipient=rcpt, outcome=outcome, reply_code=code, reply=message)
@@ -354,15 +426,21 @@ def _result(rcpt: str, code: int, message: str) -> ev.RecipientResult:
 
 async def serve(settings: Settings) -> None:
     configure_logging("delivery")
-    policy = load(settings.policy_path)
+    policy = PolicyHolder(settings=settings)
+    await policy.start()
     queue = JsonIndex(settings.data_dir / "delivery" / "queue")
     publisher = await start_publisher(settings, "bulwark-delivery")
     sink = DeliverySink(settings, policy, publisher, queue)
+    sink.created_domains = CreatedDomains(settings)
+    await sink.created_domains.start()
+    sink.keyring = Keyring(settings)
+    await sink.keyring.start()
     try:
         await run_until_signalled(
-            consume(settings, "bulwark-delivery", [VERDICTS.name, QUARANTINE.name], sink.take),
+            consume(settings, "bulwark-delivery", [VERDICTS.name, QUARANTINE.name, ACCOUNT_STATE.name], sink.take),
             sink.scheduler(),
         )
     finally:
+        await sink.created_domains.stop()
         await publisher.stop()
         queue.close()

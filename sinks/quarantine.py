@@ -42,7 +42,7 @@ class QuarantineSink:
         for event in events:
             if isinstance(event, ev.Verdict) and event.action in HOLD_ACTIONS:
                 await self._hold(event)
-            elif isinstance(event, (ev.QuarantineReleased, ev.QuarantineDeleted)):
+            elif isinstance(event, (ev.QuarantineReleased, ev.QuarantineDeleted, ev.MessageRefused)):
                 self._mark(event)
 
     async def _hold(self, verdict: ev.Verdict) -> None:
@@ -81,8 +81,14 @@ class QuarantineSink:
         if record is None:
             log.warning("%s for %s, which this quarantine does not hold", event.TYPE, event.message_id)
             return
-        record["state"] = "released" if isinstance(event, ev.QuarantineReleased) else "deleted"
-        record["by"] = event.by
+        if isinstance(event, ev.MessageRefused):
+            # Refused inline with a 550: the sender still has it; the copy here
+            # is for forensics and can never be released.
+            record["state"] = "refused"
+            record["by"] = "ingest (550 at end of DATA)"
+        else:
+            record["state"] = "released" if isinstance(event, ev.QuarantineReleased) else "deleted"
+            record["by"] = event.by
         record["updated_at"] = event.occurred_at.isoformat()
         self.index.put(event.message_id, record)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import faust
 
 from bulwark.blobstore import BlobStore
-from bulwark.policy import Policy, load
+from bulwark.policy import Policy
+from bulwark.policy_runtime import PolicyHolder
 from bulwark.settings import Settings
 from schemas import codec
 from schemas.events import CheckResult, MessageReceived
@@ -91,7 +94,8 @@ async def _judge_and_publish(event: MessageReceived, blobs: BlobStore, policy: P
 
 
 def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
-    policy = policy or load(settings.policy_path)
+    # Follows config.policy (or stays on the given policy, in unit tests).
+    holder = PolicyHolder.fixed(policy) if policy is not None else PolicyHolder(settings=settings)
     blobs = BlobStore(settings.blob_dir)
     app = faust.App(
         "bulwark-streams",
@@ -130,6 +134,9 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
 
     @app.agent(received, concurrency=4)
     async def content(stream):
+        # Started here, in the worker's own event loop, and before the first
+        # verdict: a verdict must never be made under a stale policy.
+        await holder.start()
         async for record in stream.events():
             try:
                 event = codec.decode(record.value, _headers(record.headers))
@@ -142,23 +149,60 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
             if judged[key].current():
                 log.info("message %s already judged; not judging twice", event.message_id)
                 continue
-            verdict = await _judge_and_publish(event, blobs, policy, verdicts)
+            verdict = await _judge_and_publish(event, blobs, holder.current, verdicts)
             judged[key] = verdict.event_id
             log.info("message %s: %s %s", event.message_id, verdict.action, ",".join(verdict.reasons))
 
     app.bulwark_agents = {"content": content}  # type: ignore[attr-defined]
+    app.bulwark_policy = holder  # type: ignore[attr-defined]
 
     # Outbreak Protection: fingerprints counted across senders (streams/outbreak.py).
     from streams import outbreak
 
-    app.bulwark_agents.update(outbreak.register(app, settings, received, blobs, lambda: policy))  # type: ignore[attr-defined]
+    app.bulwark_agents.update(outbreak.register(app, settings, received, blobs, lambda: holder.current))  # type: ignore[attr-defined]
+
+    # Dynamic Screening and Account Hijack Detection: windowed counters that
+    # publish bans and account facts for ingest to enforce, and their tables
+    # over HTTP.
+    from schemas.topics import ACCOUNT_STATE, BANS, HIJACK_LIMITS, SESSIONS
+    from streams import hijack, screening, web
+
+    sessions = _raw_topic(app, SESSIONS)
+    app.bulwark_tables = {  # type: ignore[attr-defined]
+        "screening": screening.install(app, holder, sessions, _raw_topic(app, BANS)),
+        "hijack": hijack.install(app, holder, received, _raw_topic(app, ACCOUNT_STATE), _raw_topic(app, HIJACK_LIMITS)),
+    }
+    app.bulwark_internal_topics = [app.bulwark_tables["hijack"]["account_messages"]]  # type: ignore[attr-defined]
+    web.install(app, app.bulwark_tables, sessions)
     return app
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     app = build_app(settings)
-    sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel, "--without-web"]
-    app.main()
+    # The web server serves the tables (streams/web.py) on 127.0.0.1 at
+    # BULWARK_STREAMS_WEB_PORT; give each worker on a host its own port.
+    sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel,
+                "--web-host", "127.0.0.1", "--web-port", str(settings.streams_web_port)]
+    datadir = settings.data_dir / "streams"
+    datadir.mkdir(parents=True, exist_ok=True)
+    clean_stop = datadir / "clean-shutdown"
+    if not clean_stop.exists() and Path(app.conf.tabledir).exists():
+        # Faust writes table values to RocksDB as it processes, but under
+        # exactly_once their changelog records and source offsets commit
+        # only with the transaction. After a crash the local store can hold
+        # updates whose transaction was aborted; the records are then
+        # processed again and counted twice. So after anything but a clean
+        # stop the tables are rebuilt from their changelogs (read_committed).
+        log.warning("last stop was not clean: rebuilding the tables from their changelogs")
+        shutil.rmtree(app.conf.tabledir)
+    clean_stop.unlink(missing_ok=True)
+    try:
+        app.main()
+    except SystemExit as exit:
+        if exit.code in (0, None):
+            clean_stop.touch()
+        raise
+    clean_stop.touch()
 
 
 async def declare_internal_topics(settings: Settings) -> list[str]:
@@ -176,6 +220,9 @@ async def declare_internal_topics(settings: Settings) -> list[str]:
         for table in app.tables.values():
             await table.changelog_topic.maybe_declare()
             names += list(table.changelog_topic.topics)
+        for topic in app.bulwark_internal_topics:  # the account repartition (streams/hijack.py)
+            await topic.maybe_declare()
+            names += list(topic.topics)
         return names
     finally:
         await app.producer.stop()

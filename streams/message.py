@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import email
 import email.policy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from schemas.events import Direction, Envelope
 
@@ -32,6 +32,9 @@ class Message:
     #: The policy it is judged under: checks ask it about the client (is it a
     #: domain mail server? allow-listed?) for their exclusions.
     policy: "Policy | None" = None
+    #: Work one check starts that another reuses while this message is judged
+    #: (the clamd scan, read by both antivirus and macros), keyed by its owner.
+    shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def mime(self) -> EmailMessage:

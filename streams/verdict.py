@@ -1,7 +1,9 @@
 """The one place that turns check results into an action.
 
 Checks report named results; the policy says what each result means. The
-strongest action wins: reject > quarantine > redirect > deliver. The verdict
+strongest action wins: reject > quarantine > redirect > deliver. A result
+whose action is "tag" does not compete: it marks the message (``tags``) for
+whatever delivery the other results allow. The verdict
 lists every result, the names that decided it and the policy version, so a
 decision can be explained from the topic alone months later.
 """
@@ -22,25 +24,35 @@ def action_for(result: CheckResult, policy: Policy) -> str:
     if result.name in policy.actions:
         return policy.actions[result.name]
     check = CHECKS.get(result.check)
-    default = check.default_actions.get(result.name) if check else None
+    # The check's defaults may follow its settings (antivirus when_infected).
+    default = check.actions(policy).get(result.name) if check else None
     # A failed check whose meaning nobody declared is treated as suspect:
     # it never lets a message through unchecked.
     return default or ("quarantine" if result.outcome == "fail" else "deliver")
 
 
 def decide(message: Message, results: list[CheckResult], policy: Policy) -> Verdict:
-    action, reasons = "deliver", []
+    action, reasons, tags = "deliver", [], []
+    own_redirect = None
     for result in results:
         wanted = action_for(result, policy)
         if wanted == "deliver":
             continue
+        if wanted == "tag":
+            tags.append(result.name)
+            continue
         reasons.append(result.name)
+        if wanted == "redirect" and own_redirect is None:
+            # A check may name where its result goes (a DLP rule's compliance
+            # mailbox); the first such address among the results is used.
+            check = CHECKS.get(result.check)
+            own_redirect = check.redirects(policy).get(result.name) if check else None
         if SEVERITY[wanted] > SEVERITY[action]:
             action = wanted
     redirect_to = None
     if action == "redirect":
-        if policy.redirect_to:
-            redirect_to = policy.redirect_to
+        if own_redirect or policy.redirect_to:
+            redirect_to = own_redirect or policy.redirect_to
         else:  # nowhere to redirect to: hold it for a person rather than deliver
             action = "quarantine"
             reasons.append("REDIRECT_ADDRESS_MISSING")
@@ -54,4 +66,5 @@ def decide(message: Message, results: list[CheckResult], policy: Policy) -> Verd
         policy_version=policy.version,
         envelope=message.envelope,
         direction=message.direction,
+        tags=tags,
     )

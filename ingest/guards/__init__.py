@@ -4,6 +4,8 @@ Modelled on Haraka's hooks. A guard is an object with any of these async
 methods, named after the SMTP phase it judges:
 
     on_connect(session)                 before the banner
+    on_command(session, command)        every recognised command (session limits)
+    on_auth(session, login)             AUTH, before the password is checked
     on_mail(session, sender, params)    MAIL FROM
     on_rcpt(session, recipient, params) RCPT TO
     on_data(session, raw)               end of DATA, before the message is recorded
@@ -36,7 +38,7 @@ class Refusal:
         return int(self.reply[:3])
 
 
-PHASES = ("on_connect", "on_mail", "on_rcpt", "on_data")
+PHASES = ("on_connect", "on_command", "on_auth", "on_mail", "on_rcpt", "on_data")
 
 
 async def judge(guards: list[Any], phase: str, session: "GatewaySession", *args) -> Refusal | None:

@@ -1,14 +1,27 @@
-"""Relay control at RCPT: accept mail only to local domains unless the client may relay.
+"""Relay control: accept a message only when it is from or to a local domain.
 
-The decision rests on the client's address (a domain mail server) or its
-authentication, never on the sender address it claims.
+Following the guide's two recommended settings and none of the exceptions:
+
+- at RCPT, mail to a non-local domain only from an authenticated session or
+  a domain mail server (relaying closed);
+- at MAIL, "only domain mail servers can send local mail": a sender in a
+  local domain without AUTH must come from that domain's mail server;
+- at MAIL, "SMTP MAIL address must exist if it uses a local domain".
+
+The decision rests on the client's address and its authentication, never on
+the sender address it claims. Addresses that try to smuggle a relay through a
+local domain (percent hack, bang paths, source routes, quoted local parts
+containing @, several @, address literals) are refused at RCPT with a 5xx
+and a reason naming the form.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ipaddress
+from typing import TYPE_CHECKING, Any
 
 from bulwark.policy import Policy
+from bulwark.policy_runtime import current
 from ingest.guards import Refusal
 
 if TYPE_CHECKING:
@@ -17,37 +30,136 @@ if TYPE_CHECKING:
 RELAY_DENIED = Refusal("554 5.7.1 Relay access denied", "relay denied")
 
 
-def _smuggles_route(local_part: str) -> bool:
-    # user%other.example@local, bang paths and a second @ ask the downstream
-    # server to forward the mail elsewhere: a relay through a local domain.
-    return any(c in local_part for c in "%!@")
+def _in_networks(ip: str, networks: list[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(net, strict=False) for net in networks)
 
 
 def may_relay(policy: Policy, session: "GatewaySession") -> bool:
-    return bool(session.authenticated) or policy.is_domain_mail_server(session.client_ip)
+    """May this session send to non-local domains? AUTH or a domain mail server
+    (or an address the relay exceptions list, which the guide advises against)."""
+    return (
+        bool(session.authenticated)
+        or policy.is_domain_mail_server(session.client_ip)
+        or _in_networks(session.client_ip, policy.relay_control.exceptions.relay_for_addresses)
+    )
+
+
+def is_domain_mail_server_for(policy: Policy, client_ip: str, domain: str) -> bool:
+    """Is the client one of the mail servers configured for this local domain
+    (its own, else the default ones, as delivery chooses them)?"""
+    return any(_in_networks(client_ip, s.trusted_addresses) for s in policy.servers_for_domain(domain))
+
+
+def _unquoted_ats(path: str) -> int:
+    count, quoted, escaped = 0, False, False
+    for char in path:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "@" and not quoted:
+            count += 1
+    return count
+
+
+def raw_path_refusal(arg: str | None) -> Refusal | None:
+    """Forms aiosmtpd would rewrite or reject before any hook sees them.
+
+    aiosmtpd drops a source route (handing over the bare mailbox) and answers
+    a path with several @ with a bare syntax error; both are judged here, on
+    the command's own text, so they are refused with a reason on record.
+    """
+    if not arg:
+        return None
+    text = arg.strip()
+    if text[:3].upper() == "TO:":
+        text = text[3:].strip()
+    if text.startswith("<"):
+        text = text[1:].split(">", 1)[0]
+    else:
+        text = text.split(" ", 1)[0]
+    if text.startswith("@"):
+        return Refusal("553 5.7.1 Source routes are not accepted", "relay attempt: source route")
+    if _unquoted_ats(text) > 1:
+        return Refusal("553 5.7.1 Several @ in one address are not accepted", "relay attempt: several @")
+    return None
 
 
 def check_recipient(policy: Policy, address: str, may_relay: bool) -> Refusal | None:
     """None to accept, else the refusal."""
     if address.startswith("@") or ":" in address.split("@", 1)[0]:
-        return Refusal("553 5.7.1 Source routes are not accepted", "source route")
+        return Refusal("553 5.7.1 Source routes are not accepted", "relay attempt: source route")
     local, _, domain = address.rpartition("@")
     if not local or not domain:
         return Refusal("553 5.1.3 Recipient address must be user@domain", "malformed address")
     if domain.startswith("["):
-        return Refusal("553 5.7.1 Address literals are not accepted", "address literal")
+        return Refusal("553 5.7.1 Address literals are not accepted", "relay attempt: address literal")
     if policy.is_local_domain(domain):
-        if _smuggles_route(local.strip('"')):
-            return Refusal("553 5.7.1 Routing characters in a local address are not accepted", "relay attempt")
+        # user%other@local, other!user@local and "user@other"@local ask the
+        # downstream server to forward the mail elsewhere: a relay through a
+        # local domain, whoever the client is.
+        if local.startswith('"') and "@" in local:
+            return Refusal("553 5.7.1 Quoted local parts containing @ are not accepted",
+                           "relay attempt: quoted local part containing @")
+        unquoted = local.strip('"')
+        if "@" in unquoted:
+            return Refusal("553 5.7.1 Several @ in one address are not accepted", "relay attempt: several @")
+        if "%" in unquoted:
+            return Refusal("553 5.7.1 Routing characters (%) in a local address are not accepted",
+                           "relay attempt: percent hack")
+        if "!" in unquoted:
+            return Refusal("553 5.7.1 Routing characters (!) in a local address are not accepted",
+                           "relay attempt: bang path")
         return None
     return None if may_relay else RELAY_DENIED
+
+
+def check_sender(policy: Policy, session: "GatewaySession", sender: str, accounts: Any = None) -> Refusal | None:
+    """The guide's two recommended settings, at MAIL."""
+    if not sender or "@" not in sender:
+        return None  # the null sender (bounces) is judged by what it is sent to
+    domain = sender.rpartition("@")[2].lower()
+    if not policy.is_local_domain(domain):
+        return None
+    rules = policy.relay_control
+    authenticated = bool(session.authenticated)
+    from_server = is_domain_mail_server_for(policy, session.client_ip, domain)
+    if rules.only_domain_mail_servers_send_local_mail and not authenticated and not from_server:
+        from ingest.guards.ip_shielding import shield_lets_send_without_auth
+
+        if not shield_lets_send_without_auth(policy, session.client_ip, domain):
+            # RFC 4954: 530 5.7.0 when policy requires authentication.
+            return Refusal(f"530 5.7.0 Authentication required to send mail from {domain}",
+                           "local sender without AUTH from an address that is not a domain mail server")
+    if rules.local_sender_must_exist and accounts is not None and not accounts.exists(sender):
+        excused = (authenticated and rules.exceptions.unknown_local_sender_if_authenticated) or (
+            from_server and rules.exceptions.unknown_local_sender_from_domain_mail_servers)
+        if not excused:
+            return Refusal("550 5.1.0 Sender address rejected: not a known local address",
+                           "local sender does not exist")
+    return None
 
 
 class RelayGuard:
     name = "relay"
 
-    def __init__(self, policy: Policy):
-        self.policy = policy
+    def __init__(self, policy: Policy, accounts: Any = None):
+        self.policy = policy  # a PolicyHolder in the server: read when judging
+        #: ingest.accounts.AccountDirectory, when the server has one.
+        self.accounts = accounts
+
+    async def on_mail(self, session: "GatewaySession", sender: str, params: list[str]) -> Refusal | None:
+        return check_sender(current(self.policy), session, sender, self.accounts)
 
     async def on_rcpt(self, session: "GatewaySession", recipient: str, params: list[str]) -> Refusal | None:
-        return check_recipient(self.policy, recipient, may_relay(self.policy, session))
+        policy = current(self.policy)
+        # A recipient a default verification source vouched for in an
+        # automatically created domain is local (ingest/guards/verification.py).
+        created = recipient.lower() in getattr(session, "created_domain_recipients", ())
+        return check_recipient(policy, recipient, created or may_relay(policy, session))

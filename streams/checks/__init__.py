@@ -8,7 +8,13 @@ A check is one module in this package that declares:
   field with a default (the secure one);
 - ``DEFAULT_ACTIONS``: result name -> action, used unless the policy's
   ``actions:`` says otherwise;
-- ``async def check(message, settings) -> list[CheckResult]``.
+- ``async def check(message, settings) -> list[CheckResult]``;
+- optionally ``actions(settings) -> dict``: default actions that follow one of
+  the check's settings (antivirus ``when_infected: refuse|quarantine``), over
+  ``DEFAULT_ACTIONS``;
+- optionally ``redirects(settings) -> dict``: result name -> the address a
+  ``redirect`` of that result goes to (DLP's per-rule address), over the
+  policy's ``redirect_to``.
 
 A check reports named results and never decides the action (that is
 ``streams.verdict``). Adding a check means adding a module and its tests,
@@ -49,6 +55,8 @@ class CheckModule:
     settings_model: type[CheckSettings]
     default_actions: dict[str, str]
     run: Callable[["Message", Any], Awaitable[list[CheckResult]]]
+    settings_actions: Callable[[Any], dict[str, str]] | None = None
+    settings_redirects: Callable[[Any], dict[str, str]] | None = None
 
     @property
     def fail_result(self) -> str:
@@ -57,6 +65,16 @@ class CheckModule:
     def settings(self, policy: "Policy") -> CheckSettings:
         return self.settings_model.model_validate(policy.checks.get(self.name, {}))
 
+    def actions(self, policy: "Policy") -> dict[str, str]:
+        """Result name -> default action, under this policy's settings for the check."""
+        if self.settings_actions is None:
+            return self.default_actions
+        return {**self.default_actions, **self.settings_actions(self.settings(policy))}
+
+    def redirects(self, policy: "Policy") -> dict[str, str]:
+        """Result name -> where a 'redirect' of it goes, when the check's settings name an address."""
+        return self.settings_redirects(self.settings(policy)) if self.settings_redirects else {}
+
 
 def _load(module: ModuleType) -> CheckModule:
     missing = [a for a in ("NAME", "DESCRIPTION", "Settings", "DEFAULT_ACTIONS", "check") if not hasattr(module, a)]
@@ -64,7 +82,8 @@ def _load(module: ModuleType) -> CheckModule:
         raise TypeError(f"check module {module.__name__} lacks {', '.join(missing)}")
     if not issubclass(module.Settings, CheckSettings):
         raise TypeError(f"{module.__name__}.Settings must subclass CheckSettings")
-    return CheckModule(module.NAME, module.DESCRIPTION, module.Settings, dict(module.DEFAULT_ACTIONS), module.check)
+    return CheckModule(module.NAME, module.DESCRIPTION, module.Settings, dict(module.DEFAULT_ACTIONS), module.check,
+                       getattr(module, "actions", None), getattr(module, "redirects", None))
 
 
 def discover() -> dict[str, CheckModule]:

@@ -28,9 +28,12 @@ from bulwark.settings import Settings
 from schemas.topics import ALL_TOPICS
 
 from .downstream import Downstream, start_downstream
+from .verification_servers import VerificationServers, start_verification_servers
 
 LOCAL_DOMAIN = "example.test"
 TRUSTED_SERVER_IP = "127.0.0.10"
+#: Allow-listed in the test policy: Dynamic Screening never bans it (test_screening.py).
+SCREENING_ALLOW_LISTED_IP = "127.0.0.60"
 
 
 def free_port() -> int:
@@ -39,17 +42,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_policy(path: Path, downstream_port: int) -> None:
+def write_policy(path: Path, downstream_port: int, verification: VerificationServers | None = None) -> None:
+    # User verification (test_verification.py): its own domains and sources;
+    # example.test keeps no sources, so any recipient there is accepted.
+    domains = ", ".join([LOCAL_DOMAIN, *(verification.domains if verification else [])])
     path.write_text(
         f"""
 hostname: gateway.example.test
-local_domains: [{LOCAL_DOMAIN}]
+local_domains: [{domains}]
 mail_servers:
   - name: downstream
     host: 127.0.0.1
     port: {downstream_port}
     default: true
     trusted_addresses: [{TRUSTED_SERVER_IP}/32]
+relay_control:
+  # Tests send outbound mail from the domain mail server with senders no
+  # account exists for; test_policy.py checks the default (refused) itself.
+  exceptions: {{unknown_local_sender_from_domain_mail_servers: true}}
 delivery:
   retry_schedule_seconds: [1, 2]
   give_up_after_seconds: 6
@@ -58,7 +68,37 @@ delivery:
 checks:
   outbreak:
     threshold_senders: 5
-"""
+  # Data Leak Prevention (test_dlp.py): one rule redirects to its own
+  # compliance mailbox, one tags; every other rule keeps its default
+  # (quarantine, outbound only, so mail from partner.test is untouched).
+  dlp:
+    rules:
+      US_SSN: {{action: redirect, redirect_to: compliance@{LOCAL_DOMAIN}}}
+      BIC: {{action: tag}}
+tag_subject_prefix: "[SENSITIVE]"
+# Backscatter Protection (test_backscatter.py) refuses forged returns here;
+# no other test sends from the null sender.
+backscatter:
+  reject: true
+# Dynamic Screening and Account Hijack Detection (test_screening.py and
+# test_hijack.py ban and limit 127.0.0.50-79 and their own accounts): limits
+# the other tests never reach from their addresses, a short ban, and one
+# allow-listed client that is never banned.
+screening:
+  failed_rcpt_limit: 20
+  connection_limit: 30
+  failed_auth_limit: 6
+  rset_limit: 30
+  ban_minutes: 1
+hijack:
+  message_limit: 12
+  window_minutes: 10
+allow_list:
+  # 127.0.0.1 is where most tests connect from: together they open more
+  # sessions than Dynamic Screening allows one address, which is right for a
+  # client and wrong for a test suite.
+  addresses: [{SCREENING_ALLOW_LISTED_IP}/32, 127.0.0.1/32]
+""" + (verification.policy_yaml if verification else "")
     )
 
 
@@ -67,6 +107,8 @@ class Gateway:
     settings: Settings
     stack: LocalStack
     downstream: Downstream
+    #: slapd, the call-forward's mail server, the Microsoft 365 stub, Minger.
+    verification: VerificationServers | None = None
 
     def message(self, sender: str, rcpts: list[str], subject: str, body: str = "Hello.\n") -> EmailMessage:
         msg = EmailMessage()
@@ -123,18 +165,26 @@ def gateway(tmp_path_factory) -> Gateway:
     root = tmp_path_factory.mktemp("bulwark")
     kafka_port, downstream_port = free_port(), free_port()
     downstream, controller = start_downstream(downstream_port)
+    verification = start_verification_servers(root / "verification")
     policy = root / "policy.yaml"
-    write_policy(policy, downstream_port)
+    write_policy(policy, downstream_port, verification)
     env = {
         "BULWARK_DATA_DIR": str(root),
         "BULWARK_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
         "BULWARK_KAFKA_CONTROLLER_PORT": str(free_port()),
         "BULWARK_POLICY": str(policy),
         "BULWARK_SMTP_PORT": str(free_port()),
+        "BULWARK_SUBMISSION_PORT": str(free_port()),
+        "BULWARK_SUBMISSIONS_PORT": str(free_port()),
         "BULWARK_MAILBOX_PORT": str(free_port()),
         "BULWARK_STREAMS_WEB_PORT": str(free_port()),
         "BULWARK_KAFKA_REQUEST_TIMEOUT_MS": "5000",
         "BULWARK_DELIVERY_POLL_SECONDS": "0.2",
+        # A private clamd with the project's own signature database (even
+        # where an operator's BULWARK_CLAMAV_DB is set: the tests know its names).
+        "BULWARK_CLAMD_PORT": str(free_port()),
+        "BULWARK_CLAMD_DIR": str(root / "clamd"),
+        "BULWARK_CLAMAV_DB": "",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -142,6 +192,7 @@ def gateway(tmp_path_factory) -> Gateway:
     stack = LocalStack.from_settings(settings)
     try:
         stack.start_kafka()
+        stack.start_clamd()
         stack.ensure_topics()
         for name, args in COMPONENTS:
             if name != "mailbox":  # the test's own downstream server plays that part
@@ -149,7 +200,7 @@ def gateway(tmp_path_factory) -> Gateway:
         from bulwark.devstack import wait_for_port
 
         wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
-        gw = Gateway(settings, stack, downstream)
+        gw = Gateway(settings, stack, downstream, verification)
         # Warm-up: the first message proves every stage is consuming.
         msg = gw.message("warmup@partner.test", [f"warmup@{LOCAL_DOMAIN}"], "warm-up")
         gw.send(msg)
@@ -160,8 +211,11 @@ def gateway(tmp_path_factory) -> Gateway:
             print(f"--- {name} ---\n{stack.log_tail(name, 80)}", file=sys.stderr)
         raise
     finally:
-        stack.stop_all()
-        controller.stop()
+        try:
+            stack.stop_all()
+            controller.stop()
+        finally:
+            verification.stop()  # slapd and the others, even when stopping the stack failed
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -1,0 +1,118 @@
+"""Session limits: recipients per message, commands per session, session
+duration and message size.
+
+Over a limit the client gets the code RFC 5321 and RFC 3463 give for it and
+the session event records why (Dynamic Screening counts those events):
+
+- recipients per message: 452 4.5.3 at RCPT (RFC 5321 4.5.3.1.10: the client
+  sends the rest in another transaction);
+- commands per session: 421 4.7.0 and the session is closed;
+- session duration: 421 4.4.2 and the session is closed, whatever it was doing;
+- message size (advertised as SIZE): 552 5.3.4 at MAIL (SIZE=) or end of DATA.
+
+aiosmtpd enforces the size itself, before any hook, with replies that lack
+enhanced status codes; :func:`size_reply` rewrites those and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from bulwark.policy import Policy
+from bulwark.policy_runtime import current
+from ingest.guards import Refusal
+from ingest.guards.lists import allow_listed
+
+if TYPE_CHECKING:
+    from ingest.server import GatewaySession
+
+log = logging.getLogger(__name__)
+
+#: aiosmtpd 1.4's own replies when data_size_limit is exceeded.
+_AIOSMTPD_SIZE_AT_MAIL = "552 Error: message size exceeds fixed maximum message size"
+_AIOSMTPD_SIZE_AT_DATA = "552 Error: Too much mail data"
+
+
+def size_reply(status: str, limit: int) -> tuple[str, str, str] | None:
+    """(reply, phase, reason) replacing aiosmtpd's size refusal, or None."""
+    if status == _AIOSMTPD_SIZE_AT_MAIL:
+        return ("552 5.3.4 Message size exceeds fixed maximum message size", "MAIL",
+                f"session limit: declared SIZE over {limit} bytes")
+    if status == _AIOSMTPD_SIZE_AT_DATA:
+        return ("552 5.3.4 Message size exceeds fixed maximum message size", "DATA",
+                f"session limit: message over {limit} bytes")
+    return None
+
+
+def recipients_refusal(policy: Policy, accepted_so_far: int) -> Refusal | None:
+    limit = policy.session_limits.max_recipients_per_message
+    if accepted_so_far >= limit:
+        return Refusal("452 4.5.3 Too many recipients", f"session limit: more than {limit} recipients per message")
+    return None
+
+
+def commands_refusal(policy: Policy, commands: int) -> Refusal | None:
+    limit = policy.session_limits.max_commands_per_session
+    if commands > limit:
+        return Refusal(f"421 4.7.0 {policy.hostname} Too many commands, closing connection",
+                       f"session limit: more than {limit} commands", close=True)
+    return None
+
+
+def duration_refusal(policy: Policy) -> Refusal:
+    limit = policy.session_limits.max_duration_seconds
+    return Refusal(f"421 4.4.2 {policy.hostname} Session time limit exceeded, closing connection",
+                   f"session limit: open longer than {limit} seconds", close=True)
+
+
+class SessionLimitsGuard:
+    name = "session_limits"
+
+    def __init__(self, policy: Policy):
+        self.policy = policy  # a PolicyHolder in the server: read when judging
+
+    async def on_rcpt(self, session: "GatewaySession", recipient: str, params: list[str]) -> Refusal | None:
+        policy = current(self.policy)
+        if allow_listed(policy, session, "session_limits"):
+            return None
+        envelope = getattr(session, "envelope", None)
+        return recipients_refusal(policy, len(envelope.rcpt_tos) if envelope is not None else 0)
+
+    async def on_command(self, session: "GatewaySession", command: str) -> Refusal | None:
+        session.commands = getattr(session, "commands", 0) + 1
+        policy = current(self.policy)
+        if allow_listed(policy, session, "session_limits"):
+            return None
+        return commands_refusal(policy, session.commands)
+
+
+class SessionClock:
+    """Ends a session that stays open longer than the policy allows.
+
+    A timer, not a check at the next command: a client that opens a session
+    and then sends nothing (or trickles DATA) is exactly the one to end.
+    """
+
+    def __init__(self, server, policy: Policy, on_expiry):
+        self._server = server
+        self._on_expiry = on_expiry
+        self._policy = policy
+        self._handle = asyncio.get_running_loop().call_later(
+            policy.session_limits.max_duration_seconds, self._expire)
+
+    def _expire(self) -> None:
+        transport = self._server.transport
+        if transport is None or transport.is_closing():
+            return
+        session = self._server.session
+        if allow_listed(self._policy, session, "session_limits"):
+            return
+        refusal = duration_refusal(self._policy)
+        transport.write(f"{refusal.reply}\r\n".encode())
+        self._on_expiry(session, refusal)
+        transport.close()
+
+    def cancel(self) -> None:
+        self._handle.cancel()

@@ -1,0 +1,48 @@
+"""Bulwark events in and out of Faust agents (raw records, decoded by schemas.codec)."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from schemas import codec
+from schemas.events import Event
+from schemas.topics import record_key, topic_for
+
+log = logging.getLogger(__name__)
+
+
+def headers_of(record) -> list[tuple[str, bytes]]:
+    headers = record.headers
+    items = headers.items() if hasattr(headers, "items") else (headers or [])
+    return [(k, v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
+
+
+def decode_record(record) -> Event | None:
+    """The event in a Faust record, or None (logged) for anything unreadable."""
+    if record.value is None:  # a tombstone on a compacted topic
+        return None
+    try:
+        return codec.decode(record.value, headers_of(record))
+    except (codec.UnknownEvent, ValueError) as exc:
+        log.error("skipping a record on %s: %s", record.message.topic, exc)
+        return None
+
+
+async def send_event(topic: faust.TopicT, event: Event, key: bytes | None = None) -> None:
+    """Publish an event from an agent and wait for the broker.
+
+    Inside an agent under exactly_once the send joins the transaction of the
+    record being processed, so the event and the table updates it goes with
+    are committed together, or not at all. The record timestamp is the
+    event's own time, as everywhere in Bulwark.
+    """
+    value, headers = codec.encode(event)
+    sent = await topic.send(
+        key=key if key is not None else record_key(topic_for(type(event)), event),
+        value=value,
+        headers=headers,
+        timestamp=event.occurred_at.timestamp(),
+    )
+    await sent

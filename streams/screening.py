@@ -1,0 +1,220 @@
+"""Dynamic Screening: count what each client address does, ban the ones that abuse.
+
+The agent consumes ``smtp.sessions`` (keyed by client IP) and keeps, per IP,
+event-time windowed counters in a RocksDB table: failed RCPTs, connections,
+failed AUTH attempts, RSETs and sessions held open too long. When a count
+crosses its limit in the policy it publishes a ``BanIssued`` to the compacted
+``screening.bans`` topic. It never refuses anyone itself: ingest reads that
+topic and enforces (counters count; deciders decide, as Postfix's anvil
+reports and smtpd decides).
+
+The same agent also consumes ``screening.bans`` (co-partitioned with
+``smtp.sessions``: both are keyed by IP with the same partition count, so a
+worker owns an IP's counters and its bans). A ban, once on the topic, enters
+the ``screening-bans`` table the HTTP views read; a ``BanLifted`` removes it
+and clears the IP's counters, so an unbanned client starts again from zero.
+
+Windows. Every counter shares one hopping window of ``window_minutes``
+(fixed when the worker starts: a Faust table's window cannot change while it
+runs; thresholds follow the live policy). An event at time t is added to
+every window that contains t; the count "in the last M minutes" is the
+oldest of those windows, which reaches back between M - step and M. (Faust's
+``.current()`` is the newest window, holding only the last step: see
+PITFALLS.) Windows run in event time: ``bulwark.kafka`` sets every record's
+timestamp to the event's ``occurred_at``, and the table is relative to the
+stream, so replaying the topic gives the same counts and the same bans.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from schemas import events as ev
+
+if TYPE_CHECKING:
+    import faust
+
+    from bulwark.policy import DynamicScreening, Policy  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+#: The counters, in the order the guide lists them.
+FAILED_RCPT = "failed_rcpt"
+CONNECTIONS = "connections"
+FAILED_AUTH = "failed_auth"
+RSET = "rset"
+LONG_SESSIONS = "long_sessions"
+COUNTERS = (FAILED_RCPT, CONNECTIONS, FAILED_AUTH, RSET, LONG_SESSIONS)
+
+#: What ingest's AUTH records for a wrong password (ingest.auth). Other AUTH
+#: failures (no TLS, bad syntax, a guard's refusal) are not password guesses.
+AUTH_GUESS_REASON = "invalid credentials"
+
+#: Steps per window: finer steps follow "the last M minutes" more closely,
+#: at the cost of one table write per step for every event.
+STEPS_PER_WINDOW = 5
+
+
+def counted_as(event: ev.Event, policy: "Policy") -> str | None:
+    """The counter a session event adds to, if any."""
+    if isinstance(event, ev.SessionConnected):
+        return CONNECTIONS
+    if isinstance(event, ev.SessionRcpt):
+        # 5xx only: unknown users and relay refusals. A 4xx is the gateway's
+        # own trouble (or a rate limit), not the client's fault.
+        return FAILED_RCPT if not event.accepted and event.reply_code >= 500 else None
+    if isinstance(event, ev.SessionAuth):
+        return FAILED_AUTH if event.outcome == "failure" and event.reason in (AUTH_GUESS_REASON, None) else None
+    if isinstance(event, ev.SessionRset):
+        return RSET
+    if isinstance(event, ev.SessionDisconnected):
+        # Ingest ends a session at the limit (ingest/guards/limits.py), so one
+        # that lasted that long is one a client tried to hold open.
+        limit = policy.session_limits.max_duration_seconds
+        return LONG_SESSIONS if event.duration_seconds >= limit else None
+    return None
+
+
+def limits(rules: "DynamicScreening") -> dict[str, int]:
+    """The count at which each counter bans."""
+    return {
+        FAILED_RCPT: rules.failed_rcpt_limit,
+        # "Ban IPs that connect more than N times": N + 1 bans.
+        CONNECTIONS: rules.connection_limit + 1,
+        FAILED_AUTH: rules.failed_auth_limit,
+        RSET: rules.rset_limit,
+        LONG_SESSIONS: rules.long_session_limit,
+    }
+
+
+def crossed(counts: dict[str, int], rules: "DynamicScreening") -> list[str]:
+    return [name for name, limit in limits(rules).items() if counts.get(name, 0) >= limit]
+
+
+REASONS = {
+    FAILED_RCPT: "{n} failed RCPTs",
+    CONNECTIONS: "{n} connections",
+    FAILED_AUTH: "{n} failed AUTH attempts",
+    RSET: "{n} RSETs",
+    LONG_SESSIONS: "{n} sessions held open longer than allowed",
+}
+
+
+def describe(over: list[str], counts: dict[str, int], minutes: int) -> str:
+    return "Dynamic Screening: " + ", ".join(REASONS[c].format(n=counts[c]) for c in over) + f" in {minutes} minutes"
+
+
+def exempt(policy: "Policy", ip: str) -> bool:
+    """Domain mail servers and allow-listed addresses are never banned."""
+    try:
+        if policy.is_domain_mail_server(ip):
+            return True
+    except ValueError:  # not an IP address at all: nothing to ban either
+        return True
+    # Addresses and ranges only: host names need reverse DNS, which ingest
+    # has (it also skips enforcing a ban on a session allow-listed by name).
+    allow = policy.allow_list
+    if "dynamic_screening" not in allow.skips:
+        return False
+    address = ipaddress.ip_address(ip)
+    return any(address in ipaddress.ip_network(net, strict=False) for net in allow.addresses)
+
+
+def ban_for(event: ev.SessionEvent, counts: dict[str, int], window: tuple[float, float],
+            policy: "Policy") -> ev.BanIssued | None:
+    """The ban this event's counts call for, if any. A pure function of its inputs."""
+    rules = policy.screening
+    over = crossed(counts, rules)
+    if not over:
+        return None
+    return ev.BanIssued(
+        # The ban happens in event time (the event that crossed the limit),
+        # so a replay issues the same ban with the same expiry.
+        occurred_at=event.occurred_at,
+        session_id=event.session_id,
+        client_ip=event.client_ip,
+        reason=describe(over, counts, rules.window_minutes),
+        counters={name: int(counts.get(name, 0)) for name in COUNTERS},
+        window_start=_dt(window[0]),
+        window_end=_dt(window[1]),
+        expires_at=event.occurred_at + timedelta(minutes=rules.ban_minutes),
+    )
+
+
+def _dt(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(round(timestamp, 3), timezone.utc)
+
+
+def add_counts(old: dict | None, increment: dict) -> dict:
+    """Window operation: add the increment's counts to a window's."""
+    total = dict(old or {})
+    for name, n in increment.items():
+        total[name] = total.get(name, 0) + n
+    return total
+
+
+def window_bounds(window_range: tuple[float, float]) -> tuple[float, float]:
+    # Faust ends a window a tenth of a second before the next step begins.
+    start, end = window_range
+    return start, round(end + 0.1, 3)
+
+
+def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faust.TopicT") -> dict:
+    """Declare the Dynamic Screening tables and agent on the app."""
+    from faust import current_event
+
+    from streams.eventio import decode_record, send_event
+
+    rules = holder.current.screening
+    size = timedelta(minutes=rules.window_minutes).total_seconds()
+    step = size / STEPS_PER_WINDOW
+
+    counters = app.Table(
+        "screening-counters", default=dict, partitions=sessions.partitions, key_type=str, value_type=None,
+    ).hopping(size, step, expires=size).relative_to_stream()
+    active_bans = app.Table("screening-bans", default=None, partitions=sessions.partitions, key_type=str)
+
+    # Both topics on one channel: the assignor gives one worker the same
+    # partition of each, so an IP's counters and bans live together.
+    channel = app.topic(sessions.get_topic_name(), bans.get_topic_name(), key_type=bytes, value_type=bytes,
+                        key_serializer="raw", value_serializer="raw")
+
+    @app.agent(channel)
+    async def dynamic_screening(stream):
+        await holder.start()
+        async for record in stream.events():
+            event = decode_record(record)
+            if isinstance(event, ev.BanIssued):
+                active_bans[event.client_ip] = event.model_dump(mode="json")
+                continue
+            if isinstance(event, ev.BanLifted):
+                active_bans.pop(event.client_ip, None)
+                del counters[event.client_ip]  # every window that holds the events before the unban
+                continue
+            if not isinstance(event, ev.SessionEvent):
+                continue
+            policy = holder.current
+            counter = counted_as(event, policy)
+            if counter is None or not policy.screening.enabled or exempt(policy, event.client_ip):
+                continue
+            ip = event.client_ip
+            windows = counters[ip]
+            windows.apply(add_counts, {counter: 1})
+            # The oldest window holding this event: the last M minutes.
+            oldest = counters.table.window.delta(current_event().message.timestamp, size - step)
+            counts = windows.delta(size - step)
+            ban = ban_for(event, counts, window_bounds(oldest), policy)
+            if ban is None:
+                continue
+            await send_event(bans, ban)
+            # The evidence is spent: after the ban (or its early lifting) the
+            # client starts from zero, so the ban is not issued again at
+            # once. A client that keeps hammering while banned (refused
+            # connections still count) earns a new, later ban.
+            del counters[ip]
+            log.warning("banned %s until %s: %s", ip, ban.expires_at.isoformat(timespec="seconds"), ban.reason)
+
+    return {"counters": counters, "bans": active_bans, "agent": dynamic_screening, "size": size, "step": step}

@@ -1,0 +1,233 @@
+"""Dynamic Screening and Account Hijack Detection logic, in-process (no broker).
+
+The agents run under Faust's test_context with an in-memory store; what they
+publish is captured instead of sent.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import faust
+import pytest
+
+from bulwark.policy import Policy
+from bulwark.policy_runtime import PolicyHolder
+from schemas import codec
+from schemas import events as ev
+from schemas.topics import ACCOUNT_STATE, BANS, HIJACK_LIMITS, RECEIVED, SESSIONS
+from streams import eventio, hijack, screening
+
+T0 = datetime(2026, 11, 2, 9, 0, 7, tzinfo=timezone.utc)
+SERVER_IP = "192.0.2.25"
+
+
+def policy(**sections) -> Policy:
+    return Policy.model_validate({
+        "hostname": "gw.example.test",
+        "local_domains": ["example.test"],
+        "mail_servers": [{"name": "mx", "host": "127.0.0.1", "trusted_addresses": [f"{SERVER_IP}/32"],
+                          "default": True}],
+        **sections,
+    })
+
+
+class Captured(list):
+    async def __call__(self, topic, event, key=None):
+        self.append(event)
+
+
+@pytest.fixture
+def published(monkeypatch):
+    captured = Captured()
+    monkeypatch.setattr(eventio, "send_event", captured)
+    return captured
+
+
+def make_app(p: Policy):
+    app = faust.App(f"test-{id(p)}", broker="kafka://127.0.0.1:1", store="memory://", autodiscover=False,
+                    topic_disable_leader=True)
+    holder = PolicyHolder.fixed(p)
+
+    def raw(spec):
+        return app.topic(spec.name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw", partitions=spec.partitions)
+
+    return app, holder, raw
+
+
+async def feed(agent, events, key_of=lambda e: e.client_ip):
+    for event in events:
+        value, headers = codec.encode(event)
+        await agent.put(value, key=key_of(event).encode(), timestamp=event.occurred_at.timestamp(),
+                        headers=dict(headers))
+
+
+def connects(ip: str, n: int, start=T0, every=timedelta(seconds=5)):
+    return [ev.SessionConnected(occurred_at=start + i * every, session_id=f"s{i}", client_ip=ip,
+                                client_port=40000 + i, listener="inbound", server_port=25) for i in range(n)]
+
+
+def failed_rcpts(ip: str, n: int, start=T0):
+    return [ev.SessionRcpt(occurred_at=start + timedelta(seconds=i), session_id="s", client_ip=ip,
+                           recipient=f"nobody{i}@example.test", accepted=False, reply_code=550,
+                           reason="unknown user") for i in range(n)]
+
+
+def failed_auths(ip: str, n: int, start=T0):
+    return [ev.SessionAuth(occurred_at=start + timedelta(seconds=i), session_id="s", client_ip=ip,
+                           mechanism="PLAIN", username="alice@example.test", outcome="failure",
+                           reason="invalid credentials") for i in range(n)]
+
+
+async def run_screening(p: Policy, events):
+    app, holder, raw = make_app(p)
+    parts = screening.install(app, holder, raw(SESSIONS), raw(BANS))
+    async with parts["agent"].test_context() as agent:
+        await feed(agent, events)
+    return parts
+
+
+# -- pure rules ---------------------------------------------------------------
+
+
+def test_defaults_follow_the_guide():
+    rules = Policy(hostname="gw", local_domains=["example.test"]).screening
+    assert rules.enabled and rules.close_session_after_ban
+    assert (rules.failed_rcpt_limit, rules.connection_limit, rules.window_minutes) == (10, 10, 5)
+    assert (rules.failed_auth_limit, rules.ban_minutes) == (3, 10)
+    # "more than 10 connections": the 11th bans; "3 failed AUTH": the 3rd does.
+    assert screening.limits(rules)[screening.CONNECTIONS] == 11
+    assert screening.limits(rules)[screening.FAILED_AUTH] == 3
+
+
+def test_what_counts():
+    rules = policy()
+    [rcpt] = failed_rcpts("198.51.100.1", 1)
+    assert screening.counted_as(rcpt, rules) == screening.FAILED_RCPT
+    assert screening.counted_as(rcpt.model_copy(update={"reply_code": 451}), rules) is None
+    [auth] = failed_auths("198.51.100.1", 1)
+    assert screening.counted_as(auth, rules) == screening.FAILED_AUTH
+    assert screening.counted_as(auth.model_copy(update={"reason": "TLS required"}), rules) is None
+    # Ingest ends a session at session_limits.max_duration_seconds (900 by default).
+    long = ev.SessionDisconnected(client_ip="198.51.100.1", duration_seconds=900.0, messages_accepted=0)
+    assert screening.counted_as(long, rules) == screening.LONG_SESSIONS
+    assert screening.counted_as(long.model_copy(update={"duration_seconds": 60}), rules) is None
+
+
+def test_domain_mail_servers_are_exempt():
+    assert screening.exempt(policy(), SERVER_IP)
+    assert not screening.exempt(policy(), "198.51.100.1")
+
+
+# -- the agent ------------------------------------------------------------------
+
+
+async def test_more_than_n_connections_in_the_window_bans_once(published):
+    ip = "198.51.100.7"
+    await run_screening(policy(), connects(ip, 14))
+    [ban] = published
+    assert ban.client_ip == ip
+    assert ban.counters["connections"] == 11
+    assert ban.occurred_at == T0 + 10 * timedelta(seconds=5)  # the 11th connection
+    assert ban.expires_at == ban.occurred_at + timedelta(minutes=10)
+    assert ban.window_start <= T0 and ban.window_end - ban.window_start == timedelta(minutes=5)
+    assert "11 connections in 5 minutes" in ban.reason
+
+
+async def test_connections_spread_beyond_the_window_do_not_ban(published):
+    # 20 connections, one every 40 seconds: never more than 10 in 5 minutes.
+    await run_screening(policy(), connects("198.51.100.8", 20, every=timedelta(seconds=40)))
+    assert published == []
+
+
+async def test_failed_rcpts_and_auth_ban_at_their_limits(published):
+    await run_screening(policy(), failed_rcpts("198.51.100.9", 10) + failed_auths("198.51.100.10", 3))
+    assert [(b.client_ip, b.counters["failed_rcpt"], b.counters["failed_auth"]) for b in published] == [
+        ("198.51.100.9", 10, 0), ("198.51.100.10", 0, 3)]
+
+
+async def test_domain_mail_server_and_disabled_screening_never_ban(published):
+    await run_screening(policy(), connects(SERVER_IP, 30))
+    await run_screening(policy(screening={"enabled": False}), connects("198.51.100.11", 30))
+    assert published == []
+
+
+async def test_replay_gives_the_same_bans(published):
+    events = connects("198.51.100.12", 12) + failed_auths("198.51.100.13", 7)
+    await run_screening(policy(), events)
+    first = [b.model_dump(exclude={"event_id"}) for b in published]
+    published.clear()
+    await run_screening(policy(), events)  # a fresh table, the same topic
+    assert [b.model_dump(exclude={"event_id"}) for b in published] == first
+    assert len(first) == 3  # 12 connections: one ban; 7 failed AUTH: 3 + 3 (the 7th is left over)
+
+
+async def test_unban_clears_the_counters(published):
+    ip = "198.51.100.14"
+    later = T0 + timedelta(seconds=20)
+    lifted = ev.BanLifted(occurred_at=later, client_ip=ip, by="admin")
+    await run_screening(policy(), failed_auths(ip, 2) + [lifted] + failed_auths(ip, 2, start=later))
+    assert published == []  # 2 before the unban, 2 after: never 3 together
+
+
+# -- Account Hijack Detection ------------------------------------------------------
+
+
+def received(account: str | None, n: int, client_ip="198.51.100.30", mail_from="someone@example.test",
+             start=T0, every=timedelta(seconds=10)):
+    return [ev.MessageReceived(
+        occurred_at=start + i * every, session_id="s", message_id=f"m{i}",
+        envelope=ev.Envelope(mail_from=mail_from, rcpt_to=["x@partner.test"], sha256="0" * 64, size=10,
+                             client_ip=client_ip, authenticated_user=account, received_at=start + i * every),
+        direction="outbound") for i in range(n)]
+
+
+def test_account_of():
+    p = policy()
+    [auth] = received("Alice@Example.test", 1)
+    assert hijack.account_of(auth, p) == "alice@example.test"
+    [server] = received(None, 1, client_ip=SERVER_IP, mail_from="Bob@example.test")
+    assert hijack.account_of(server, p) == "bob@example.test"
+    assert hijack.account_of(server, policy(hijack={"include_domain_mail_servers": False})) is None
+    [anonymous] = received(None, 1)
+    assert hijack.account_of(anonymous, p) is None
+
+
+async def run_hijack(p: Policy, messages, state_changes=()):
+    app, holder, raw = make_app(p)
+    parts = hijack.install(app, holder, raw(RECEIVED), raw(ACCOUNT_STATE), raw(HIJACK_LIMITS))
+    detection = next(a for name, a in app.agents.items() if name.endswith("account_hijack_detection"))
+    events = sorted([*messages, *state_changes], key=lambda e: e.occurred_at)
+    async with detection.test_context() as agent:
+        await feed(agent, events, key_of=lambda e: (e.address if isinstance(e, ev.AccountStateChanged)
+                                                    else e.envelope.authenticated_user or e.envelope.mail_from))
+    return parts
+
+
+async def test_account_over_its_limit_reaches_it_once_per_window(published):
+    await run_hijack(policy(hijack={"message_limit": 5, "window_minutes": 10}), received("alice@example.test", 8))
+    [fact] = published
+    assert isinstance(fact, ev.AccountLimitReached)
+    assert (fact.address, fact.messages, fact.limit) == ("alice@example.test", 5, 5)
+    assert fact.client_ips == ["198.51.100.30"]
+    assert fact.until == fact.window_end
+
+
+async def test_disabling_publishes_the_account_state_with_the_evidence(published):
+    p = policy(hijack={"message_limit": 3, "window_minutes": 10, "disable_account": True})
+    await run_hijack(p, received("alice@example.test", 6))
+    [fact] = published
+    assert isinstance(fact, ev.AccountStateChanged)
+    assert not fact.enabled and fact.by == "account-hijack-detection"
+    assert fact.details["messages"] == 3 and fact.details["client_ips"] == ["198.51.100.30"]
+
+
+async def test_re_enabling_starts_the_count_again(published):
+    p = policy(hijack={"message_limit": 3, "window_minutes": 10, "disable_account": True})
+    enabled_at = T0 + timedelta(seconds=25)
+    enable = ev.AccountStateChanged(occurred_at=enabled_at, address="alice@example.test", enabled=True,
+                                    reason="checked", by="admin")
+    await run_hijack(p, received("alice@example.test", 3) + received("alice@example.test", 2, start=enabled_at + timedelta(seconds=1)),
+                     [enable])
+    assert len(published) == 1  # disabled at the 3rd; after enabling only 2 more
