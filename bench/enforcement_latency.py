@@ -33,9 +33,13 @@ screening:
 """
 
 
-def worker_ready(port: int) -> bool:
+def worker_ready(settings: Settings) -> bool:
+    from ingest.tls import certificate_path, client_context
+
+    url = f"https://127.0.0.1:{settings.streams_web_port}/screening/ip/127.0.0.1/"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/screening/ip/127.0.0.1/", timeout=5) as r:
+        context = client_context(certificate_path(settings))  # made by the worker at start-up
+        with urllib.request.urlopen(url, timeout=5, context=context) as r:
             return "counters" in json.load(r)
     except (OSError, ValueError):
         return False
@@ -63,7 +67,7 @@ def run() -> None:
     extra = {"BULWARK_SUBMISSION_PORT": str(free_port()), "BULWARK_SUBMISSIONS_PORT": str(free_port())}
     with local_stack(POLICY, components=("streams", "ingest"), extra_env=extra) as (settings, stack):
         deadline = time.monotonic() + 180
-        while not worker_ready(settings.streams_web_port):
+        while not worker_ready(settings):
             if time.monotonic() > deadline:
                 raise RuntimeError("the Faust worker never answered:\n" + stack.log_tail("streams"))
             time.sleep(0.5)

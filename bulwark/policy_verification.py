@@ -218,10 +218,15 @@ class MingerSource(_Source):
         if self.shared_secret_file is None and self.shared_secret_env is None:
             return None
         secret = read_secret(self.shared_secret_file, self.shared_secret_env, f"shared secret of source {self.name}")
-        # MDaemon requires at least 16 characters; a shorter one is refused
-        # here rather than weakening the hash.
+        # MDaemon requires at least 16 characters (the draft's section 5: at
+        # least 128 bits); a shorter one is refused here rather than
+        # weakening the hash.
         if len(secret) < 16:
             raise LookupError(f"the shared secret of source {self.name} is shorter than 16 characters")
+        # draft-hathcock-minger-06 section 2.1: shared-secret = 1*50(VCHAR).
+        if len(secret) > 50 or not all("\x21" <= c <= "\x7e" for c in secret):
+            raise LookupError(f"the shared secret of source {self.name} must be at most 50 printable "
+                              "ASCII characters without spaces (draft-hathcock-minger-06 section 2.1)")
         return secret
 
 

@@ -3,8 +3,10 @@ Hijack Detection from the command line.
 
 ``screening unban`` publishes a BanLifted event (ingest stops refusing the
 address, the streams clear its counters). ``tables`` asks the Faust workers'
-web server (any worker: a question about one key is routed to the worker
-that owns it) and prints what it answers, human-readable or ``--json``.
+web server over HTTPS (any worker: a question about one key is routed to the
+worker that owns it) and prints what it answers, human-readable or
+``--json``. It trusts only the gateway's certificate (``--cafile``, by
+default ``BULWARK_TLS_CERT`` or the self-signed one in ``$BULWARK_DATA_DIR/tls/``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import getpass
 import ipaddress
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -51,9 +54,20 @@ def screening_unban(ip: str, by: str | None) -> None:
 # -- tables -----------------------------------------------------------------------
 
 
-def _get(url: str, path: str) -> dict:
+def _context(cafile: str | None) -> ssl.SSLContext:
+    from ingest.tls import certificate_path, client_context
+
+    path = cafile or certificate_path(Settings.from_env())
     try:
-        with urllib.request.urlopen(url.rstrip("/") + path, timeout=30) as response:
+        return client_context(path)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read the gateway's certificate {path}: {exc}") from None
+
+
+def _get(url: str, path: str, cafile: str | None = None) -> dict:
+    context = _context(cafile) if url.startswith("https:") else None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=30, context=context) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise click.ClickException(f"{url}{path}: HTTP {exc.code} {exc.reason}") from None
@@ -62,14 +76,20 @@ def _get(url: str, path: str) -> dict:
 
 
 def _url_option(fun):
+    fun = click.option("--json", "as_json", is_flag=True, help="The JSON the worker answers")(fun)
+    fun = click.option(
+        "--cafile", default=None, type=click.Path(dir_okay=False),
+        help="The certificate the worker serves, the only one trusted "
+             "(default: $BULWARK_TLS_CERT, else $BULWARK_DATA_DIR/tls/selfsigned.crt)",
+    )(fun)
     return click.option(
         "--url", default=None,
-        help="A worker's web server (default: http://127.0.0.1:$BULWARK_STREAMS_WEB_PORT)",
-    )(click.option("--json", "as_json", is_flag=True, help="The JSON the worker answers")(fun))
+        help="A worker's web server (default: https://127.0.0.1:$BULWARK_STREAMS_WEB_PORT)",
+    )(fun)
 
 
 def _url(url: str | None) -> str:
-    return url or f"http://127.0.0.1:{Settings.from_env().streams_web_port}"
+    return url or f"https://127.0.0.1:{Settings.from_env().streams_web_port}"
 
 
 def _window(answer: dict) -> str:
@@ -85,9 +105,9 @@ def tables() -> None:
 @tables.command("ip")
 @click.argument("ip")
 @_url_option
-def tables_ip(ip: str, url: str | None, as_json: bool) -> None:
+def tables_ip(ip: str, url: str | None, as_json: bool, cafile: str | None) -> None:
     """Dynamic Screening counters for a client address, and its ban."""
-    answer = _get(_url(url), f"/screening/ip/{urllib.parse.quote(ip)}/")
+    answer = _get(_url(url), f"/screening/ip/{urllib.parse.quote(ip)}/", cafile)
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
@@ -100,9 +120,9 @@ def tables_ip(ip: str, url: str | None, as_json: bool) -> None:
 
 @tables.command("bans")
 @_url_option
-def tables_bans(url: str | None, as_json: bool) -> None:
+def tables_bans(url: str | None, as_json: bool, cafile: str | None) -> None:
     """Active Dynamic Screening bans and when they expire."""
-    items = _get(_url(url), "/screening/bans/")["items"]
+    items = _get(_url(url), "/screening/bans/", cafile)["items"]
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
@@ -115,9 +135,9 @@ def tables_bans(url: str | None, as_json: bool) -> None:
 @tables.command("account")
 @click.argument("address")
 @_url_option
-def tables_account(address: str, url: str | None, as_json: bool) -> None:
+def tables_account(address: str, url: str | None, as_json: bool, cafile: str | None) -> None:
     """Account Hijack Detection: messages an account sent in the window, and its state."""
-    answer = _get(_url(url), f"/hijack/account/{urllib.parse.quote(address.lower())}/")
+    answer = _get(_url(url), f"/hijack/account/{urllib.parse.quote(address.lower())}/", cafile)
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
@@ -136,9 +156,9 @@ def tables_account(address: str, url: str | None, as_json: bool) -> None:
 
 @tables.command("disabled")
 @_url_option
-def tables_disabled(url: str | None, as_json: bool) -> None:
+def tables_disabled(url: str | None, as_json: bool, cafile: str | None) -> None:
     """Accounts disabled (by Account Hijack Detection or an administrator)."""
-    items = _get(_url(url), "/hijack/disabled/")["items"]
+    items = _get(_url(url), "/hijack/disabled/", cafile)["items"]
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return

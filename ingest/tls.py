@@ -25,6 +25,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import re
 import ssl
 from pathlib import Path
 
@@ -122,6 +123,11 @@ class ServerTls:
     def policy(self):
         return getattr(self._policy, "current", self._policy)
 
+    @property
+    def cert_path(self) -> Path:
+        """The certificate file served (what a client pins: :func:`client_context`)."""
+        return self._paths()[0]
+
     def _paths(self) -> tuple[Path, Path]:
         if self._configured:
             return self._configured
@@ -153,6 +159,37 @@ class ServerTls:
                 log.info("TLS certificate %s reloaded", cert)
             self._loaded = stamp
         return self.context
+
+
+def certificate_path(settings) -> Path:
+    """The certificate file this deployment serves, without generating one.
+
+    For clients on the same host (``bulwark tables``) to pin with
+    :func:`client_context`.
+    """
+    return settings.tls_cert_path or settings.data_dir / "tls" / "selfsigned.crt"
+
+
+def client_context(cafile: Path) -> ssl.SSLContext:
+    """A client context that trusts exactly the certificate in ``cafile``.
+
+    For Bulwark's own HTTPS endpoints, reached at 127.0.0.1: the first
+    certificate of the file (the server's own, whether self-signed or issued
+    by a CA for the gateway's hostname) is the only trust anchor, so nothing
+    else verifies. As the certificate is pinned, its names are not checked
+    against 127.0.0.1 (a real certificate does not name it). Raises OSError
+    or ValueError when the file holds no certificate.
+    """
+    pem = Path(cafile).read_text()
+    match = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+    if match is None:
+        raise ValueError(f"{cafile} holds no PEM certificate")
+    context = ssl.create_default_context(cadata=match.group(0))
+    # The leaf itself is the anchor, even when it is not self-signed.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def server_tls(settings, policy) -> ServerTls:

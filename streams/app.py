@@ -117,6 +117,11 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         # The leader topic would need auto-creation; Bulwark has no leader-only timers.
         topic_disable_leader=True,
     )
+    from streams import web
+
+    # Before any view is added (the first creates the aiohttp application):
+    # certificate reloading and Location Screening for every request.
+    app.conf.web_application_options = {"middlewares": web.middlewares(app, holder)}
     received = _raw_topic(app, RECEIVED)
     verdicts = _raw_topic(app, VERDICTS)
 
@@ -165,7 +170,7 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
     # publish bans and account facts for ingest to enforce, and their tables
     # over HTTP.
     from schemas.topics import ACCOUNT_STATE, BANS, HIJACK_LIMITS, SESSIONS
-    from streams import hijack, screening, web
+    from streams import hijack, screening
 
     sessions = _raw_topic(app, SESSIONS)
     app.bulwark_tables = {  # type: ignore[attr-defined]
@@ -178,11 +183,15 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    from streams import web
+
     app = build_app(settings)
-    # The web server serves the tables (streams/web.py) on 127.0.0.1 at
-    # BULWARK_STREAMS_WEB_PORT; give each worker on a host its own port.
-    sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel,
-                "--web-host", "127.0.0.1", "--web-port", str(settings.streams_web_port)]
+    # The web server serves the tables (streams/web.py) over HTTPS on
+    # 127.0.0.1 at BULWARK_STREAMS_WEB_PORT (build_app sets host and port);
+    # give each worker on a host its own port. No --web-host/--web-port here:
+    # Faust's worker command would reset the canonical URL to http://.
+    web.serve_https(app, settings)
+    sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel]
     datadir = settings.data_dir / "streams"
     datadir.mkdir(parents=True, exist_ok=True)
     clean_stop = datadir / "clean-shutdown"

@@ -201,24 +201,132 @@ def test_concurrent_questions_about_one_address_share_one_query():
 # -- Minger's wire format -----------------------------------------------------------
 
 
-def test_minger_query_is_anonymous_or_carries_a_keyed_hash_never_the_secret():
-    secret = "a-shared-secret-of-32-characters"
-    anonymous = minger.encode_query("q1", "kim@example.com", None).decode()
-    assert anonymous == "MNGR 1.0 q1 ANONYMOUS kim@example.com"
-    signed = minger.encode_query("q1", "kim@example.com", secret).decode()
-    fields = signed.split(" ")
-    assert fields[:3] == ["MNGR", "1.0", "q1"] and fields[4] == "kim@example.com"
-    assert len(fields[3]) == 32 and secret not in signed
-    # The hash covers the query id: a captured query cannot be replayed as another.
-    assert minger.credentials(secret, "q2", "kim@example.com") != fields[3]
+# draft-hathcock-minger-06. The digest below was computed outside Python:
+#   printf '%s' 'MingerShared-4d1f9a7c2e6b:arvel@example.com' | openssl md5 -binary | base64
+DRAFT_SECRET = "MingerShared-4d1f9a7c2e6b"
+DRAFT_DIGEST = "ygTOtGDB57vUVqZI16UK6w=="
 
 
-def test_minger_answers_are_parsed_and_foreign_datagrams_rejected():
-    assert minger.decode_answer(b"MNGR 1.0 q1 5") == ("q1", 5, "")
-    assert minger.decode_answer(b"MNGR 1.0 q1 3 no such user\r\n") == ("q1", 3, "no such user")
-    for junk in (b"", b"HTTP/1.1 200 OK", b"MNGR 1.0 q1 five"):
+def test_minger_anonymous_query_is_the_bare_mailbox():
+    # Sections 2.1 and 4: query-string = mailbox [SP "d=" digest] [SP tag-list]; anonymous has no digest.
+    assert minger.encode_query("ignored", "arvel@example.com", None) == b"arvel@example.com"
+    assert minger.credentials(None, "ignored", "arvel@example.com") is None
+
+
+def test_minger_signed_query_is_mailbox_sp_d_equals_base64_md5_of_secret_colon_mailbox():
+    # Section 2.1 (digest-text = shared-secret ":" mailbox) and 2.2 (base64 of the MD5 of it).
+    query = minger.encode_query("ignored", "arvel@example.com", DRAFT_SECRET)
+    assert query == b"arvel@example.com d=" + DRAFT_DIGEST.encode()
+    assert DRAFT_SECRET.encode() not in query
+    # No protocol name, version or query id on the wire: the id does not change the bytes.
+    assert minger.encode_query("other", "arvel@example.com", DRAFT_SECRET) == query
+    # The digest covers the mailbox: another address gets another digest.
+    assert minger.credentials(DRAFT_SECRET, "", "kim@example.com") != DRAFT_DIGEST
+
+
+def test_minger_refuses_to_put_an_inexpressible_address_in_a_query():
+    for bad in ('"kim lee"@example.com', "kim@example.com\r\n", "kim", "kïm@example.com", "@example.com"):
+        with pytest.raises(ValueError):
+            minger.encode_query("", bad, None)
+
+
+def test_minger_status_codes_are_the_drafts():
+    # Section 3.1.
+    assert (minger.INVALID_REQUEST, minger.ACCESS_DENIED, minger.BAD_CREDENTIALS) == (0, 1, 2)
+    assert (minger.NO_SUCH_ADDRESS, minger.NOT_ACCEPTING, minger.ACCEPTING) == (3, 4, 5)
+
+
+def test_minger_example_responses_from_the_draft_parse():
+    # Section 3.2, verbatim.
+    assert minger.decode_answer(b"arvel@example.com 3") == ("arvel@example.com", 3, "")
+    assert minger.decode_answer(b"arvel@example.com 2") == ("arvel@example.com", 2, "")
+    assert minger.decode_answer(b"arvel@example.com 5") == ("arvel@example.com", 5, "")
+    # Every status of section 3.1, and a trailing line end.
+    for status in range(6):
+        assert minger.decode_answer(f"kim@example.com {status}\r\n".encode())[1] == status
+    # Section 3's ABNF literally has no SP (response-string = mailbox status): accepted for the asked mailbox.
+    assert minger.decode_answer(b"arvel@example.com5", "arvel@example.com") == ("arvel@example.com", 5, "")
+
+
+def test_minger_foreign_datagrams_are_not_answers():
+    for junk in (b"", b"5", b"HTTP/1.1 200 OK", b"MNGR 1.0 q1 5", b"arvel@example.com 6",
+                 b"arvel@example.com five", b"arvel@example.com 5 yes", b"arvel@example.com5",
+                 b"\xff@example.com 5"):
         with pytest.raises(ValueError):
             minger.decode_answer(junk)
+
+
+def test_minger_shared_secret_must_fit_the_drafts_syntax(tmp_path):
+    # Section 2.1: shared-secret = 1*50(VCHAR).
+    for name, secret in (("long", "x" * 51), ("spaced", "a secret with spaces in it")):
+        path = tmp_path / name
+        path.write_text(secret + "\n")
+        source = parse(BASE + f"""
+verification_sources:
+  - {{name: m, type: minger, host: a, shared_secret_file: {path}}}
+""").verification_sources[0]
+        with pytest.raises(LookupError) as error:
+            source.shared_secret()
+        assert "section 2.1" in str(error.value) and secret not in str(error.value)
+
+
+class _DraftServer(asyncio.DatagramProtocol):
+    """Answers every query with a fixed status, as section 3.2 writes it, and keeps the queries."""
+
+    def __init__(self, status: str):
+        self.status = status
+        self.received: list[bytes] = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.received.append(data)
+        mailbox = data.split(b" ")[0]
+        self.transport.sendto(b"MNGR 1.0 x 5", addr)  # not a Minger answer: ignored
+        self.transport.sendto(b"someone.else@example.com 5", addr)  # another mailbox: ignored
+        self.transport.sendto(mailbox + b" " + self.status.encode(), addr)
+
+
+def _ask_draft_server(monkeypatch, status: str, secret: str | None, address: str = "arvel@example.com"):
+    if secret is not None:
+        monkeypatch.setenv("MINGER_TEST_SECRET", secret)
+    secret_line = ", shared_secret_env: MINGER_TEST_SECRET" if secret is not None else ""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        transport, server = await loop.create_datagram_endpoint(
+            lambda: _DraftServer(status), local_addr=("127.0.0.1", 0))
+        port = transport.get_extra_info("sockname")[1]
+        source = parse(BASE + f"""
+verification_sources:
+  - {{name: m, type: minger, host: 127.0.0.1, port: {port}, timeout_seconds: 1, retries: 0{secret_line}}}
+""").verification_sources[0]
+        try:
+            return await minger.MingerClient(source).verify(address), server.received
+        finally:
+            transport.close()
+
+    return run(go())
+
+
+def test_minger_client_sends_the_drafts_query_and_reads_its_answers(monkeypatch):
+    finding, received = _ask_draft_server(monkeypatch, "5", DRAFT_SECRET)
+    assert received == [b"arvel@example.com d=" + DRAFT_DIGEST.encode()]
+    assert finding.result == "valid"
+    finding, received = _ask_draft_server(monkeypatch, "3", None)
+    assert received == [b"arvel@example.com"]
+    assert finding.result == "invalid" and "no such address" in finding.detail
+    finding, _ = _ask_draft_server(monkeypatch, "4", None)
+    assert finding.result == "invalid" and "does not accept" in finding.detail
+
+
+@pytest.mark.parametrize("status, words", [("0", "invalid request"), ("1", "access denied"),
+                                           ("2", "bad or missing credentials")])
+def test_minger_error_statuses_make_the_source_unavailable(monkeypatch, status, words):
+    with pytest.raises(SourceUnavailable) as error:
+        _ask_draft_server(monkeypatch, status, DRAFT_SECRET)
+    assert words in str(error.value) and DRAFT_SECRET not in str(error.value)
 
 
 def test_delivery_routes_a_created_domain_to_the_domain_mail_servers(tmp_path):

@@ -234,7 +234,10 @@ transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
+# Kafka's default: members of an empty group that start together join one
+# rebalance (a second Faust worker, say), instead of the first taking every
+# partition and a rebalance moving them while transactions are open.
+group.initial.rebalance.delay.ms=3000
 EOF
   if [[ -n "${BULWARK_KAFKA_EXTRA_CONFIG:-}" ]]; then
     printf '\n# BULWARK_KAFKA_EXTRA_CONFIG\n%s\n' "$BULWARK_KAFKA_EXTRA_CONFIG" >>"$PROPS"

@@ -11,18 +11,26 @@ import time
 import urllib.error
 import urllib.request
 
+from bulwark.settings import Settings
 from schemas import events as ev
 from schemas.topics import BANS
 
 
 def web_url(gateway) -> str:
-    return f"http://127.0.0.1:{gateway.settings.streams_web_port}"
+    return f"https://127.0.0.1:{gateway.settings.streams_web_port}"
+
+
+def web_context() -> ssl.SSLContext:
+    """Trusting only the certificate the workers serve (the gateway's: ingest/tls.py)."""
+    from ingest.tls import certificate_path, client_context
+
+    return client_context(certificate_path(Settings.from_env()))
 
 
 def get_json(url: str) -> dict | None:
     """The worker's answer, or None while it cannot answer (starting, rebalancing)."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(url, timeout=30, context=web_context()) as response:
             return json.load(response)
     except (urllib.error.URLError, OSError, ValueError):
         return None

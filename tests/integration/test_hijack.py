@@ -98,7 +98,8 @@ def test_disabling_drops_the_session_notifies_and_enable_restores(gateway, tmp_p
         for n in range(LIMIT):
             assert send(client, address, n)[0] == 250
         [changed] = gateway.wait_records(lambda r: isinstance(r.event, ev.AccountStateChanged) and not r.event.enabled,
-                                         [ACCOUNT_STATE.name], keys={address}, what="the account disabled")
+                                         [ACCOUNT_STATE.name], keys={address}, what="the account disabled",
+                                         timeout=90)
         assert changed.event.by == "account-hijack-detection"
         assert changed.event.details["messages"] == LIMIT and changed.event.details["client_ips"] == [ip]
 

@@ -64,6 +64,13 @@ def test_kafka_down_gives_451_and_mail_flows_again_when_it_is_back(gateway):
     assert after["Message-ID"] in {e.header_message_id for e in received}
     assert not gateway.downstream.matching(lambda d: "during the outage" in d.text)
 
+    # The broker's restart rebalanced the Faust worker; under exactly_once
+    # that can leave it wedged on some partitions (README, known limits).
+    # Leave the tests after this one a clean worker, as a service manager
+    # restarting it would.
+    gateway.stack.stop("streams")
+    gateway.stack.start("streams", ["streams", "worker"])
+
 
 def test_blob_store_unavailable_gives_451(gateway, tmp_path):
     blocker = tmp_path / "not-a-directory"
