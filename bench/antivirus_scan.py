@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from email.message import EmailMessage
 
-from bench._stack import free_port
+from bulwark.devstack import free_port
 from bulwark.policy import parse
 from bulwark.settings import REPO_ROOT
 from schemas.events import Envelope

@@ -18,7 +18,7 @@ import statistics
 import time
 import urllib.request
 
-from bench._stack import free_port, local_stack
+from bench._stack import local_stack
 from bulwark.settings import Settings
 
 LIMIT = 5
@@ -64,8 +64,7 @@ def one_client(settings: Settings, ip: str) -> float:
 
 
 def run() -> None:
-    extra = {"BULWARK_SUBMISSION_PORT": str(free_port()), "BULWARK_SUBMISSIONS_PORT": str(free_port())}
-    with local_stack(POLICY, components=("streams", "ingest"), extra_env=extra) as (settings, stack):
+    with local_stack(POLICY, components=("streams", "ingest")) as (settings, stack):
         deadline = time.monotonic() + 180
         while not worker_ready(settings):
             if time.monotonic() > deadline:

@@ -9,6 +9,7 @@ to be ready, and stops them all, in reverse order, on Ctrl-C.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import signal
 import socket
 import subprocess
@@ -43,6 +44,48 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def private_environment(root: Path, policy: Path) -> dict[str, str]:
+    """Variables for a stack of its own (tests, benchmarks): its own
+    directory and a free loopback port for every listener, so it runs beside
+    `make run` and beside another such stack."""
+    return {
+        "BULWARK_DATA_DIR": str(root),
+        "BULWARK_POLICY": str(policy),
+        "BULWARK_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "BULWARK_KAFKA_CONTROLLER_PORT": str(free_port()),
+        "BULWARK_SMTP_PORT": str(free_port()),
+        "BULWARK_SUBMISSION_PORT": str(free_port()),
+        "BULWARK_SUBMISSIONS_PORT": str(free_port()),
+        "BULWARK_MAILBOX_PORT": str(free_port()),
+        "BULWARK_STREAMS_WEB_PORT": str(free_port()),
+        # A private clamd with the project's own signature database.
+        "BULWARK_CLAMD_PORT": str(free_port()),
+        "BULWARK_CLAMD_DIR": str(root / "clamd"),
+        "BULWARK_CLAMAV_DB": "",
+    }
+
+
+@contextmanager
+def environment(variables: dict[str, str]):
+    """Set these environment variables for the block, then put back what was there."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -117,10 +160,10 @@ class LocalStack:
         return subprocess.run([sys.executable, "-m", "bulwark.cli", *args], env=self.env, check=check,
                               capture_output=True, text=True)
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "bulwark.cli", *args], env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "bulwark.cli", *args], env={**self.env, **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc

@@ -9,9 +9,7 @@ starts them; the downstream mail server is the programmable one in
 from __future__ import annotations
 
 import asyncio
-import os
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bulwark.devstack import COMPONENTS, LocalStack
+from bulwark.devstack import COMPONENTS, LocalStack, environment, free_port, private_environment, wait_for_port
 from bulwark.kafka import Record, read_topics
 from bulwark.settings import Settings
 from schemas.topics import ALL_TOPICS
@@ -36,10 +34,6 @@ TRUSTED_SERVER_IP = "127.0.0.10"
 SCREENING_ALLOW_LISTED_IP = "127.0.0.60"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_policy(path: Path, downstream_port: int, verification: VerificationServers | None = None) -> None:
@@ -163,61 +157,41 @@ class Gateway:
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory) -> Gateway:
     root = tmp_path_factory.mktemp("bulwark")
-    kafka_port, downstream_port = free_port(), free_port()
+    downstream_port = free_port()
     downstream, controller = start_downstream(downstream_port)
     verification = start_verification_servers(root / "verification")
     policy = root / "policy.yaml"
     write_policy(policy, downstream_port, verification)
     env = {
-        "BULWARK_DATA_DIR": str(root),
-        "BULWARK_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
-        "BULWARK_KAFKA_CONTROLLER_PORT": str(free_port()),
-        "BULWARK_POLICY": str(policy),
-        "BULWARK_SMTP_PORT": str(free_port()),
-        "BULWARK_SUBMISSION_PORT": str(free_port()),
-        "BULWARK_SUBMISSIONS_PORT": str(free_port()),
-        "BULWARK_MAILBOX_PORT": str(free_port()),
-        "BULWARK_STREAMS_WEB_PORT": str(free_port()),
+        **private_environment(root, policy),
+        # Short enough that the outage test's 451 comes quickly.
         "BULWARK_KAFKA_REQUEST_TIMEOUT_MS": "5000",
         "BULWARK_DELIVERY_POLL_SECONDS": "0.2",
-        # A private clamd with the project's own signature database (even
-        # where an operator's BULWARK_CLAMAV_DB is set: the tests know its names).
-        "BULWARK_CLAMD_PORT": str(free_port()),
-        "BULWARK_CLAMD_DIR": str(root / "clamd"),
-        "BULWARK_CLAMAV_DB": "",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    settings = Settings.from_env()
-    stack = LocalStack.from_settings(settings)
-    try:
-        stack.start_kafka()
-        stack.start_clamd()
-        stack.ensure_topics()
-        for name, args in COMPONENTS:
-            if name != "mailbox":  # the test's own downstream server plays that part
-                stack.start(name, args)
-        from bulwark.devstack import wait_for_port
-
-        wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
-        gw = Gateway(settings, stack, downstream, verification)
-        # Warm-up: the first message proves every stage is consuming.
-        msg = gw.message("warmup@partner.test", [f"warmup@{LOCAL_DOMAIN}"], "warm-up")
-        gw.send(msg)
-        downstream.wait_for(lambda d: "warm-up" in d.text, timeout=120, what="warm-up delivery")
-        yield gw
-    except BaseException:
-        for name, _ in COMPONENTS:
-            print(f"--- {name} ---\n{stack.log_tail(name, 80)}", file=sys.stderr)
-        raise
-    finally:
+    with environment(env):
+        settings = Settings.from_env()
+        stack = LocalStack.from_settings(settings)
         try:
-            stack.stop_all()
-            controller.stop()
+            stack.start_kafka()
+            stack.start_clamd()
+            stack.ensure_topics()
+            for name, args in COMPONENTS:
+                if name != "mailbox":  # the test's own downstream server plays that part
+                    stack.start(name, args)
+            wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
+            gw = Gateway(settings, stack, downstream, verification)
+            # Warm-up: the first message proves every stage is consuming.
+            msg = gw.message("warmup@partner.test", [f"warmup@{LOCAL_DOMAIN}"], "warm-up")
+            gw.send(msg)
+            downstream.wait_for(lambda d: "warm-up" in d.text, timeout=120, what="warm-up delivery")
+            yield gw
+        except BaseException:
+            for name, _ in COMPONENTS:
+                print(f"--- {name} ---\n{stack.log_tail(name, 80)}", file=sys.stderr)
+            raise
         finally:
-            verification.stop()  # slapd and the others, even when stopping the stack failed
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            try:
+                stack.stop_all()
+                controller.stop()
+            finally:
+                verification.stop()  # slapd and the others, even when stopping the stack failed

