@@ -64,27 +64,18 @@ def _where(replies: list[clamav.Reply]) -> str:
 def results(scan: clamav.MessageScan) -> list[CheckResult]:
     """The named results of one message's scan (pure: no I/O)."""
     found: list[CheckResult] = []
-    viruses = scan.of_kind("virus")
-    if viruses:
-        found.append(CheckResult(
-            check=NAME, name=VIRUS_FOUND, outcome="hit", version=scan.version,
-            detail=f"infected: {_where(viruses)}",
-            evidence=sorted({r.detail for r in viruses if r.detail}),
-        ))
-    unscannable = scan.of_kind("unscannable")
-    if unscannable:
-        found.append(CheckResult(
-            check=NAME, name=UNSCANNABLE, outcome="fail", version=scan.version,
-            detail=f"cannot be scanned: {_where(unscannable)}",
-            evidence=sorted({r.detail for r in unscannable if r.detail}),
-        ))
-    failed = scan.of_kind("failed")
-    if failed:
-        found.append(CheckResult(
-            check=NAME, name=FAIL, outcome="fail", version=scan.version,
-            detail=f"not scanned: {_where(failed)}",
-            evidence=sorted({r.detail for r in failed if r.detail}),
-        ))
+    for kind, name, outcome, label in (
+        ("virus", VIRUS_FOUND, "hit", "infected"),
+        ("unscannable", UNSCANNABLE, "fail", "cannot be scanned"),
+        ("failed", FAIL, "fail", "not scanned"),
+    ):
+        targets = scan.of_kind(kind)
+        if targets:
+            found.append(CheckResult(
+                check=NAME, name=name, outcome=outcome, version=scan.version,
+                detail=f"{label}: {_where(targets)}",
+                evidence=sorted({r.detail for r in targets if r.detail}),
+            ))
     return found or [CheckResult(check=NAME, name=CLEAN, outcome="pass", version=scan.version)]
 
 
