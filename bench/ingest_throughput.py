@@ -16,11 +16,13 @@ import aiosmtplib
 
 from bench._stack import local_stack
 
+# Ingest alone: no stream worker, so no verdict to wait for at end of DATA.
 POLICY = """
 hostname: bench.example.test
 local_domains: [example.test]
 mail_servers:
   - {name: sink, host: 127.0.0.1, port: 9, default: true}
+inline_refusal: {enabled: false}
 """
 
 # A 10 KB message in 76-character lines, as a mail client would send it.
