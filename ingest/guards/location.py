@@ -116,7 +116,8 @@ class LocationGuard:
         session.client_country = country
         return country, None
 
-    async def on_connect(self, session: "GatewaySession") -> Refusal | None:
+    def _screen(self, session: "GatewaySession", refuse, reply: str, reason: str, close: bool) -> Refusal | None:
+        """Refuse when the client's country is in ``refuse(screening)``."""
         policy = current(self.policy)
         screening = policy.location_screening
         if not screening.enabled or allow_listed(policy, session, "location_screening"):
@@ -124,21 +125,19 @@ class LocationGuard:
         country, failed = self._country(policy, session)
         if failed:
             return failed
-        if country in screening.refuse_connections_from:
-            # RFC 5321 3.1: 554 instead of the greeting refuses the session.
-            return Refusal(f"554 5.7.1 No SMTP service for connections from your location ({country})",
-                           f"location screening: connection from {country}", close=True)
+        if country in refuse(screening):
+            return Refusal(reply.format(country=country), reason.format(country=country), close=close)
         return None
 
+    async def on_connect(self, session: "GatewaySession") -> Refusal | None:
+        # RFC 5321 3.1: 554 instead of the greeting refuses the session.
+        return self._screen(
+            session, lambda s: s.refuse_connections_from,
+            "554 5.7.1 No SMTP service for connections from your location ({country})",
+            "location screening: connection from {country}", close=True)
+
     async def on_auth(self, session: "GatewaySession", login: str) -> Refusal | None:
-        policy = current(self.policy)
-        screening = policy.location_screening
-        if not screening.enabled or allow_listed(policy, session, "location_screening"):
-            return None
-        country, failed = self._country(policy, session)
-        if failed:
-            return failed
-        if country in screening.refuse_auth_from or country in screening.refuse_connections_from:
-            return Refusal(f"554 5.7.1 Authentication is not accepted from your location ({country})",
-                           f"location screening: AUTH from {country}")
-        return None
+        return self._screen(
+            session, lambda s: {*s.refuse_auth_from, *s.refuse_connections_from},
+            "554 5.7.1 Authentication is not accepted from your location ({country})",
+            "location screening: AUTH from {country}", close=False)
