@@ -5,12 +5,15 @@ mirrors would flag it, and no package ships a macro-bearing Office document.
 The documents are built from the specifications instead:
 
 - a minimal Compound File writer (MS-CFB, version 3, 512-byte sectors, with a
-  mini stream for small streams) for .doc/.xls and OOXML's vbaProject.bin;
+  mini stream for small streams) for .doc/.xls/.ppt and OOXML's vbaProject.bin;
   olefile only rewrites streams in place and cannot create a file, so it is
   hand-written here;
 - a VBA project (MS-OVBA 2.3): the PROJECT stream, VBA/_VBA_PROJECT, the
   VBA/dir stream and one module stream, compressed with literal-only chunks
   (MS-OVBA 2.4.1: a valid CompressedContainer that never uses copy tokens);
+- a PowerPoint 97-2003 presentation (MS-PPT): the Current User and PowerPoint
+  Document streams, the VBA project storage zlib-compressed in a record of the
+  latter, found through the persist object directory;
 - an Excel 4 (XLM) macro sheet: a BIFF8 Workbook stream whose BOUNDSHEET
   record declares an "Excel 4.0 macro sheet";
 - OOXML packages (.docm, .xlsm, .pptm): a zip with [Content_Types].xml and the
@@ -120,6 +123,7 @@ _STORAGE, _STREAM, _ROOT = 1, 2, 5
 
 WORD97_CLSID = "00020906-0000-0000-C000-000000000046"
 EXCEL97_CLSID = "00020820-0000-0000-C000-000000000046"
+POWERPOINT97_CLSID = "64818D10-4F9B-11CF-86EA-00AA00B929E8"
 
 
 def _clsid(text: str | None) -> bytes:
@@ -338,6 +342,114 @@ def plain_word97() -> bytes:
     """A Word 97-2003 .doc without macros (a false-positive check)."""
     word_document = struct.pack("<HH", 0xA5EC, 0x00C1) + bytes(508)
     return compound_file({"WordDocument": word_document, "1Table": bytes(512)}, root_clsid=WORD97_CLSID)
+
+
+# -- MS-PPT: a PowerPoint 97-2003 presentation --------------------------------------------
+
+
+def _ppt_record(rec_type: int, data: bytes, version: int = 0, instance: int = 0) -> bytes:
+    """A RecordHeader (MS-PPT 2.3.1: recVer 4 bits, recInstance 12 bits, recType, recLen) and its data."""
+    return struct.pack("<HHI", version | instance << 4, rec_type, len(data)) + data
+
+
+def _ppt_document_container(vba_persist_id: int | None) -> bytes:
+    """A DocumentContainer (MS-PPT 2.4.1): its DocumentAtom, the VBA reference, its EndDocumentAtom.
+
+    With `vba_persist_id`, a DocInfoListContainer (2.4.4) holds a VBAInfoContainer
+    (recLen 0x14) whose VBAInfoAtom names the persist object of the VBA project
+    storage (a VbaProjectStg, 2.10.40). Only what a VBA lookup reads is here:
+    the text styles, drawing group and master list a presentation also needs
+    are left out.
+    """
+    document_atom = _ppt_record(0x03E9, struct.pack(  # RT_Document atom, recVer 1
+        "<iiiiiiIIHHBBBB",
+        5760, 4320,  # slideSize: 10 x 7.5 inches in master units (576 per inch)
+        4320, 5760,  # notesSize
+        1, 2,        # serverZoom: 1/2
+        0, 0,        # notesMasterPersistIdRef, handoutMasterPersistIdRef: none
+        1, 0,        # firstSlideNumber, slideSizeType: SS_Screen
+        0, 0, 0, 1,  # fSaveWithFonts, fOmitTitlePlace, fRightToLeft, fShowComments
+    ), version=1)
+    children = [document_atom]
+    if vba_persist_id is not None:
+        # persistIdRef, fHasMacros = 1, version = 2
+        vba_info_atom = _ppt_record(0x0400, struct.pack("<III", vba_persist_id, 1, 2), version=2)
+        vba_info = _ppt_record(0x03FF, vba_info_atom, version=0xF, instance=1)  # RT_VbaInfo
+        children.append(_ppt_record(0x07D0, vba_info, version=0xF))  # RT_List: DocInfoListContainer
+    children.append(_ppt_record(0x03EA, b""))  # RT_EndDocumentAtom
+    return _ppt_record(0x03E8, b"".join(children), version=0xF)
+
+
+def _powerpoint_document(objects: list[bytes]) -> tuple[bytes, int]:
+    """The PowerPoint Document stream (MS-PPT 2.1.2) of one user edit, and that edit's offset.
+
+    The persist objects get persist ids 1, 2, ... in order (1 is the
+    DocumentContainer, docPersistIdRef); then a PersistDirectoryAtom (2.3.4)
+    maps those ids to their stream offsets and a UserEditAtom (2.3.3) points at
+    it. The Current User stream points at the UserEditAtom: that chain is how a
+    reader resolves a persist id (2.1.2, "Part 1").
+    """
+    stream, offsets = b"", []
+    for record in objects:
+        offsets.append(len(stream))
+        stream += record
+    directory_offset = len(stream)
+    # PersistDirectoryEntry (2.3.5): persistId 20 bits, cPersist 12 bits, then the offsets.
+    entry = struct.pack("<I", 1 | len(offsets) << 20) + struct.pack(f"<{len(offsets)}I", *offsets)
+    stream += _ppt_record(0x1772, entry)  # RT_PersistDirectoryAtom
+    edit_offset = len(stream)
+    stream += _ppt_record(0x0FF5, struct.pack(  # RT_UserEditAtom
+        "<IHBBIIIIHH",
+        0,                 # lastSlideIdRef: no slides
+        0, 0, 3,           # version, minorVersion 0, majorVersion 3
+        0,                 # offsetLastEdit: this is the only edit
+        directory_offset,  # offsetPersistDirectory
+        1,                 # docPersistIdRef: the DocumentContainer
+        len(offsets) + 1,  # persistIdSeed: above every persist id in use
+        1, 0,              # lastView: VT_SlideView; unused
+    ))
+    return stream, edit_offset
+
+
+def _current_user(edit_offset: int, user: bytes = b"Bulwark") -> bytes:
+    """The Current User stream (MS-PPT 2.1.1): one CurrentUserAtom (2.3.2)."""
+    return _ppt_record(0x0FF6, struct.pack(  # RT_CurrentUserAtom
+        "<IIIHHBBH",
+        0x14,         # size
+        0xE391C05F,   # headerToken: not encrypted
+        edit_offset,  # offsetToCurrentEdit
+        len(user),    # lenUserName
+        0x03F4, 3, 0, 0,  # docFileVersion, majorVersion, minorVersion, unused
+    ) + user + struct.pack("<I", 8) + user.decode("latin-1").encode("utf-16-le"))  # relVersion, unicode name
+
+
+def _powerpoint97(objects: list[bytes]) -> bytes:
+    document, edit_offset = _powerpoint_document(objects)
+    return compound_file({"Current User": _current_user(edit_offset), "PowerPoint Document": document},
+                         root_clsid=POWERPOINT97_CLSID)
+
+
+def powerpoint97_with_vba(source: str = AUTO_OPEN_MACRO) -> bytes:
+    """A PowerPoint 97-2003 .ppt carrying a VBA project.
+
+    MS-PPT keeps the VBA project storage inside the PowerPoint Document
+    stream: a VbaProjectStgCompressedAtom (2.10.42; record type
+    RT_ExternalOleObjectStg 0x1011, shared with ExOleObjStg, recInstance 1 =
+    compressed) holds decompressedSize and the zlib (RFC 1950) compressed
+    storage, itself a Compound File whose root is the VBA project (MS-OVBA
+    2.2.1, as in OOXML's vbaProject.bin). It is persist object 2, which the
+    DocumentContainer's VBAInfoAtom references. Persist objects are top-level
+    records of the stream, which is where ClamAV looks: it walks the top-level
+    record headers and inflates every 0x1011 record it meets.
+    """
+    storage = vba_project_bin(source)
+    vba_stg = _ppt_record(0x1011, struct.pack("<I", len(storage)) + zlib.compress(storage), instance=1)
+    return _powerpoint97([_ppt_document_container(vba_persist_id=2), vba_stg])
+
+
+def plain_powerpoint97() -> bytes:
+    """A PowerPoint 97-2003 .ppt without macros (a false-positive check)."""
+    return _powerpoint97([_ppt_document_container(vba_persist_id=None)])
 
 
 # -- Excel 4 (XLM) macro sheet ----------------------------------------------------------

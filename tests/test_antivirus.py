@@ -257,8 +257,9 @@ def _evidence(files: dict[str, bytes], **settings) -> macros.Findings:
     ("invoice.docm", samples.ooxml_with_vba("docm"), "VBA", "AutoOpen"),
     ("prices.xlsm", samples.ooxml_with_vba("xlsm"), "VBA", "AutoOpen"),
     ("deck.pptm", samples.ooxml_with_vba("pptm"), "VBA", "AutoOpen"),
+    ("deck.ppt", samples.powerpoint97_with_vba(), "VBA", "AutoOpen"),
     ("holiday.jpg", samples.ooxml_with_vba("docm"), "VBA", "AutoOpen"),  # renamed: found by content
-], ids=["doc", "xls-vba", "xls-xlm", "docm", "xlsm", "pptm", "renamed-docm"])
+], ids=["doc", "xls-vba", "xls-xlm", "docm", "xlsm", "pptm", "ppt", "renamed-docm"])
 def test_olevba_names_macro_type_triggers_and_keywords(name, data, kind, trigger):
     found = _evidence({name: data})
     assert found.documents == [name]
@@ -288,8 +289,8 @@ def test_archives_past_the_limits_or_encrypted_are_unscannable():
 
 def test_documents_without_macros_and_plain_text_are_clean():
     # olevba reads any text as VBA source; only Office containers are documents.
-    found = _evidence({"report.doc": samples.plain_word97(), "notes.txt": b"Sub AutoOpen()\nShell x\nEnd Sub\n",
-                       "eicar.com": samples.EICAR})
+    found = _evidence({"report.doc": samples.plain_word97(), "slides.ppt": samples.plain_powerpoint97(),
+                       "notes.txt": b"Sub AutoOpen()\nShell x\nEnd Sub\n", "eicar.com": samples.EICAR})
     assert found == macros.Findings(members_read=0)
     assert [r.name for r in macros.results(found, MessageScan([], VERSION))] == ["MACROS_CLEAN"]
 

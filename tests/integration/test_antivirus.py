@@ -134,8 +134,8 @@ def test_unscannable_archive_is_quarantined(gateway, label, files, heuristic):
 
 
 def test_clean_attachment_is_delivered_with_the_scan_on_record(gateway):
-    msg = _message(gateway, "clean", {"report.doc": samples.plain_word97(), "notes.zip": samples.zipped(
-        {"notes.txt": b"nothing to see\n"})})
+    msg = _message(gateway, "clean", {"report.doc": samples.plain_word97(), "slides.ppt": samples.plain_powerpoint97(),
+                                      "notes.zip": samples.zipped({"notes.txt": b"nothing to see\n"})})
     code, _ = _send(gateway, msg)
     assert code == 250
     verdict = _verdict(gateway, msg)
@@ -178,10 +178,11 @@ def test_with_clamd_stopped_mail_is_quarantined_as_unscanned(gateway):
     ("macro-docm", {"invoice.docm": samples.ooxml_with_vba("docm")}, "VBA", "AutoOpen", "VBA"),
     ("macro-xlsm", {"prices.xlsm": samples.ooxml_with_vba("xlsm")}, "VBA", "Workbook_Open", "VBA"),
     ("macro-pptm", {"deck.pptm": samples.ooxml_with_vba("pptm")}, "VBA", "AutoOpen", "VBA"),
+    ("macro-ppt", {"deck.ppt": samples.powerpoint97_with_vba()}, "VBA", "AutoOpen", "VBA"),
     ("macro-renamed", {"invoice.pdf": samples.ooxml_with_vba("docm")}, "VBA", "AutoOpen", "VBA"),
     ("macro-zipped", {"documents.zip": samples.zipped({"q3/invoice.doc": samples.word97_with_vba()})},
      "VBA", "AutoOpen", "VBA"),
-], ids=["doc", "xls-vba", "xls-xlm", "docm", "xlsm", "pptm", "renamed", "zipped"])
+], ids=["doc", "xls-vba", "xls-xlm", "docm", "xlsm", "pptm", "ppt", "renamed", "zipped"])
 def test_office_macros_are_flagged_with_evidence(gateway, label, files, kind, trigger, heuristic):
     msg = _message(gateway, label, files)
     code, _ = _send(gateway, msg)
