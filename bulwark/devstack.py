@@ -183,8 +183,8 @@ class LocalStack:
         """Start again every component that exited, as a service manager would.
 
         Every component recovers its state from Kafka and its own stores, so
-        a restart is always safe; a Faust worker, for one, stops itself when a
-        rebalance leaves its exactly-once transactions inconsistent.
+        a restart is always safe (a Faust worker rebuilds its tables from
+        their changelogs after anything but a clean stop).
         """
         restarted = []
         now = time.monotonic()
@@ -217,6 +217,9 @@ class LocalStack:
                         wait_for_port(self.settings.smtp_host, port, 10, proc)
 
     def stop_all(self, kafka: bool = True) -> None:
+        # Extra processes first (a second worker, say), then the components in reverse order.
+        for name in [n for n in self.procs if n not in dict(COMPONENTS)]:
+            self.stop(name)
         for name, _ in reversed(COMPONENTS):
             self.stop(name)
         if kafka:  # the infrastructure: clamd and the broker

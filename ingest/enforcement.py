@@ -23,12 +23,9 @@ async def start_abuse_guards(settings: Settings, policy: Any, accounts: Any) -> 
     ``accounts`` is the AccountDirectory (it already follows accounts.state,
     where disabled accounts are).
     """
-    # read_uncommitted: the streams publish under exactly-once, so a
-    # read_committed view would see a ban only when the worker's transaction
-    # commits (every 2.8 s in Faust). A fact from a transaction that is then
-    # aborted is published again when the worker reprocesses the same events
-    # (the decision is a function of them), so enforcing it early is safe.
-    bans = StateView(settings, BANS, isolation_level="read_uncommitted")
-    limits = StateView(settings, HIJACK_LIMITS, isolation_level="read_uncommitted")
+    # The workers publish these facts without transactions (streams/once.py),
+    # so they are visible the moment the broker has them.
+    bans = StateView(settings, BANS)
+    limits = StateView(settings, HIJACK_LIMITS)
     await asyncio.gather(bans.start(), limits.start())
     return [DynamicScreeningGuard(policy, bans), AccountHijackGuard(policy, accounts.is_disabled, limits)]

@@ -24,6 +24,7 @@ from bulwark.settings import Settings
 from schemas import codec
 from schemas.events import CheckResult, MessageReceived
 from schemas.topics import RECEIVED, VERDICTS, TopicSpec, record_key
+from streams import transport
 from streams.checks import run_checks
 from streams.message import Message
 from streams.verdict import decide
@@ -99,7 +100,8 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
     blobs = BlobStore(settings.blob_dir)
     app = faust.App(
         "bulwark-streams",
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        # Faust's Kafka driver, reading committed records only (streams/transport.py).
+        broker=f"{transport.SCHEME}://{settings.kafka_bootstrap}",
         store="rocksdb://",
         datadir=str(settings.data_dir / "streams"),
         autodiscover=False,
@@ -109,10 +111,14 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         topic_replication_factor=1,
         topic_partitions=RECEIVED.partitions,
         producer_acks=-1,
-        # Exactly-once: verdicts and table updates are committed in the same
-        # transaction as the consumed offsets, and the consumer reads only
-        # committed records (ingest's mail.received is transactional).
-        processing_guarantee="exactly_once",
+        # At-least-once, with every effect idempotent: Faust flushes the
+        # table changelogs and waits for the sends before it commits an
+        # offset, and a record delivered again changes nothing (counters:
+        # streams/once.py; verdicts: the content-judged table, and the sinks
+        # key their work by message id). Faust's exactly_once loses and
+        # doubles counts when partitions move between workers (once.py says
+        # why), so it is not used.
+        processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
         # The leader topic would need auto-creation; Bulwark has no leader-only timers.
         topic_disable_leader=True,
@@ -196,12 +202,13 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     datadir.mkdir(parents=True, exist_ok=True)
     clean_stop = datadir / "clean-shutdown"
     if not clean_stop.exists() and Path(app.conf.tabledir).exists():
-        # Faust writes table values to RocksDB as it processes, but under
-        # exactly_once their changelog records and source offsets commit
-        # only with the transaction. After a crash the local store can hold
-        # updates whose transaction was aborted; the records are then
-        # processed again and counted twice. So after anything but a clean
-        # stop the tables are rebuilt from their changelogs (read_committed).
+        # Faust writes table values to RocksDB as it processes, and their
+        # changelog records a moment later. After a crash the local store
+        # can hold updates that never reached the changelog: the worker
+        # would take them for done when the records come again, and a
+        # worker that later takes the partition over would never see them.
+        # So after anything but a clean stop the tables are rebuilt from
+        # their changelogs, the one copy every worker shares.
         log.warning("last stop was not clean: rebuilding the tables from their changelogs")
         shutil.rmtree(app.conf.tabledir)
     clean_stop.unlink(missing_ok=True)

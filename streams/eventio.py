@@ -30,19 +30,20 @@ def decode_record(record) -> Event | None:
         return None
 
 
-async def send_event(topic: faust.TopicT, event: Event, key: bytes | None = None) -> None:
+async def send_event(topic: faust.TopicT, event: Event, key: bytes | None = None,
+                     headers: list[tuple[str, bytes]] = ()) -> None:
     """Publish an event from an agent and wait for the broker.
 
-    Inside an agent under exactly_once the send joins the transaction of the
-    record being processed, so the event and the table updates it goes with
-    are committed together, or not at all. The record timestamp is the
-    event's own time, as everywhere in Bulwark.
+    Waiting means the event is on the topic before the record that caused it
+    is acknowledged, so its offset is never committed ahead of the event
+    (at-least-once: a crash can publish it twice, never zero times). The
+    record timestamp is the event's own time, as everywhere in Bulwark.
     """
-    value, headers = codec.encode(event)
+    value, codec_headers = codec.encode(event)
     sent = await topic.send(
         key=key if key is not None else record_key(topic_for(type(event)), event),
         value=value,
-        headers=headers,
+        headers=[*codec_headers, *headers],
         timestamp=event.occurred_at.timestamp(),
     )
     await sent

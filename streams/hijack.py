@@ -86,8 +86,9 @@ def add_message(old: dict | None, increment: dict) -> dict:
 
 
 def decide(account: str, counts: dict, window: tuple[float, float], event: ev.MessageReceived,
-           policy: "Policy") -> ev.Event | None:
+           policy: "Policy", event_id: str | None = None) -> ev.Event | None:
     """The fact an account's count calls for, if it reached the limit. Pure."""
+    fixed = {"event_id": event_id} if event_id else {}
     rules = policy.hijack
     messages = counts.get("messages", 0)
     if messages < rules.message_limit:
@@ -102,6 +103,7 @@ def decide(account: str, counts: dict, window: tuple[float, float], event: ev.Me
     }
     if rules.disable_account:
         return ev.AccountStateChanged(
+            **fixed,
             occurred_at=event.occurred_at,
             session_id=event.session_id,
             message_id=event.message_id,
@@ -113,6 +115,7 @@ def decide(account: str, counts: dict, window: tuple[float, float], event: ev.Me
             details=details,
         )
     return ev.AccountLimitReached(
+        **fixed,
         occurred_at=event.occurred_at,
         session_id=event.session_id,
         message_id=event.message_id,
@@ -131,6 +134,7 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
     from faust import current_event
 
     from streams.eventio import decode_record, send_event
+    from streams.once import applied, cleared, event_id, once, source_of
 
     rules = holder.current.hijack
     size = timedelta(minutes=rules.window_minutes).total_seconds()
@@ -161,7 +165,10 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
                 continue
             account = account_of(event, holder.current)
             if account is not None:
-                await send_event(account_messages, event, key=account.encode())
+                # With its origin: a message forwarded twice (this record
+                # delivered again) is counted once (streams/once.py).
+                await send_event(account_messages, event, key=account.encode(),
+                                 headers=[source_of(record).header()])
 
     channel = app.topic(account_messages.get_topic_name(), account_state.get_topic_name(),
                         key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -171,12 +178,15 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
         await holder.start()
         async for record in stream.events():
             event = decode_record(record)
+            # Records can arrive twice (at-least-once), forwarded ones with
+            # their origin: each is counted once (streams/once.py).
+            source = source_of(record)
             if isinstance(event, ev.AccountStateChanged):
                 key = account_key(event.address)
                 states[key] = event.model_dump(mode="json")
                 if event.enabled:
                     # Re-enabled: the messages before it no longer count.
-                    del counters[key]
+                    counters[key].apply(once(cleared, source), None)
                     reached.pop(key, None)
                 continue
             if not isinstance(event, ev.MessageReceived) or record.key is None:
@@ -186,10 +196,12 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
                 continue
             account = record.key.decode()
             windows = counters[account]
-            windows.apply(add_message, {"messages": 1, "client_ips": [event.envelope.client_ip]})
+            if applied(windows.delta(size - step), source):
+                continue  # counted (and judged) before this delivery
+            windows.apply(once(add_message, source), {"messages": 1, "client_ips": [event.envelope.client_ip]})
             oldest = window_bounds(counters.table.window.delta(current_event().message.timestamp, size - step))
             counts = windows.delta(size - step)
-            fact = decide(account, counts, oldest, event, policy)
+            fact = decide(account, counts, oldest, event, policy, event_id(event.occurred_at, source, "hijack"))
             if fact is None:
                 continue
             state = states.get(account)

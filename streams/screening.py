@@ -124,13 +124,14 @@ def exempt(policy: "Policy", ip: str) -> bool:
 
 
 def ban_for(event: ev.SessionEvent, counts: dict[str, int], window: tuple[float, float],
-            policy: "Policy") -> ev.BanIssued | None:
+            policy: "Policy", event_id: str | None = None) -> ev.BanIssued | None:
     """The ban this event's counts call for, if any. A pure function of its inputs."""
     rules = policy.screening
     over = crossed(counts, rules)
     if not over:
         return None
     return ev.BanIssued(
+        **({"event_id": event_id} if event_id else {}),
         # The ban happens in event time (the event that crossed the limit),
         # so a replay issues the same ban with the same expiry.
         occurred_at=event.occurred_at,
@@ -167,6 +168,7 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
     from faust import current_event
 
     from streams.eventio import decode_record, send_event
+    from streams.once import applied, cleared, event_id, once, source_of
 
     rules = holder.current.screening
     size = timedelta(minutes=rules.window_minutes).total_seconds()
@@ -187,12 +189,16 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
         await holder.start()
         async for record in stream.events():
             event = decode_record(record)
+            # Records can arrive twice (at-least-once): every counter update
+            # is applied once per source record (streams/once.py).
+            source = source_of(record)
             if isinstance(event, ev.BanIssued):
                 active_bans[event.client_ip] = event.model_dump(mode="json")
                 continue
             if isinstance(event, ev.BanLifted):
                 active_bans.pop(event.client_ip, None)
-                del counters[event.client_ip]  # every window that holds the events before the unban
+                # Every window that holds the events before the unban.
+                counters[event.client_ip].apply(once(cleared, source), None)
                 continue
             if not isinstance(event, ev.SessionEvent):
                 continue
@@ -202,19 +208,23 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
                 continue
             ip = event.client_ip
             windows = counters[ip]
-            windows.apply(add_counts, {counter: 1})
-            # The oldest window holding this event: the last M minutes.
+            # The oldest window holding this event is the last M minutes.
+            if applied(windows.delta(size - step), source):
+                continue  # counted (and judged) before this delivery
+            windows.apply(once(add_counts, source), {counter: 1})
             oldest = counters.table.window.delta(current_event().message.timestamp, size - step)
             counts = windows.delta(size - step)
-            ban = ban_for(event, counts, window_bounds(oldest), policy)
+            ban = ban_for(event, counts, window_bounds(oldest), policy, event_id(event.occurred_at, source, "ban"))
             if ban is None:
                 continue
             await send_event(bans, ban)
             # The evidence is spent: after the ban (or its early lifting) the
             # client starts from zero, so the ban is not issued again at
             # once. A client that keeps hammering while banned (refused
-            # connections still count) earns a new, later ban.
-            del counters[ip]
+            # connections still count) earns a new, later ban. Windows that
+            # do not hold this event end before it: only what comes later
+            # counts in them.
+            windows.apply(cleared, None)
             log.warning("banned %s until %s: %s", ip, ban.expires_at.isoformat(timespec="seconds"), ban.reason)
 
     return {"counters": counters, "bans": active_bans, "agent": dynamic_screening, "size": size, "step": step}

@@ -16,7 +16,7 @@ from bulwark.policy_runtime import PolicyHolder
 from schemas import codec
 from schemas import events as ev
 from schemas.topics import ACCOUNT_STATE, BANS, HIJACK_LIMITS, RECEIVED, SESSIONS
-from streams import eventio, hijack, screening
+from streams import eventio, hijack, once, screening
 
 T0 = datetime(2026, 11, 2, 9, 0, 7, tzinfo=timezone.utc)
 SERVER_IP = "192.0.2.25"
@@ -33,7 +33,7 @@ def policy(**sections) -> Policy:
 
 
 class Captured(list):
-    async def __call__(self, topic, event, key=None):
+    async def __call__(self, topic, event, key=None, headers=()):
         self.append(event)
 
 
@@ -56,11 +56,11 @@ def make_app(p: Policy):
     return app, holder, raw
 
 
-async def feed(agent, events, key_of=lambda e: e.client_ip):
+async def feed(agent, events, key_of=lambda e: e.client_ip, extra_headers=lambda e: {}):
     for event in events:
         value, headers = codec.encode(event)
         await agent.put(value, key=key_of(event).encode(), timestamp=event.occurred_at.timestamp(),
-                        headers=dict(headers))
+                        headers={**dict(headers), **extra_headers(event)})
 
 
 def connects(ip: str, n: int, start=T0, every=timedelta(seconds=5)):
@@ -80,11 +80,15 @@ def failed_auths(ip: str, n: int, start=T0):
                            reason="invalid credentials") for i in range(n)]
 
 
-async def run_screening(p: Policy, events):
+async def run_screening(p: Policy, events, redelivered_from: int | None = None):
+    """Feed ``events``; then, as after a crash, deliver them again from that offset on."""
     app, holder, raw = make_app(p)
     parts = screening.install(app, holder, raw(SESSIONS), raw(BANS))
     async with parts["agent"].test_context() as agent:
         await feed(agent, events)
+        if redelivered_from is not None:
+            agent.sent_offset = redelivered_from
+            await feed(agent, events[redelivered_from:])
     return parts
 
 
@@ -156,11 +160,24 @@ async def test_domain_mail_server_and_disabled_screening_never_ban(published):
 async def test_replay_gives_the_same_bans(published):
     events = connects("198.51.100.12", 12) + failed_auths("198.51.100.13", 7)
     await run_screening(policy(), events)
-    first = [b.model_dump(exclude={"event_id"}) for b in published]
+    first = list(published)
     published.clear()
     await run_screening(policy(), events)  # a fresh table, the same topic
-    assert [b.model_dump(exclude={"event_id"}) for b in published] == first
+    assert published == first  # the same bans, down to their event ids
     assert len(first) == 3  # 12 connections: one ban; 7 failed AUTH: 3 + 3 (the 7th is left over)
+
+
+async def test_records_delivered_again_are_counted_once(published):
+    ip = "198.51.100.15"
+    # Two failed AUTHs, then both again (a crash before their offsets were
+    # committed): still two, under the limit of three.
+    await run_screening(policy(), failed_auths(ip, 2), redelivered_from=0)
+    assert published == []
+    # Five, of which the last three come again: one ban at the third, one
+    # count left over; the redelivered ban is not issued again.
+    await run_screening(policy(), failed_auths(ip, 5), redelivered_from=2)
+    [ban] = published
+    assert ban.counters["failed_auth"] == 3
 
 
 async def test_unban_clears_the_counters(published):
@@ -194,15 +211,30 @@ def test_account_of():
     assert hijack.account_of(anonymous, p) is None
 
 
-async def run_hijack(p: Policy, messages, state_changes=()):
+async def run_hijack(p: Policy, messages, state_changes=(), origin=lambda e: {}):
     app, holder, raw = make_app(p)
     parts = hijack.install(app, holder, raw(RECEIVED), raw(ACCOUNT_STATE), raw(HIJACK_LIMITS))
     detection = next(a for name, a in app.agents.items() if name.endswith("account_hijack_detection"))
     events = sorted([*messages, *state_changes], key=lambda e: e.occurred_at)
     async with detection.test_context() as agent:
         await feed(agent, events, key_of=lambda e: (e.address if isinstance(e, ev.AccountStateChanged)
-                                                    else e.envelope.authenticated_user or e.envelope.mail_from))
+                                                    else e.envelope.authenticated_user or e.envelope.mail_from),
+                   extra_headers=origin)
     return parts
+
+
+async def test_a_message_forwarded_twice_is_counted_once(published):
+    # The forwarding agent crashed and forwarded m1 and m2 again: the
+    # repartition topic holds them twice, at new offsets, with their origin.
+    first = received("alice@example.test", 3)
+    again = [m.model_copy(update={"occurred_at": m.occurred_at + timedelta(seconds=1)}) for m in first[1:]]
+    origin = {m.message_id: n for n, m in enumerate(first)}
+
+    def header(message):
+        return dict([once.Source(f"{RECEIVED.name}/0", origin[message.message_id]).header()])
+
+    await run_hijack(policy(hijack={"message_limit": 4, "window_minutes": 10}), first + again, origin=header)
+    assert published == []  # three messages, not five
 
 
 async def test_account_over_its_limit_reaches_it_once_per_window(published):

@@ -42,8 +42,7 @@ def test_kafka_down_gives_451_and_mail_flows_again_when_it_is_back(gateway):
     deadline = time.monotonic() + 90
     while True:
         # As a service manager would (make run does the same), start again
-        # whatever stopped itself: a Faust worker whose exactly-once
-        # transactions the outage left inconsistent exits and recovers.
+        # whatever stopped itself during the outage.
         gateway.stack.restart_exited()
         code, reply = _data_reply(gateway, after)
         if code == 250 or time.monotonic() > deadline:
@@ -64,12 +63,6 @@ def test_kafka_down_gives_451_and_mail_flows_again_when_it_is_back(gateway):
     assert after["Message-ID"] in {e.header_message_id for e in received}
     assert not gateway.downstream.matching(lambda d: "during the outage" in d.text)
 
-    # The broker's restart rebalanced the Faust worker; under exactly_once
-    # that can leave it wedged on some partitions (README, known limits).
-    # Leave the tests after this one a clean worker, as a service manager
-    # restarting it would.
-    gateway.stack.stop("streams")
-    gateway.stack.start("streams", ["streams", "worker"])
 
 
 def test_blob_store_unavailable_gives_451(gateway, tmp_path):
