@@ -120,6 +120,12 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         # why), so it is not used.
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
+        # A worker that dies is noticed by the group after this long, and its
+        # keys move to the others. Faust's default is 60 s, all that time
+        # without bans or limits for those keys. Heartbeats come from the
+        # consumer's own thread every 3 s, so a busy agent does not miss
+        # them.
+        broker_session_timeout=15,
         # The leader topic would need auto-creation; Bulwark has no leader-only timers.
         topic_disable_leader=True,
     )
