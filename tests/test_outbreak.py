@@ -27,17 +27,37 @@ def _message(body: str, attachment: bytes | None = None, html: str | None = None
     return Message("m", "s", env, "inbound", msg.as_bytes())
 
 
+PHISH = ("Dear {name}, your account {n} is locked. Confirm your details within 24 hours at "
+         "https://login.bank-secure.example/verify?id={n} or it will be closed soon. We apologise for the "
+         "inconvenience. Our records show unusual sign-in activity from a device we do not recognise. To keep "
+         "your money safe we have limited what you can do until you confirm who you are. {extra} Customer "
+         "service team.\n")
+
+
+def _bodies(message: Message) -> set[str]:
+    return {fp for fp, kind in fingerprints(message).items() if kind == "body"}
+
+
 def test_personalised_copies_of_a_campaign_share_the_body_fingerprint():
-    one = fingerprints(_message(CAMPAIGN.format(n=17, d=1)))
-    two = fingerprints(_message(CAMPAIGN.format(n=93821, d=4)))
-    body = [fp for fp, kind in one.items() if kind == "body"]
-    assert body and body[0] in two
+    one = _bodies(_message(CAMPAIGN.format(n=17, d=1)))
+    two = _bodies(_message(CAMPAIGN.format(n=93821, d=4)))
+    assert len(one) == 5 and one == two  # numbers only: the same normalised text, every band
 
 
-def test_different_text_has_a_different_body_fingerprint():
-    one = fingerprints(_message(CAMPAIGN.format(n=1, d=1)))
-    other = fingerprints(_message(CAMPAIGN.format(n=1, d=1).replace("locked", "upgraded")))
-    assert {fp for fp, k in one.items() if k == "body"} != {fp for fp, k in other.items() if k == "body"}
+def test_copies_with_other_names_and_sentences_still_meet():
+    one = _bodies(_message(PHISH.format(name="Alice Smith", n=17, extra="Thank you for banking with us.")))
+    two = _bodies(_message(PHISH.format(name="Robert Jones", n=93821,
+                                        extra="This message was sent to you because you hold an account.")))
+    assert one & two  # a shared band: one key under which both are counted
+    assert one != two  # but not the same text
+
+
+def test_unrelated_text_shares_no_body_fingerprint():
+    other = ("The quarterly planning meeting moves to the large room on the third floor. Please bring the "
+             "revised budget figures and the draft of the hiring plan, and read the minutes of the last "
+             "meeting before we start. Lunch will be provided for everyone who registers by Friday.\n")
+    assert not _bodies(_message(CAMPAIGN.format(n=1, d=1))) & _bodies(_message(other))
+    assert not _bodies(_message(PHISH.format(name="A", n=1, extra=""))) & _bodies(_message(other))
 
 
 def test_urls_are_fingerprinted_by_host_from_text_and_html():
