@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from schemas import events as ev
-from schemas.topics import SESSIONS
+from schemas.topics import SESSIONS, VERDICTS
 
 #: Probe sessions come from their own addresses, so they never count against
 #: the addresses the tests themselves use.
@@ -31,6 +31,24 @@ def wait_until_ingest_uses(gateway, version: str, timeout: float = 60) -> None:
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"ingest still on {mails[-1].event.policy_version}, not {version}")
+        time.sleep(0.5)
+
+
+def wait_until_streams_use(gateway, version: str, timeout: float = 60) -> None:
+    """Probe with a harmless message until the Faust worker's verdict records ``version``.
+
+    The worker's agents (content, screening, hijack) share one policy holder,
+    so the verdict speaks for all of them.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        queue_id = gateway.send(gateway.message("probe@partner.test", ["probe@example.test"], "probe"))
+        [verdict] = gateway.wait_records(lambda r: isinstance(r.event, ev.Verdict), [VERDICTS.name], keys={queue_id},
+                                         what="probe verdict")
+        if verdict.event.policy_version == version:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the worker still on {verdict.event.policy_version}, not {version}")
         time.sleep(0.5)
 
 

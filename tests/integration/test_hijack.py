@@ -12,7 +12,6 @@ import json
 import smtplib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from schemas.topics import ACCOUNT_STATE, HIJACK_LIMITS
 
 from .abuse_helpers import auth_plain, get_json, submissions, wait_for, web_url
 from .conftest import LOCAL_DOMAIN
+from .policy_helpers import apply, wait_until_streams_use
 
 pytestmark = pytest.mark.integration
 
@@ -91,9 +91,8 @@ def test_disabling_drops_the_session_notifies_and_enable_restores(gateway, tmp_p
     policy["hijack"]["disable_account"] = True
     disabling = tmp_path / "policy-disabling.yaml"
     disabling.write_text(yaml.safe_dump(policy))
-    gateway.cli("policy", "apply", str(disabling))
+    wait_until_streams_use(gateway, apply(gateway, disabling))
     try:
-        time.sleep(3)  # every component follows config.policy within moments
         client = logged_in(gateway, address, ip)
         for n in range(LIMIT):
             assert send(client, address, n)[0] == 250
@@ -143,4 +142,4 @@ def test_disabling_drops_the_session_notifies_and_enable_restores(gateway, tmp_p
         answer = wait_for("count restarted", lambda: (a := account_table(gateway, address)) and a["state"]["enabled"] and a)
         assert answer["messages"] <= 1
     finally:
-        gateway.cli("policy", "apply", str(gateway.settings.policy_path))
+        wait_until_streams_use(gateway, apply(gateway, gateway.settings.policy_path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import smtplib
 import time
 from pathlib import Path
 
@@ -12,16 +11,16 @@ from schemas import events as ev
 from schemas.topics import QUARANTINE, VERDICTS
 
 from .conftest import LOCAL_DOMAIN
+from .policy_helpers import apply, wait_until_streams_use
 
 pytestmark = pytest.mark.integration
 
 
 def _apply(gateway, tmp_path: Path, extra: str) -> str:
-    """Apply the test policy plus ``extra`` at run time; return its version."""
+    """Apply the test policy plus ``extra`` at run time; return its version once ingest uses it."""
     path = tmp_path / f"policy-{time.monotonic_ns()}.yaml"
     path.write_text(gateway.settings.policy_path.read_text() + extra)
-    out = gateway.cli("policy", "apply", str(path), "--by", "test").stdout
-    return out.split()[2]
+    return apply(gateway, path)
 
 
 def _send_scr(gateway, subject: str):
@@ -34,24 +33,11 @@ def _send_scr(gateway, subject: str):
         return client.data(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
 
 
-def _wait_for_version(gateway, version: str) -> None:
-    # Components follow config.policy; a harmless message shows when the
-    # content stage judges under the new version.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        queue_id = gateway.send(gateway.message("probe@partner.test", [f"probe@{LOCAL_DOMAIN}"], "probe"))
-        [verdict] = gateway.wait_records(lambda r: isinstance(r.event, ev.Verdict), [VERDICTS.name], keys={queue_id})
-        if verdict.event.policy_version == version:
-            return
-        time.sleep(1)
-    raise AssertionError(f"policy {version} not in force after 60s")
-
-
 def test_reject_verdict_in_time_is_refused_with_550_and_a_late_one_is_quarantined(gateway, tmp_path):
     original = gateway.settings.policy_path
     try:
         version = _apply(gateway, tmp_path, "\nactions:\n  ATTACHMENT_TYPE_BLOCKED: reject\n")
-        _wait_for_version(gateway, version)
+        wait_until_streams_use(gateway, version)
 
         code, reply = _send_scr(gateway, "refused inline")
         assert code == 550, reply
@@ -73,11 +59,11 @@ def test_reject_verdict_in_time_is_refused_with_550_and_a_late_one_is_quarantine
         # message is held instead: nothing accepted is lost.
         version = _apply(gateway, tmp_path,
                          "\nactions:\n  ATTACHMENT_TYPE_BLOCKED: reject\ninline_refusal:\n  deadline_seconds: 0.001\n")
-        _wait_for_version(gateway, version)
+        wait_until_streams_use(gateway, version)
         code, reply = _send_scr(gateway, "too late to refuse")
         assert code == 250, reply
         queue_id = reply.decode().rsplit(" ", 1)[1]
         gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineAdded), [QUARANTINE.name], keys={queue_id})
         assert not gateway.downstream.matching(lambda d: "too late to refuse" in d.text)
     finally:
-        gateway.cli("policy", "apply", str(original), "--by", "test")
+        wait_until_streams_use(gateway, apply(gateway, original))
