@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 
 import aiosmtplib

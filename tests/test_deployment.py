@@ -7,7 +7,6 @@ subcommands, the same environment variables, a policy that validates.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
 

@@ -195,7 +195,7 @@ def test_office_macros_are_flagged_with_evidence(gateway, label, files, kind, tr
     evidence = "\n".join(found.evidence)
     (name,) = files
     assert f"{kind} macros" in evidence and name in evidence, evidence
-    assert f"auto-exec" in evidence and trigger in evidence, evidence
+    assert "auto-exec" in evidence and trigger in evidence, evidence
     assert f"ClamAV Heuristics.OLE2.ContainsMacros.{heuristic}" in evidence, evidence
     if kind == "VBA":
         assert "suspicious" in evidence and "Shell" in evidence, evidence

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import smtplib
 
 import pytest
 
@@ -64,7 +63,7 @@ def test_forged_bounce_without_a_signature_is_refused_and_recorded(gateway):
 
 def test_a_tampered_signature_is_refused(gateway):
     return_path = _send_outbound(gateway, f"carol@{LOCAL_DOMAIN}", "to be tampered")
-    tampered = return_path.replace(f"=carol@", f"=dave@")
+    tampered = return_path.replace("=carol@", "=dave@")
     code, _ = _bounce(gateway, tampered, "tampered bounce")
     assert code == 550
 
