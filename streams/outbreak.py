@@ -213,6 +213,8 @@ def register(app, settings_, received_topic, blobs, current_policy) -> dict:
                 continue
             if not isinstance(event, ev.MessageReceived) or not settings().enabled:
                 continue
+            if settings().exempts(event.envelope.mail_from):
+                continue  # neither counted nor marked (the check lets it pass too)
             try:
                 raw = await blobs.get(event.envelope.sha256)
             except OSError as exc:

@@ -78,3 +78,20 @@ def test_short_bodies_are_not_fingerprinted():
 
 def test_normalise_reduces_urls_to_hosts_and_numbers_to_zero():
     assert normalise("Pay 120 EUR at https://Pay.Example/x?i=9  NOW") == "pay 0 eur at pay.example now"
+
+
+async def test_exempt_sender_domains_are_not_marked(monkeypatch):
+    from streams import outbreak
+    from streams.checks.outbreak import Settings, check
+
+    message = _message(PHISH.format(name="A", n=1, extra=""))  # from a@b.test
+    monkeypatch.setattr(outbreak, "ACTIVE", {fp: {"distinct_senders": 20} for fp in fingerprints(message)})
+    [found] = await check(message, Settings())
+    assert found.name == "OUTBREAK_FOUND"
+    # One line for the body however many bands are marked; the URL hosts' own line.
+    assert "body similar to an outbreak (5 of 5 bands) from 20 senders" in found.evidence
+    assert len(found.evidence) == 2
+    [passed] = await check(message, Settings(exempt_sender_domains=["B.test"]))
+    assert passed.name == "OUTBREAK_OK" and passed.detail == "sender domain exempt"
+    assert Settings(exempt_sender_domains=["test"]).exempts("x@mail.b.test")
+    assert not Settings(exempt_sender_domains=["b.test"]).exempts("x@notb.test")

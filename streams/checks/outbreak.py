@@ -28,12 +28,23 @@ class Settings(CheckSettings):
         default=20, ge=2, description="Distinct senders of one fingerprint within the window that mark an outbreak"
     )
     window_minutes: int = Field(default=60, ge=1, description="Width of the hopping window (fixed at worker start)")
+    exempt_sender_domains: list[str] = Field(
+        default_factory=list,
+        description="Sender domains (and their subdomains) whose mail is neither counted nor marked: a partner "
+                    "whose people write short notes above one long disclaimer looks like a campaign",
+    )
+
+    def exempts(self, sender: str) -> bool:
+        domain = sender.rpartition("@")[2].strip(">").lower()
+        return any(domain == d.lower() or domain.endswith("." + d.lower()) for d in self.exempt_sender_domains)
 
 
 DEFAULT_ACTIONS = {FOUND: "quarantine"}
 
 
 async def check(message: Message, settings: Settings) -> list[CheckResult]:
+    if settings.exempts(message.envelope.mail_from):
+        return [CheckResult(check=NAME, name=CLEAN, outcome="pass", detail="sender domain exempt")]
     marked, body_bands = [], []
     # MinHashing a long body takes milliseconds of CPU: off the event loop.
     found = await asyncio.to_thread(outbreak.fingerprints, message)
