@@ -134,7 +134,7 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
     from faust import current_event
 
     from streams.eventio import decode_record, send_event
-    from streams.once import applied, cleared, event_id, once, source_of
+    from streams.once import cleared, count_once, event_id, once, source_of
 
     rules = holder.current.hijack
     size = timedelta(minutes=rules.window_minutes).total_seconds()
@@ -195,12 +195,11 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
             if not policy.hijack.enabled:
                 continue
             account = record.key.decode()
-            windows = counters[account]
-            if applied(windows.delta(size - step), source):
+            counts = count_once(counters[account], add_message,
+                                {"messages": 1, "client_ips": [event.envelope.client_ip]}, source, size - step)
+            if counts is None:
                 continue  # counted (and judged) before this delivery
-            windows.apply(once(add_message, source), {"messages": 1, "client_ips": [event.envelope.client_ip]})
             oldest = window_bounds(counters.table.window.delta(current_event().message.timestamp, size - step))
-            counts = windows.delta(size - step)
             fact = decide(account, counts, oldest, event, policy, event_id(event.occurred_at, source, "hijack"))
             if fact is None:
                 continue

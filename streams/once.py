@@ -33,9 +33,12 @@ the repartition topic but keeps its origin.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 #: Reserved key in a window's value: {source partition: last offset applied}.
 APPLIED = "_applied"
@@ -60,9 +63,12 @@ def source_of(record) -> Source:
     items = headers.items() if hasattr(headers, "items") else (headers or [])
     for name, value in items:
         if name == SOURCE_HEADER:
-            text = value.decode() if isinstance(value, bytes) else str(value)
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
             partition, _, offset = text.rpartition("/")
-            return Source(partition, int(offset))
+            if partition and offset.isdigit():
+                return Source(partition, int(offset))
+            # Not written by Bulwark: the record's own position still counts it once.
+            log.warning("ignoring a malformed %s header: %r", SOURCE_HEADER, text[:80])
     message = record.message
     return Source(f"{message.topic}/{message.partition}", message.offset)
 
@@ -87,6 +93,21 @@ def once(op: Callable[[dict | None, object], dict], source: Source) -> Callable[
         return new
 
     return apply
+
+
+def count_once(windows, op: Callable[[dict | None, object], dict], argument: object, source: Source,
+               back: float) -> dict | None:
+    """Count the record at ``source`` into every window of its time, once.
+
+    ``windows`` is a Faust window wrapper (``table[key]``); ``back`` picks
+    the window the decision reads, ``back`` seconds before the record (the
+    last M minutes). Returns that window's value, or None when it already
+    held this record: counted, and decided on, before this delivery.
+    """
+    if applied(windows.delta(back), source):
+        return None
+    windows.apply(once(op, source), argument)
+    return windows.delta(back)
 
 
 def cleared(old: dict | None, _argument: object = None) -> dict:

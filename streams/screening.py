@@ -168,7 +168,7 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
     from faust import current_event
 
     from streams.eventio import decode_record, send_event
-    from streams.once import applied, cleared, event_id, once, source_of
+    from streams.once import cleared, count_once, event_id, once, source_of
 
     rules = holder.current.screening
     size = timedelta(minutes=rules.window_minutes).total_seconds()
@@ -209,11 +209,10 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
             ip = event.client_ip
             windows = counters[ip]
             # The oldest window holding this event is the last M minutes.
-            if applied(windows.delta(size - step), source):
+            counts = count_once(windows, add_counts, {counter: 1}, source, size - step)
+            if counts is None:
                 continue  # counted (and judged) before this delivery
-            windows.apply(once(add_counts, source), {counter: 1})
             oldest = counters.table.window.delta(current_event().message.timestamp, size - step)
-            counts = windows.delta(size - step)
             ban = ban_for(event, counts, window_bounds(oldest), policy, event_id(event.occurred_at, source, "ban"))
             if ban is None:
                 continue

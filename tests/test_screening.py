@@ -263,3 +263,13 @@ async def test_re_enabling_starts_the_count_again(published):
     await run_hijack(p, received("alice@example.test", 3) + received("alice@example.test", 2, start=enabled_at + timedelta(seconds=1)),
                      [enable])
     assert len(published) == 1  # disabled at the 3rd; after enabling only 2 more
+
+
+def test_a_malformed_origin_header_falls_back_to_the_records_own_position():
+    from types import SimpleNamespace
+
+    message = SimpleNamespace(topic=SESSIONS.name, partition=2, offset=41)
+    bad = SimpleNamespace(headers={once.SOURCE_HEADER: b"not-an-origin"}, message=message)
+    good = SimpleNamespace(headers={once.SOURCE_HEADER: b"mail.received/3/7"}, message=message)
+    assert once.source_of(bad) == once.Source(f"{SESSIONS.name}/2", 41)
+    assert once.source_of(good) == once.Source("mail.received/3", 7)
