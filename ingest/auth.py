@@ -146,7 +146,7 @@ def _text(value: bytes) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
-        raise _Failed(AUTH_BAD_UTF8, "malformed exchange") from None
+        raise _Failed(AUTH_BAD_UTF8, ev.AUTH_NOT_UTF8_CREDENTIALS) from None
 
 
 async def _plain(server: "GatewaySMTP", initial: str | None) -> tuple[str, str]:
@@ -210,7 +210,7 @@ async def smtp_auth(server: "GatewaySMTP", arg: str) -> None:
     except _Failed as failed:
         return await refuse(failed.reply, failed.reason)
     if not login or len(login) > MAX_LOGIN:
-        return await refuse(AUTH_INVALID, "invalid credentials")
+        return await refuse(AUTH_INVALID, ev.AUTH_INVALID_CREDENTIALS)
 
     # The guards judge who is asking before any password is checked: a banned
     # client, a refused country or a disabled account is told so, and its
@@ -229,7 +229,7 @@ async def smtp_auth(server: "GatewaySMTP", arg: str) -> None:
     if verified is None:
         return await refuse(AUTH_TEMPFAIL, "could not check the credentials")
     if not verified:
-        return await refuse(AUTH_INVALID, "invalid credentials")
+        return await refuse(AUTH_INVALID, ev.AUTH_INVALID_CREDENTIALS)
 
     account = accounts.get(login)
     address = account.address if account is not None else account_key(login)

@@ -46,6 +46,35 @@ log = logging.getLogger(__name__)
 TEMPFAIL_RECORD = "451 4.3.0 Temporary failure recording the message; please try again later"
 TEMPFAIL_INTERNAL = "451 4.3.0 Temporary local problem; please try again later"
 
+#: Replies to a command whose argument holds bytes that are not UTF-8. RFC
+#: 5321 commands are ASCII and RFC 6531 (SMTPUTF8) allows UTF-8 only, so no
+#: such command is valid; the enhanced codes are RFC 3463's for bad syntax.
+NOT_UTF8_REPLIES = {
+    "MAIL": "501 5.1.7 Bad sender address syntax: bytes that are not UTF-8",
+    "RCPT": "501 5.1.3 Bad recipient address syntax: bytes that are not UTF-8",
+}
+NOT_UTF8_REPLY = "501 5.5.2 Syntax error: bytes that are not UTF-8"
+NOT_UTF8_REASON = "bytes that are not UTF-8"
+
+
+def _path_text(arg: str) -> str:
+    """The address of a MAIL FROM:<...> or RCPT TO:<...> argument as the client wrote it."""
+    path = arg.split(":", 1)[1].strip() if ":" in arg else arg
+    if path.startswith("<") and ">" in path:
+        return path[1:path.index(">")]
+    return path.split(" ", 1)[0]
+
+
+def _is_utf8(arg: str) -> bool:
+    """False when aiosmtpd's surrogateescape decoding met a byte that is not UTF-8."""
+    if arg.isascii():
+        return True
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 class GatewaySession(Session):
     """aiosmtpd's session plus what Bulwark records about it."""
@@ -91,6 +120,9 @@ class GatewaySMTP(SMTP):
             if refusal is not None:
                 await self.push(refusal.reply)
                 self.transport.close()
+                return
+            if arg is not None and not _is_utf8(arg):
+                await self.push(self.handler.refuse_not_utf8(self.session, command, arg))
                 return
             await method(arg)
         return run
@@ -264,6 +296,32 @@ class IngestHandler:
                 reply_code=refusal.code, reason=refusal.reason, policy_version=self.policy.version,
             )
         )
+
+    def refuse_not_utf8(self, session: GatewaySession, command: str, arg: str) -> str:
+        """The reply to a command carrying bytes that are not UTF-8, recorded as its
+        ASCII twin would be: a refused RCPT is a failed RCPT that Dynamic
+        Screening counts, whatever its bytes (the event escapes them)."""
+        reply = NOT_UTF8_REPLIES.get(command, NOT_UTF8_REPLY)
+        refusal = Refusal(reply, NOT_UTF8_REASON)
+        path = _path_text(arg)
+        if command == "RCPT":
+            self.record_rcpt(session, path, refusal)
+        elif command == "MAIL":
+            self.publisher.emit(ev.SessionMail(
+                session_id=session.id, client_ip=session.client_ip, sender=path, accepted=False,
+                reply_code=refusal.code, reason=refusal.reason, policy_version=self.policy.version,
+            ))
+        elif command == "AUTH":
+            self.publisher.emit(ev.SessionAuth(
+                session_id=session.id, client_ip=session.client_ip, mechanism=(arg.split() or [""])[0][:20],
+                outcome="failure", reason=NOT_UTF8_REASON,
+            ))
+        else:
+            self.publisher.emit(ev.SessionRefused(
+                session_id=session.id, client_ip=session.client_ip, phase=command, reply_code=refusal.code,
+                reason=refusal.reason, argument=arg, policy_version=self.policy.version,
+            ))
+        return reply
 
     def record_session_end(self, session: GatewaySession, refusal: Refusal) -> None:
         self.record_refusal(session, "session", refusal)

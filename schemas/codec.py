@@ -46,9 +46,15 @@ def _message_received_v1_to_v2(data: dict) -> dict:
     return data
 
 
+def _session_refused_v1_to_v2(data: dict) -> dict:
+    # v2 records the refused command's argument; v1 never kept it.
+    return {**data, "argument": None, "version": 2}
+
+
 #: (type, version it reads) -> function returning the next version's dict.
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("message.received", 1): _message_received_v1_to_v2,
+    ("session.refused", 1): _session_refused_v1_to_v2,
 }
 
 

@@ -35,10 +35,46 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class Event(BaseModel):
-    """Fields common to every event."""
+def wire_text(value):
+    """``value`` with every string made writable as UTF-8 JSON (RFC 8259).
+
+    aiosmtpd decodes what a client sends as UTF-8 with ``surrogateescape``, so
+    a byte that is not UTF-8 (an 8-bit byte in RCPT TO, say) reaches an event
+    as a lone surrogate, which no JSON encoder or consumer accepts. Such bytes
+    are written as ``\\xNN`` (as Python's ``repr`` shows them), the rest of the
+    text as sent: the event records what the client did, and is published.
+    """
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a surrogate that stands for no byte
+                return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [wire_text(v) for v in value]
+    if isinstance(value, dict):
+        return {wire_text(k): wire_text(v) for k, v in value.items()}
+    return value
+
+
+class EventModel(BaseModel):
+    """An event or a part of one: immutable, no unknown fields, always writable."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _writable(cls, value):
+        return wire_text(value)
+
+
+class Event(EventModel):
+    """Fields common to every event."""
 
     #: Set by each concrete event class; they also appear as JSON fields.
     TYPE: ClassVar[str]
@@ -101,13 +137,19 @@ class SessionConnected(SessionEvent):
 
 
 class SessionRefused(SessionEvent):
-    """The gateway ended the dialogue before or outside a command (e.g. at connect)."""
+    """The gateway refused a connection or a command outside the hooks that have their own event.
+
+    Version 2 added ``argument``: what the client sent after the command word
+    (v1 records read with none; see ``schemas.codec``).
+    """
 
     TYPE: ClassVar[str] = "session.refused"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     phase: str = Field(description="Where: connect, or the command that was refused")
     reply_code: int
     reason: str
+    argument: str | None = Field(
+        default=None, description="The command's argument as sent; bytes that are not UTF-8 written as \\xNN")
     policy_version: str | None = Field(default=None, description="Policy in force when this was decided")
 
 
@@ -124,6 +166,13 @@ class SessionStartTls(SessionEvent):
     outcome: Literal["success", "failure"]
     tls_version: str | None = None
     cipher: str | None = None
+
+
+#: ``SessionAuth.reason`` for credentials that match no account: a wrong
+#: password, or a login or password that is not UTF-8 (RFC 4616), which can
+#: match none. Dynamic Screening counts these as password guesses.
+AUTH_INVALID_CREDENTIALS = "invalid credentials"
+AUTH_NOT_UTF8_CREDENTIALS = "invalid credentials (not UTF-8)"
 
 
 class SessionAuth(SessionEvent):
@@ -148,10 +197,8 @@ class SessionMail(SessionEvent):
     policy_version: str | None = Field(default=None, description="Policy in force when this was decided")
 
 
-class RecipientVerification(BaseModel):
+class RecipientVerification(EventModel):
     """What the user verification sources said about an unknown recipient."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     result: Literal["valid", "invalid", "unavailable"]
     source: str | None = Field(description="The source whose answer decided; None when none could answer")
@@ -204,10 +251,9 @@ class SessionDisconnected(SessionEvent):
 # --------------------------------------------------------------------------
 
 
-class Envelope(BaseModel):
+class Envelope(EventModel):
     """What the sinks need to act on a message: a claim check on the blob store."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     mail_from: str = Field(description="Reverse path; empty for the null sender")
     rcpt_to: list[str] = Field(min_length=1)
@@ -241,10 +287,9 @@ class MessageReceived(Event):
 Outcome = Literal["pass", "hit", "fail"]
 
 
-class CheckResult(BaseModel):
+class CheckResult(EventModel):
     """A named result of one check. Checks report; the verdict decides."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     check: str = Field(description="The check that produced it")
     name: str = Field(description="Result name, e.g. ATTACHMENT_TYPE_BLOCKED")
@@ -308,8 +353,7 @@ class DeliveryQueued(Event):
 RecipientOutcome = Literal["delivered", "deferred", "bounced"]
 
 
-class RecipientResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class RecipientResult(EventModel):
     recipient: str
     outcome: RecipientOutcome
     reply_code: int | None = None

@@ -49,9 +49,10 @@ RSET = "rset"
 LONG_SESSIONS = "long_sessions"
 COUNTERS = (FAILED_RCPT, CONNECTIONS, FAILED_AUTH, RSET, LONG_SESSIONS)
 
-#: What ingest's AUTH records for a wrong password (ingest.auth). Other AUTH
-#: failures (no TLS, bad syntax, a guard's refusal) are not password guesses.
-AUTH_GUESS_REASON = "invalid credentials"
+#: What ingest's AUTH records for credentials that match no account, whatever
+#: their bytes (schemas.events). Other AUTH failures (no TLS, bad syntax, a
+#: guard's refusal) are not password guesses.
+AUTH_GUESS_REASONS = (ev.AUTH_INVALID_CREDENTIALS, ev.AUTH_NOT_UTF8_CREDENTIALS, None)
 
 #: Steps per window: finer steps follow "the last M minutes" more closely,
 #: at the cost of one table write per step for every event.
@@ -67,7 +68,7 @@ def counted_as(event: ev.Event, policy: "Policy") -> str | None:
         # own trouble (or a rate limit), not the client's fault.
         return FAILED_RCPT if not event.accepted and event.reply_code >= 500 else None
     if isinstance(event, ev.SessionAuth):
-        return FAILED_AUTH if event.outcome == "failure" and event.reason in (AUTH_GUESS_REASON, None) else None
+        return FAILED_AUTH if event.outcome == "failure" and event.reason in AUTH_GUESS_REASONS else None
     if isinstance(event, ev.SessionRset):
         return RSET
     if isinstance(event, ev.SessionDisconnected):

@@ -116,3 +116,31 @@ def test_records_are_keyed_as_their_topic_declares():
     assert record_key(topic_for(ev.SessionRset), session) == b"192.0.2.7"
     received = ev.MessageReceived(message_id="m9", envelope=_envelope(), direction="inbound")
     assert record_key(topic_for(ev.MessageReceived), received) == b"m9"
+
+
+def test_a_v1_session_refused_is_upcast_with_no_argument():
+    raw = (FIXTURES / "session.refused.v1.json").read_bytes()
+    event = codec.decode(raw, [(codec.HEADER_TYPE, b"session.refused"), (codec.HEADER_VERSION, b"1")])
+    assert isinstance(event, ev.SessionRefused) and event.version == 2
+    assert (event.phase, event.reply_code, event.argument) == ("connect", 421, None)
+
+
+def test_bytes_that_are_not_utf8_are_recorded_escaped_not_lost():
+    # aiosmtpd hands over an 8-bit byte as a lone surrogate (surrogateescape);
+    # before this, the event could not be serialised and was never published.
+    sent = b"victim\xff@elsewhere.test".decode("utf-8", "surrogateescape")
+    event = ev.SessionRcpt(client_ip="192.0.2.1", recipient=sent, accepted=False, reply_code=501)
+    value, headers = codec.encode(event)
+    assert json.loads(value)["recipient"] == "victim\\xff@elsewhere.test"
+    assert codec.decode(value, headers).recipient == "victim\\xff@elsewhere.test"
+    # Everywhere in an event: nested parts, lists and mappings too.
+    mail = ev.SessionMail(client_ip="192.0.2.1", sender="a@b.test", accepted=True, reply_code=250,
+                          parameters={"X" + "\udcfe": "\udcaa"})
+    assert json.loads(codec.encode(mail)[0])["parameters"] == {"X\\xfe": "\\xaa"}
+    received = ev.MessageReceived(message_id="m1", direction="inbound",
+                                  envelope=_envelope(rcpt_to=["b\udce9@example.test"], client_helo="h\udcff"))
+    data = json.loads(codec.encode(received)[0])
+    assert data["envelope"]["rcpt_to"] == ["b\\xe9@example.test"] and data["envelope"]["client_helo"] == "h\\xff"
+    # Valid UTF-8 (SMTPUTF8, RFC 6531) is kept as it is.
+    utf8 = ev.SessionRcpt(client_ip="192.0.2.1", recipient="jürgen@example.test", accepted=True, reply_code=250)
+    assert json.loads(codec.encode(utf8)[0])["recipient"] == "jürgen@example.test"
