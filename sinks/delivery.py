@@ -16,6 +16,7 @@ a DSN to the sender. Every attempt is a ``delivery.attempted`` event.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import ssl
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from bulwark.policy_runtime import PolicyHolder
 from bulwark.policy_sections import SmtpCredentials
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
+from schemas import codec
 from schemas import events as ev
 from schemas.events import new_id, utcnow
 from schemas.topics import ACCOUNT_STATE, QUARANTINE, VERDICTS
@@ -83,6 +85,12 @@ class DeliverySink:
         self.queue = queue
         self.blobs = BlobStore(settings.blob_dir)
         self._in_flight: set[str] = set()
+        #: (due time, message id) of every entry still to deliver: the
+        #: scheduler pops what is due instead of reading the whole queue.
+        self._due: list[tuple[float, str]] = []
+        #: Entries whose outbox a broker outage left unpublished.
+        self._unpublished: set[str] = set()
+        self._publishing: set[str] = set()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(16)
         #: Domains made local by automatic domain creation: routed like local ones.
@@ -107,6 +115,11 @@ class DeliverySink:
             "next_attempt_at": now.isoformat(),
             "done": False,
             "queued_event_sent": False,
+            # Events about this entry not yet acknowledged by Kafka, oldest
+            # first (an outbox): what happened is written here, with the
+            # entry, before it is published, so a broker outage after a
+            # remote 250 never makes the message look undelivered.
+            "outbox": [],
         }
 
     def _work_from(self, event: ev.Event) -> dict | None:
@@ -144,13 +157,15 @@ class DeliverySink:
                 new[entry["message_id"]] = entry
         self.queue.put_many(new)
         # Announce what was queued, including entries queued before a crash
-        # that never got their event out.
+        # that never got their event out; only then may they be delivered, so
+        # delivery.queued always precedes delivery.attempted on the topic.
+        # The queue already holds them, so the offsets may be committed even
+        # if Kafka cannot take the announcements now: they are retried.
         for event in events:
             entry = self.queue.get(event.message_id) if event.message_id else None
             if entry and not entry["queued_event_sent"]:
-                await self._announce(entry)
-        if new:
-            self._wake.set()
+                self._unpublished.add(entry["message_id"])
+        await self._republish()
 
     async def _announce(self, entry: dict) -> None:
         await self.publisher.publish(
@@ -161,8 +176,40 @@ class DeliverySink:
                 recipients=list(entry["recipients"]),
             )
         )
-        entry["queued_event_sent"] = True
-        self.queue.put(entry["message_id"], entry)
+        # Only the flag, on the entry as it is now: the copy in hand may be
+        # stale (a delivery can finish while the publish waits), and writing
+        # it back would make a delivered message due again: a duplicate.
+        self._update(entry["message_id"], queued_event_sent=True)
+
+    def _update(self, message_id: str, **fields) -> None:
+        current = self.queue.get(message_id)
+        if current is not None:
+            current.update(fields)
+            self.queue.put(message_id, current)
+
+    def _schedule(self, entry: dict) -> None:
+        if not entry["done"] and entry["next_attempt_at"]:
+            heapq.heappush(self._due, (datetime.fromisoformat(entry["next_attempt_at"]).timestamp(), entry["message_id"]))
+            self._wake.set()
+
+    async def recover(self) -> None:
+        """After a start: schedule what is still to deliver, publish what was not published.
+
+        The one full read of the queue; from here on the due index says what is due.
+        """
+        for message_id, entry in self.queue.items():
+            if entry.get("outbox") or not entry["queued_event_sent"]:
+                self._unpublished.add(message_id)
+            elif not entry["done"]:
+                self._schedule(entry)
+        await self._republish()
+
+    async def _flush_outbox(self, entry: dict) -> None:
+        """Publish the entry's recorded events in order; each leaves the outbox once acknowledged."""
+        while entry["outbox"]:
+            await self.publisher.publish(codec.decode(entry["outbox"][0].encode()))
+            entry["outbox"].pop(0)
+            self._update(entry["message_id"], outbox=list(entry["outbox"]))
 
     # -- delivering ---------------------------------------------------------
 
@@ -263,6 +310,7 @@ class DeliverySink:
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
 
         outcomes: list[ev.RecipientResult] = []
+        attempts: list[ev.DeliveryAttempted] = []
         last_remote = None
         for domain, rcpts in by_domain.items():
             try:
@@ -284,27 +332,25 @@ class DeliverySink:
                 except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
                     results = [ev.RecipientResult(recipient=r, outcome="deferred", reply=f"4.4.1 {route}: {exc}")
                                for r in rcpts]
-                    await self._record_attempt(entry, route, None, results)
+                    attempts.append(self._attempt(entry, route, None, results))
                     continue
-                await self._record_attempt(entry, route, tls, results)
+                attempts.append(self._attempt(entry, route, tls, results))
                 break
             outcomes += results
 
-        await self._settle(entry, envelope, outcomes, last_remote, raw)
+        await self._settle(entry, envelope, outcomes, last_remote, raw, attempts)
 
-    async def _record_attempt(self, entry: dict, route: Route, tls: str | None,
-                              results: list[ev.RecipientResult]) -> None:
+    def _attempt(self, entry: dict, route: Route, tls: str | None,
+                 results: list[ev.RecipientResult]) -> ev.DeliveryAttempted:
         deferred = any(r.outcome == "deferred" for r in results)
-        await self.publisher.publish(
-            ev.DeliveryAttempted(
-                message_id=entry["message_id"],
-                session_id=entry["session_id"],
-                attempt=entry["attempts"],
-                server=str(route),
-                tls=tls,
-                recipients=results,
-                next_attempt_at=self._next_attempt(entry) if deferred else None,
-            )
+        return ev.DeliveryAttempted(
+            message_id=entry["message_id"],
+            session_id=entry["session_id"],
+            attempt=entry["attempts"],
+            server=str(route),
+            tls=tls,
+            recipients=results,
+            next_attempt_at=self._next_attempt(entry) if deferred else None,
         )
 
     def _next_attempt(self, entry: dict) -> datetime:
@@ -313,7 +359,14 @@ class DeliverySink:
         return utcnow() + timedelta(seconds=wait)
 
     async def _settle(self, entry: dict, envelope: ev.Envelope, outcomes: list[ev.RecipientResult],
-                      remote: str | None, raw: bytes) -> None:
+                      remote: str | None, raw: bytes, attempts: list[ev.DeliveryAttempted]) -> None:
+        """Record the outcome in the queue first (one synced write), then publish it.
+
+        The queue is what says a recipient was delivered: once the remote
+        server said 250, nothing (a broker outage, a crash) may make the
+        message due again. Its events wait in the entry's outbox until Kafka
+        has them.
+        """
         first = datetime.fromisoformat(entry["first_queued_at"])
         expired = utcnow() - first >= timedelta(seconds=self.policy.delivery.give_up_after_seconds)
         bounced: list[ev.RecipientResult] = []
@@ -331,13 +384,23 @@ class DeliverySink:
                 state["state"] = "pending"
         entry["done"] = not still_pending
         entry["next_attempt_at"] = self._next_attempt(entry).isoformat() if still_pending else None
-        self.queue.put(entry["message_id"], entry)
+        events: list[ev.Event] = list(attempts)
+        dsn_entry = None
         if bounced:
-            await self._bounce(entry, envelope, bounced, remote, raw)
+            dsn_entry, bounce = await self._bounce(entry, envelope, bounced, remote, raw)
+            events.append(bounce)
+        entry["outbox"] = [*entry.get("outbox", []), *(codec.encode(e)[0].decode() for e in events)]
+        self.queue.put(entry["message_id"], entry)
+        self._schedule(entry)
+        if dsn_entry is not None:
+            self._unpublished.add(dsn_entry["message_id"])
+        self._unpublished.add(entry["message_id"])
+        await self._republish()
 
     async def _bounce(self, entry: dict, envelope: ev.Envelope, bounced: list[ev.RecipientResult],
-                      remote: str | None, raw: bytes) -> None:
-        dsn_id = None
+                      remote: str | None, raw: bytes) -> tuple[dict | None, ev.DeliveryBounced]:
+        """The DSN's queue entry (written, not yet announced) and the bounce event."""
+        dsn_id, dsn_entry = None, None
         # Never answer the null sender, and never bounce a bounce (RFC 5321 6.1).
         if envelope.mail_from and entry["source"] != "dsn":
             dsn_id = new_id()
@@ -349,39 +412,84 @@ class DeliverySink:
             )
             dsn_entry = self._entry(dsn_id, entry["session_id"], "dsn", dsn_envelope, [envelope.mail_from])
             self.queue.put(dsn_id, dsn_entry)
-            await self._announce(dsn_entry)
-            self._wake.set()
-        await self.publisher.publish(
-            ev.DeliveryBounced(
-                message_id=entry["message_id"], session_id=entry["session_id"],
-                recipients=bounced, dsn_message_id=dsn_id,
-            )
+        return dsn_entry, ev.DeliveryBounced(
+            message_id=entry["message_id"], session_id=entry["session_id"],
+            recipients=bounced, dsn_message_id=dsn_id,
         )
 
     async def _deliver_guarded(self, entry: dict) -> None:
+        message_id = entry["message_id"]
         try:
             async with self._slots:
                 await self.deliver(entry)
         except Exception:
-            # Keep the entry pending and try again later; never drop it.
-            log.exception("delivery of %s failed unexpectedly; will retry", entry["message_id"])
-            entry["next_attempt_at"] = self._next_attempt(entry).isoformat()
-            self.queue.put(entry["message_id"], entry)
+            # Never drop it, and never send it again for what was already
+            # delivered: the queue as written says what is left to do.
+            log.exception("delivery of %s failed unexpectedly; will retry what is left", message_id)
+            current = self.queue.get(message_id)
+            if current is not None:
+                if current.get("outbox"):
+                    self._unpublished.add(message_id)
+                if not current["done"] and datetime.fromisoformat(current["next_attempt_at"]) <= utcnow():
+                    # Failed before any outcome was recorded: the next try as scheduled.
+                    current["next_attempt_at"] = self._next_attempt(entry).isoformat()
+                    current["attempts"] = entry["attempts"]
+                    self.queue.put(message_id, current)
+                self._schedule(current)
         finally:
-            self._in_flight.discard(entry["message_id"])
+            self._in_flight.discard(message_id)
 
     def due(self) -> list[dict]:
-        now = utcnow()
-        return [
-            entry
-            for key, entry in self.queue.items()
-            if not entry["done"]
-            and key not in self._in_flight
-            and datetime.fromisoformat(entry["next_attempt_at"]) <= now
-        ]
+        """The entries whose next attempt is due, from the due index."""
+        now = utcnow().timestamp()
+        entries = []
+        while self._due and self._due[0][0] <= now:
+            _, message_id = heapq.heappop(self._due)
+            entry = self.queue.get(message_id)
+            if entry is None or entry["done"] or message_id in self._in_flight or not entry["next_attempt_at"]:
+                continue
+            if datetime.fromisoformat(entry["next_attempt_at"]).timestamp() > now:
+                self._schedule(entry)  # rescheduled since it was indexed
+                continue
+            if any(e["message_id"] == message_id for e in entries):
+                continue
+            entries.append(entry)
+        return entries
+
+    async def _republish(self) -> None:
+        """Publish what entries recorded but Kafka does not have yet: their outbox, and
+        the announcement a new entry waits for before it may be delivered. A
+        broker outage delays this, never the deliveries' own record."""
+        async def publish(message_id: str) -> None:
+            if message_id in self._publishing:  # another caller is at it: never publish twice
+                return
+            self._publishing.add(message_id)
+            try:
+                entry = self.queue.get(message_id)
+                if entry is not None:
+                    await self._flush_outbox(entry)
+                    if not entry["queued_event_sent"]:
+                        await self._announce(entry)
+                    self._schedule(entry)
+                self._unpublished.discard(message_id)
+            finally:
+                self._publishing.discard(message_id)
+
+        # Concurrently: one entry's events keep their order, and the entries
+        # share the producer's batches instead of waiting for one ack each
+        # (a batch of 50 verdicts took a second one after the other).
+        pending = list(self._unpublished)
+        outcomes = await asyncio.gather(*(publish(m) for m in pending), return_exceptions=True)
+        failed = [(m, o) for m, o in zip(pending, outcomes) if isinstance(o, Exception)]
+        if failed:
+            log.warning("events of %d entries unpublished for now (%s); retrying",
+                        len(failed), type(failed[0][1]).__name__)
 
     async def scheduler(self) -> None:
+        await self.recover()
         while True:
+            if self._unpublished:
+                await self._republish()
             for entry in self.due():
                 self._in_flight.add(entry["message_id"])
                 asyncio.create_task(self._deliver_guarded(entry))

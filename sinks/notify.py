@@ -84,4 +84,4 @@ async def queue_notifications(sink: "DeliverySink", events: list[ev.Event]) -> N
         entry = sink._entry(message_id, event.session_id, "notification", envelope, envelope.rcpt_to)
         sink.queue.put(message_id, entry)
         await sink._announce(entry)
-        sink._wake.set()
+        sink._schedule(entry)
