@@ -144,3 +144,34 @@ def test_bytes_that_are_not_utf8_are_recorded_escaped_not_lost():
     # Valid UTF-8 (SMTPUTF8, RFC 6531) is kept as it is.
     utf8 = ev.SessionRcpt(client_ip="192.0.2.1", recipient="jürgen@example.test", accepted=True, reply_code=250)
     assert json.loads(codec.encode(utf8)[0])["recipient"] == "jürgen@example.test"
+
+
+def test_bulwarks_producers_partition_keys_as_faust_and_java_do():
+    # ingest (librdkafka) and the Faust workers (aiokafka) write co-partitioned
+    # topics: one key must land on one partition whoever writes it.
+    from aiokafka.partitioner import DefaultPartitioner
+
+    # The same partition as aiokafka's (the Java client's murmur2) for every key.
+    for key in (b"192.0.2.7", b"01a2206d3ad2e39f51b26026c7cc", b"alice@example.test", b"203.0.113.9"):
+        partition, count = _librdkafka_partition(key)
+        partitions = list(range(count))
+        assert DefaultPartitioner()(key, partitions, partitions) == partition
+
+
+def _librdkafka_partition(key: bytes) -> tuple[int, int]:
+    """(partition, partition count) where a producer configured as Bulwark's puts ``key``."""
+    import confluent_kafka
+
+    from bulwark.kafka import producer_config
+    from bulwark.settings import Settings
+
+    config = producer_config(Settings.from_env(), "t")
+    # No broker needed: librdkafka's own mock cluster, which creates the topic.
+    config.update({"bootstrap.servers": "", "test.mock.num.brokers": 1, "enable.idempotence": False,
+                   "log_level": 3})
+    producer = confluent_kafka.Producer(config)
+    landed = []
+    producer.produce("partitioning", key=key, value=b"x", on_delivery=lambda err, msg: landed.append(msg.partition()))
+    producer.flush(10)
+    count = len(producer.list_topics("partitioning", timeout=5).topics["partitioning"].partitions)
+    return landed[0], count
