@@ -111,6 +111,11 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         topic_replication_factor=1,
         topic_partitions=RECEIVED.partitions,
         producer_acks=-1,
+        # A few milliseconds of linger: the table changelogs, fingerprints and
+        # verdicts of concurrent messages share produce requests instead of
+        # each record costing the broker a request of its own (measured with
+        # bench/e2e_relay.py; see the README's benchmark section).
+        producer_linger=0.005,
         # At-least-once, with every effect idempotent: Faust flushes the
         # table changelogs and waits for the sends before it commits an
         # offset, and a record delivered again changes nothing (counters:

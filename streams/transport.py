@@ -15,6 +15,13 @@ from __future__ import annotations
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as driver
 
+#: Faust asks the broker to hold a fetch up to 1.5 s for data. A read_committed
+#: fetch is not answered when a transaction commits (only when records are
+#: appended), so a message recorded by ingest's transaction waited up to
+#: that long to be judged: under load, every tenth message 1.8 s. Measured
+#: with bench/e2e_relay.py (README, benchmark).
+FETCH_MAX_WAIT_MS = 50
+
 #: The broker URL scheme that selects this transport: ``bulwark://host:port``.
 SCHEME = "bulwark"
 
@@ -23,6 +30,7 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
         consumer._isolation_level = "read_committed"  # read by AIOKafkaConsumer.start() for its Fetcher
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
         return consumer
 
 
