@@ -117,6 +117,11 @@ def test_keywords_in_other_scripts_match_without_word_boundaries():
     assert "JP_MY_NUMBER" in _found("マイナンバーは 6214 9832 0257 です")
 
 
+def test_a_validator_failing_inside_stdnum_is_no_finding_and_no_crash():
+    # python-stdnum 2.2's cn.ric raises KeyError for region 526113 instead of answering "invalid".
+    assert "CN_RESIDENT_ID" not in _found("身份证 526113199001011234")
+
+
 def test_the_same_number_twice_is_one_finding():
     found = _found(f"IBAN {samples.IBAN}; again: {samples.IBAN.replace(' ', '')}")
     assert found["IBAN"].distinct == 1
