@@ -9,6 +9,7 @@ from email.message import EmailMessage
 
 import pytest
 from click.testing import CliRunner
+from stdnum import luhn
 
 from bulwark.policy import PolicyError, parse
 from schemas.events import Envelope
@@ -103,6 +104,45 @@ def test_card_numbers_by_brand_with_luhn():
     found = _found(f"card {samples.VISA}, amex 3782 822463 10005 and a typo {samples.VISA_BAD}")
     assert set(found) >= {"CREDIT_CARD_VISA", "CREDIT_CARD_AMEX"}
     assert [f.masked for f in found["CREDIT_CARD_VISA"].findings] == ["**** **** **** 1111"]
+
+
+# How cards travel in mail: on one line with what else it takes to pay with them.
+@pytest.mark.parametrize("line, rule, masked", [
+    ("Card: 4111-1111-1111-1111 12 27", "CREDIT_CARD_VISA", "****-****-****-1111"),
+    ("Please charge my Visa 4111 1111 1111 1111 exp 12/27 cvv 123, thanks", "CREDIT_CARD_VISA", "**** **** **** 1111"),
+    ("card 4111 1111 1111 1111 12/27", "CREDIT_CARD_VISA", "**** **** **** 1111"),
+    ("Card number: 4111 1111 1111 1111 123", "CREDIT_CARD_VISA", "**** **** **** 1111"),
+    ("card 4111 1111 1111 1111 12 27 123", "CREDIT_CARD_VISA", "**** **** **** 1111"),
+    ("Kreditkarte 4111111111111111 12/27 123", "CREDIT_CARD_VISA", "************1111"),
+    ("CC 4111111111111111|12|27|123", "CREDIT_CARD_VISA", "************1111"),
+    ("name,card number,expiry,cvv\nErin,4111111111111111,12/27,123", "CREDIT_CARD_VISA", "************1111"),
+    ("name ; card ; exp\nErin ; 4111 1111 1111 1111 ; 12/27", "CREDIT_CARD_VISA", "**** **** **** 1111"),
+    ("exp 06/27 card 4111 1111 1111 1111/12/27", "CREDIT_CARD_VISA", "**** **** **** 1111"),
+    ("Mastercard 5555-5555-5555-4444 12 2027", "CREDIT_CARD_MASTERCARD", "****-****-****-4444"),
+    ("Tarjeta: 5555 5555 5555 4444 12 27 123", "CREDIT_CARD_MASTERCARD", "**** **** **** 4444"),
+    ("amex 3782 822463 10005 exp 11/26 cid 1234", "CREDIT_CARD_AMEX", "**** ****** *0005"),
+    ("Amex 3782 822463 10005 1234", "CREDIT_CARD_AMEX", "**** ****** *0005"),
+    ("Diners Club 3056 930902 5904 09 28", "CREDIT_CARD_DINERS", "**** ****** 5904"),
+])
+def test_a_card_followed_by_its_expiry_and_code_is_found_and_only_the_card_shown(line, rule, masked):
+    found = _found(line)
+    assert [f.masked for f in found[rule].findings] == [masked]
+
+
+def test_a_card_shaped_number_without_a_card_word_is_not_a_card():
+    # 5164 3649 1045 2631 passes Mastercard's prefix and Luhn; here it is an
+    # order number, and the month after it the order's date.
+    export = "order ; date ; carrier ; amount\n5164 3649 1045 2631 ; 08/26 ; UPS ; £635.70\n"
+    assert _found(export) == {}
+    assert "CREDIT_CARD_MASTERCARD" in _found("card " + export)
+
+
+def test_a_thirteen_digit_barcode_or_tracking_number_is_not_a_visa_card():
+    # Every German retail barcode (EAN-13, prefix 400-440) and many tracking
+    # numbers are 13 digits; one in ten of those starting with a 4 pass Luhn.
+    number = "442635678428"
+    number += luhn.calc_check_digit(number)
+    assert _found(f"Paid by card. 2 x EAN {number}, tracking {number}") == {}
 
 
 def test_masking_keeps_the_shape_and_at_most_four_characters():

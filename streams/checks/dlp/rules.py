@@ -22,9 +22,11 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 from stdnum import luhn
+
+from . import cards
 
 Category = Literal["payment_card", "banking", "national_id", "tax_id", "passport", "driving_licence", "health", "secret"]
 RuleDirection = Literal["outbound", "inbound", "internal", "both", "all"]
@@ -56,6 +58,9 @@ class Rule:
     #: Lower-case fragments one of which any match contains: a text without
     #: them is skipped at C speed instead of searched (most mail has no "AKIA").
     hints: tuple[str, ...] = ()
+    #: The values a match may hold, best first, each a head of the match (a
+    #: card followed by its expiry date); None: the match itself.
+    candidates: Callable[[str], Iterable[str]] | None = None
 
     @property
     def result_name(self) -> str:
@@ -63,6 +68,13 @@ class Rule:
 
     def accepts(self, match: str) -> bool:
         return self.validator is None or self.validator(match)
+
+    def valid_value(self, match: str) -> str | None:
+        """The genuine value a match holds, if any (the whole match, or its head that validates)."""
+        for value in self.candidates(match) if self.candidates else (match,):
+            if self.accepts(value):
+                return value
+        return None
 
 
 # -- building blocks -----------------------------------------------------------
@@ -95,50 +107,16 @@ def _digits(text: str) -> str:
 
 
 # -- payment cards --------------------------------------------------------------
-
-# Card numbers are written in groups separated by spaces or dashes, or not at all.
-_CARD = _num(r"\d(?:[ -]?\d){11,18}")
-
-
-def _card(prefixes: Callable[[str], bool], lengths: range | tuple[int, ...]) -> Callable[[str], bool]:
-    def valid(text: str) -> bool:
-        number = _digits(text)
-        return len(number) in lengths and prefixes(number) and luhn.is_valid(number)
-    return valid
-
-
-def _in_range(number: str, width: int, low: int, high: int) -> bool:
-    return low <= int(number[:width]) <= high
-
-
-_CARD_BRANDS: list[tuple[str, str, Callable[[str], bool], tuple[int, ...], str, str]] = [
-    # name, brand, issuer prefixes (IIN ranges), lengths, example, counterexample
-    ("VISA", "Visa", lambda n: n.startswith("4"), (13, 16, 19), "4111 1111 1111 1111", "4111 1111 1111 1112"),
-    ("MASTERCARD", "Mastercard",
-     lambda n: _in_range(n, 2, 51, 55) or _in_range(n, 4, 2221, 2720), (16,),
-     "5555-5555-5555-4444", "5555-5555-5555-4445"),
-    ("AMEX", "American Express", lambda n: n[:2] in ("34", "37"), (15,), "3782 822463 10005", "3782 822463 10006"),
-    ("DISCOVER", "Discover",
-     lambda n: n.startswith("6011") or n.startswith("65") or _in_range(n, 3, 644, 649), (16, 17, 18, 19),
-     "6011111111111117", "6011111111111118"),
-    ("DINERS", "Diners Club",
-     lambda n: _in_range(n, 3, 300, 305) or n.startswith("3095") or n[:2] in ("36", "38", "39"),
-     (14, 15, 16, 17, 18, 19), "3056 930902 5904", "3056 930902 5905"),
-    ("JCB", "JCB", lambda n: _in_range(n, 4, 3528, 3589), (16, 17, 18, 19), "3530111333300000", "3530111333300001"),
-    ("UNIONPAY", "UnionPay", lambda n: n.startswith("62"), (16, 17, 18, 19), "6200000000000005", "6200000000000006"),
-    ("MAESTRO", "Maestro",
-     lambda n: n[:4] in ("5018", "5020", "5038", "5893", "6304", "6759", "6761", "6762", "6763"),
-     tuple(range(12, 20)), "6759649826438453", "6759649826438454"),
-    ("MIR", "Mir", lambda n: _in_range(n, 4, 2200, 2204), (16, 17, 18, 19), "2200000000000004", "2200000000000005"),
-]
-
-_CARD_KEYWORDS = ("card", "credit card", "debit card", "card number", "cc", "visa", "mastercard", "amex",
-                  "expiry", "exp", "cvv", "cvc", "kreditkarte", "carte bancaire", "tarjeta")
+#
+# An issuer prefix and a Luhn digit are passed by one 16-digit number in a
+# hundred, and by one in ten of those that start with a 4: cards need a
+# keyword (cards.py says why, and how cards are written).
 
 RULES: list[Rule] = [
-    Rule(f"CREDIT_CARD_{name}", "payment_card", f"{brand} payment card number", _CARD,
-         _card(prefixes, lengths), "issuer prefix, length and Luhn", _CARD_KEYWORDS, False, example, counter)
-    for name, brand, prefixes, lengths, example, counter in _CARD_BRANDS
+    Rule(f"CREDIT_CARD_{name}", "payment_card", f"{brand} payment card number", cards.PATTERN,
+         cards.valid(prefixes, lengths), "issuer prefix, length and Luhn", cards.KEYWORDS, True, example, counter,
+         candidates=cards.candidates)
+    for name, brand, prefixes, lengths, example, counter in cards.BRANDS
 ]
 
 

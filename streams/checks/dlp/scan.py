@@ -81,12 +81,13 @@ def scan(texts: list[Text], rules: list[ActiveRule], window: int) -> dict[str, R
             if rule.pattern not in matches:
                 matches[rule.pattern] = list(rule.pattern.finditer(text.text))
             for match in matches[rule.pattern]:
-                value = match.group(0)
-                if not rule.accepts(value):
+                value = rule.valid_value(match.group(0))
+                if value is None:
                     continue
+                start, end = match.start(), match.start() + len(value)
                 keyword = None
                 if keywords is not None:
-                    near = keywords.search(lowered, max(0, match.start() - window), match.end() + window)
+                    near = keywords.search(lowered, max(0, start - window), end + window)
                     keyword = near.group(0) if near else None
                 if active.needs_keyword and keyword is None:
                     continue
