@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
+import string
 from datetime import datetime, timezone
 from email.message import EmailMessage
 
 import pytest
 from click.testing import CliRunner
-from stdnum import luhn
+from stdnum import luhn, numdb
 
 from bulwark.policy import PolicyError, parse
 from schemas.events import Envelope
@@ -155,6 +157,39 @@ def test_masking_keeps_the_shape_and_at_most_four_characters():
 
 def test_keywords_in_other_scripts_match_without_word_boundaries():
     assert "JP_MY_NUMBER" in _found("マイナンバーは 6214 9832 0257 です")
+
+
+def _iban_registry() -> dict[str, str]:
+    """Country -> BBAN structure ("8!n10!n"), from the IBAN registry as python-stdnum ships it."""
+    return {country: info["bban"] for _, country, _, info, _ in numdb.get("iban").prefixes}
+
+
+def _valid_iban(country: str, structure: str, rng: random.Random) -> str:
+    alphabet = {"n": string.digits, "a": string.ascii_uppercase, "c": string.digits + string.ascii_uppercase}
+    bban = "".join(rng.choice(alphabet[kind]) for count, kind in re.findall(r"(\d+)!([nac])", structure)
+                   for _ in range(int(count)))
+    # ISO 7064 MOD 97-10: country code and "00" moved to the end, letters as 10-35.
+    check = 98 - int("".join(str(int(c, 36)) for c in bban + country + "00")) % 97
+    return f"{country}{check:02d}{bban}"
+
+
+@pytest.mark.parametrize("country", sorted(_iban_registry()))
+def test_an_iban_of_every_registry_country_is_found_electronic_and_printed(country):
+    iban = _valid_iban(country, _iban_registry()[country], random.Random(country))
+    printed = " ".join(iban[i:i + 4] for i in range(0, len(iban), 4))
+    for written in (iban, printed):
+        found = _found(f"Please pay to IBAN {written} BIC GKCCBEBB by Friday.")
+        assert "IBAN" in found, f"missed {written}"
+        [finding] = found["IBAN"].findings
+        assert finding.masked.replace("*", "").replace(" ", "") == iban[-4:]
+    wrong = f"{country}{int(iban[2:4]) % 97 + 2:02d}{iban[4:]}"  # any other check digits
+    assert "IBAN" not in _found(f"IBAN {wrong}")
+
+
+def test_the_iban_registrys_belgian_example_is_found():
+    # 16 characters, at a bank python-stdnum's Belgian bank directory does not list.
+    found = _found("IBAN BE68 5390 0754 7034 BIC GKCCBEBB")
+    assert [f.masked for f in found["IBAN"].findings] == ["**** **** **** 7034"]
 
 
 def test_a_validator_failing_inside_stdnum_is_no_finding_and_no_crash():
