@@ -32,8 +32,8 @@ ALL_DIRECTIONS = None
 
 
 def _context(rule, value: str) -> str:
-    # A weak format is only believed next to one of its keywords.
-    return f"Please find my {rule.keywords[0]} below:\n{value}\nThanks." if rule.keywords else f"Here: {value} ok"
+    # A weak format is only believed next to one of its keywords, a bare format labelled by one.
+    return f"Please find below my {rule.keywords[0]}: {value}\nThanks." if rule.keywords else f"Here: {value} ok"
 
 
 def _found(text: str, settings: Settings | None = None) -> dict:
@@ -190,6 +190,21 @@ def test_the_iban_registrys_belgian_example_is_found():
     # 16 characters, at a bank python-stdnum's Belgian bank directory does not list.
     found = _found("IBAN BE68 5390 0754 7034 BIC GKCCBEBB")
     assert [f.masked for f in found["IBAN"].findings] == ["**** **** **** 7034"]
+
+
+def test_acronym_keywords_match_only_in_capitals():
+    # "sin" is Spanish for "without", "ein" German for "a".
+    assert "CA_SIN" not in _found("Envío sin coste, pedido 123 456 782.")
+    assert "CA_SIN" in _found("My SIN is 123 456 782.")
+    assert "US_EIN" not in _found("Wir haben ein Paket 91-1144442 verschickt.")
+    assert "US_EIN" in _found("EIN: 91-1144442")
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r.needs_keyword and r.validator is None], ids=lambda r: r.name)
+def test_a_format_without_a_check_digit_needs_its_keyword_as_its_label(rule):
+    keyword = rule.keywords[0]
+    assert rule.name not in _found(f"Please bring your {keyword} to the desk. Booking {rule.example}.")
+    assert rule.name in _found(f"{keyword.capitalize()} no. {rule.example}")
 
 
 def test_a_validator_failing_inside_stdnum_is_no_finding_and_no_crash():
@@ -357,6 +372,7 @@ def test_cli_lists_the_rules_and_tests_a_file(tmp_path):
     listing = runner.invoke(main, ["dlp", "rules"])
     assert listing.exit_code == 0, listing.output
     assert "CREDIT_CARD_VISA" in listing.output and "Luhn" in listing.output and "outbound" in listing.output
+    assert "format only; keyword required, labelling it" in listing.output
     assert len([line for line in listing.output.splitlines() if line and line[0].isupper()]) >= 70
 
     document = tmp_path / "figures.docx"
