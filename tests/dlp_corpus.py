@@ -372,7 +372,7 @@ def _spreadsheet_rows(n: _Numbers) -> str:
     return "\n".join(lines)
 
 
-_KINDS: dict[str, Callable[[_Numbers], str]] = {
+KINDS: dict[str, Callable[[_Numbers], str]] = {
     "order confirmation": _order_confirmation,
     "shipping notice": _shipping_notice,
     "invoice": _invoice,
@@ -393,9 +393,9 @@ def business_mail(seed: int = SEED, messages: int = MESSAGES) -> list[Mail]:
     rng = random.Random(seed)
     corpus = []
     for _ in range(messages):
-        kind = rng.choice(sorted(_KINDS))
+        kind = rng.choice(sorted(KINDS))
         numbers = _Numbers(rng)
-        body = _KINDS[kind](numbers)
+        body = KINDS[kind](numbers)
         if rng.random() < 0.5:
             body += "\n\n" + _signature(numbers)
         corpus.append(Mail(kind, body, numbers.drawn))
