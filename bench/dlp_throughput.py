@@ -34,10 +34,7 @@ def _prose(chars: int) -> str:
     return " ".join(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=20)
-    rounds = parser.parse_args().rounds
+def measure(rounds: int = 20) -> None:
     settings = Settings()
     page = _prose(3000) + f"\nCard {samples.VISA}\n"
     cases = {
@@ -59,6 +56,16 @@ def main() -> None:
             scan_message(message, settings, "outbound")
         per = (time.perf_counter() - start) / rounds
         print(f"{label:28} {per * 1000:8.1f} ms/message  {1 / per:8.1f} messages/s  ({len(message.raw) / 1024:.0f} kB)")
+
+
+def run() -> None:
+    measure()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=20)
+    measure(parser.parse_args().rounds)
 
 
 if __name__ == "__main__":

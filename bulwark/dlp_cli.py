@@ -29,12 +29,16 @@ def dlp_rules(category: str | None, as_json: bool) -> None:
         row = {
             "name": r.name, "result": r.result_name, "category": r.category, "detects": r.detects,
             "validator": r.validator_name, "keywords": list(r.keywords), "keyword_required": r.needs_keyword,
+            "keyword_as_label": r.needs_keyword and r.validator is None,
             "default_action": r.default_action, "direction": r.default_direction,
         }
         if as_json:
             click.echo(json.dumps(row))
             continue
-        keyword = "keyword required" if r.needs_keyword else "keywords raise confidence" if r.keywords else ""
+        if r.needs_keyword:
+            keyword = "keyword required" if r.validator else "keyword required, labelling it"
+        else:
+            keyword = "keywords raise confidence" if r.keywords else ""
         click.echo(f"{r.name:28} {r.default_action:10} {r.default_direction:8} {r.category:15} {r.detects}")
         click.echo(f"{'':28} validator: {r.validator_name or 'format only'}" + (f"; {keyword}" if keyword else ""))
     if not as_json:

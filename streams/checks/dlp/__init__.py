@@ -53,7 +53,8 @@ DEFAULT_ACTIONS = {
 
 #: Names the rule set in every result, so a verdict says which rules judged it.
 RULESET_VERSION = "dlp-" + hashlib.sha256(
-    "\n".join(f"{r.name}|{r.pattern.pattern}|{r.validator_name}|{','.join(r.keywords)}" for r in RULES).encode()
+    "\n".join(f"{r.name}|{r.pattern.pattern}|{r.validator_name}|{','.join(r.keywords)}|{r.needs_keyword}"
+              for r in RULES).encode()
 ).hexdigest()[:12]
 
 _APPLIES = {

@@ -45,6 +45,11 @@ class RuleFindings:
         return len(self._distinct)
 
 
+def is_acronym(keyword: str) -> bool:
+    """A keyword written in capitals ("SIN", "EIN") matches only in capitals: in lower case it is another word."""
+    return keyword.isupper() and sum(c.isalpha() for c in keyword) >= 2
+
+
 @lru_cache(maxsize=512)
 def keyword_pattern(keywords: tuple[str, ...]) -> re.Pattern[str] | None:
     """One pattern for a rule's keywords, matched as whole words where they start or end in a Latin letter.
@@ -55,11 +60,26 @@ def keyword_pattern(keywords: tuple[str, ...]) -> re.Pattern[str] | None:
     if not keywords:
         return None
     parts = []
-    for kw in sorted({k.lower() for k in keywords}, key=len, reverse=True):
-        left = r"(?<![a-z0-9])" if kw[0].isascii() and kw[0].isalnum() else ""
-        right = r"(?![a-z0-9])" if kw[-1].isascii() and kw[-1].isalnum() else ""
-        parts.append(left + re.escape(kw) + right)
+    for kw in sorted(set(keywords), key=len, reverse=True):
+        left = r"(?<![A-Za-z0-9])" if kw[0].isascii() and kw[0].isalnum() else ""
+        right = r"(?![A-Za-z0-9])" if kw[-1].isascii() and kw[-1].isalnum() else ""
+        word = re.escape(kw) if is_acronym(kw) else f"(?i:{re.escape(kw)})"
+        parts.append(left + word + right)
     return re.compile("|".join(parts))
+
+
+# What may stand between a label and its value: "Passport No. ", "Reisepass-Nr.: ", "license number is ".
+_LABEL_GAP = r"(?i:[\s:#.=\-–]*(?:(?:number|num|no|nr|n°|nº|is|nummer|numéro|número|id)\.?[\s:#=\-–]*){0,2})\Z"
+
+#: How far before a value its label may start.
+LABEL_REACH = 60
+
+
+@lru_cache(maxsize=512)
+def label_pattern(keywords: tuple[str, ...]) -> re.Pattern[str] | None:
+    """A keyword that labels what comes right after it, searched up to where a value starts."""
+    words = keyword_pattern(keywords)
+    return None if words is None else re.compile(f"(?P<keyword>{words.pattern}){_LABEL_GAP}")
 
 
 def scan(texts: list[Text], rules: list[ActiveRule], window: int) -> dict[str, RuleFindings]:
@@ -78,16 +98,24 @@ def scan(texts: list[Text], rules: list[ActiveRule], window: int) -> dict[str, R
             if active.needs_keyword and not any(k.lower() in lowered for k in active.keywords):
                 continue
             keywords = keyword_pattern(active.keywords)
+            # A format with no validator is only as good as its keyword, and
+            # "bring your passport" is near every booking reference in a
+            # travel confirmation: the keyword must label the value.
+            labelled = active.needs_keyword and rule.validator is None
             if rule.pattern not in matches:
                 matches[rule.pattern] = list(rule.pattern.finditer(text.text))
             for match in matches[rule.pattern]:
-                value = match.group(0)
-                if not rule.accepts(value):
+                value = rule.valid_value(match.group(0))
+                if value is None:
                     continue
+                start, end = match.start(), match.start() + len(value)
                 keyword = None
-                if keywords is not None:
-                    near = keywords.search(lowered, max(0, match.start() - window), match.end() + window)
-                    keyword = near.group(0) if near else None
+                if labelled:
+                    label = label_pattern(active.keywords).search(text.text, max(0, start - LABEL_REACH), start)
+                    keyword = label.group("keyword").lower() if label else None
+                elif keywords is not None:
+                    near = keywords.search(text.text, max(0, start - window), end + window)
+                    keyword = near.group(0).lower() if near else None
                 if active.needs_keyword and keyword is None:
                     continue
                 entry = found.setdefault(rule.name, RuleFindings(rule))
