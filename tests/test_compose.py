@@ -1,0 +1,144 @@
+"""docker-compose.yml as Docker Compose itself reads it.
+
+There is no Docker engine on the development machines, so the stack cannot be
+started here; what can be checked is what `docker compose config` checks.
+infra/compose-check is a small Go program around compose-go (the loader inside
+Docker Compose v2, pinned in its go.mod): it interpolates, validates against
+the Compose schema, normalises and checks consistency, then prints the project
+as JSON. These tests build it with the Go toolchain and assert on what a user
+of the stack would notice: the services that run, the ports they can reach,
+the clamd they scan with.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bulwark.settings import REPO_ROOT
+
+VALIDATOR = REPO_ROOT / "infra" / "compose-check"
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+#: Module and build caches, kept between runs (git-ignored): after the first
+#: build the tests need neither the network nor a recompile.
+GO_CACHE = REPO_ROOT / ".cache" / "go"
+
+
+def _go_directive() -> tuple[int, int]:
+    """The Go version infra/compose-check/go.mod asks for (compose-go's own minimum)."""
+    found = re.search(r"^go (\d+)\.(\d+)", (VALIDATOR / "go.mod").read_text(), re.M)
+    return int(found.group(1)), int(found.group(2))
+
+
+def _go_version(go: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "GOTOOLCHAIN": "local"}).stdout
+    except OSError:
+        return None
+    found = re.match(r"go(\d+)\.(\d+)", out.strip())
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def find_go() -> str:
+    """The newest Go toolchain here: on PATH, the machine image's /usr/local/go, or Debian's."""
+    candidates = [shutil.which("go"), "/usr/local/go/bin/go", *glob.glob("/usr/lib/go-*/bin/go")]
+    versions = {go: v for go in dict.fromkeys(c for c in candidates if c) if (v := _go_version(go))}
+    if not versions:
+        pytest.fail("no Go toolchain found (looked on PATH, in /usr/local/go and /usr/lib/go-*): the "
+                    "docker-compose.yml check builds infra/compose-check with Go; .ci/run installs it", pytrace=False)
+    go = max(versions, key=versions.get)
+    if versions[go] < (1, 21):
+        need = "%d.%d" % _go_directive()
+        pytest.fail(f"{go} is Go {'%d.%d' % versions[go]}: compose-go needs Go {need}, and a Go older than 1.21 "
+                    f"cannot fetch a newer toolchain itself; install Go >= {need} or Debian's golang-1.23-go "
+                    "from bookworm-backports (.ci/run does)", pytrace=False)
+    return go
+
+
+def go_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        GOMODCACHE=str(GO_CACHE / "mod"),
+        GOCACHE=str(GO_CACHE / "build"),
+        # -mod=mod: go.mod and go.sum are the pins, and a module missing from
+        # the cache is fetched once from the module proxy and kept above.
+        GOFLAGS="-mod=mod -buildvcs=false",
+        # A local Go older than go.mod's directive (Debian's backports have
+        # 1.23) fetches the toolchain go.mod names, through the module proxy,
+        # into the module cache above; a recent enough one is used as is.
+        GOTOOLCHAIN="auto",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def compose_check(tmp_path_factory) -> Path:
+    binary = tmp_path_factory.mktemp("compose-check") / "compose-check"
+    built = subprocess.run([find_go(), "build", "-o", str(binary), "."], cwd=VALIDATOR,
+                           env=go_environment(), capture_output=True, text=True, timeout=1800)
+    assert built.returncode == 0, f"go build of infra/compose-check failed:\n{built.stderr}"
+    return binary
+
+
+def user_environment() -> dict[str, str]:
+    """The environment of someone who has set nothing for Compose or Bulwark."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_", "BULWARK_"))}
+
+
+def run_check(compose_check: Path, path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(compose_check), path.name], cwd=path.parent, env=user_environment(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def project(compose_check) -> dict:
+    result = run_check(compose_check, COMPOSE_FILE)
+    assert result.returncode == 0, f"Docker Compose's loader refuses docker-compose.yml:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def test_compose_loads_the_file_as_a_project_with_every_service_the_stack_needs(project):
+    assert project["name"] == "bulwark"
+    assert set(project["services"]) == {
+        "kafka", "topics", "ingest", "streams", "delivery", "quarantine", "mailbox", "clamav",
+    }
+    # The policy the services read is the shipped compose policy, not a
+    # directory Docker would create in its place.
+    for name, service in project["services"].items():
+        if service.get("image") == "bulwark:local":
+            policy = next(v for v in service["volumes"] if v["target"] == "/etc/bulwark/policy.yaml")
+            assert Path(policy["source"]) == REPO_ROOT / "infra" / "policy.compose.yaml", name
+            assert policy["read_only"] and policy["bind"]["create_host_path"] is False, name
+
+
+BROKEN = {
+    # a misspelt key is not silently ignored (the schema)
+    "unknown key": (("  ingest:\n", "  ingest:\n    restart_policy: always\n"),
+                    "additional properties 'restart_policy' not allowed"),
+    # a dependency on a service that does not exist (consistency)
+    "undefined service": (("      mailbox:\n        condition: service_started",
+                           "      mailbx:\n        condition: service_started"),
+                          'depends on undefined service "mailbx"'),
+    # a port that is not a number (normalisation of the short syntax)
+    "bad port": (('"127.0.0.1:2525:2525"', '"127.0.0.1:2525:25x25"'), "Invalid containerPort: 25x25"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_copy_of_the_file_is_refused_with_composes_error(compose_check, tmp_path, case):
+    (old, new), error = BROKEN[case]
+    text = COMPOSE_FILE.read_text()
+    assert old in text, f"the {case} case no longer applies to docker-compose.yml"
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace(old, new, 1))
+    result = run_check(compose_check, broken)
+    assert result.returncode != 0
+    assert error in result.stderr
