@@ -19,13 +19,20 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
-from bulwark.settings import REPO_ROOT
+from bulwark.policy import parse
+from bulwark.settings import REPO_ROOT, Settings
 
 VALIDATOR = REPO_ROOT / "infra" / "compose-check"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+POLICY = """hostname: gw.example.com
+local_domains: [example.com]
+mail_servers:
+  - {name: mx, host: 10.1.1.1, default: true}
+"""
 #: Module and build caches, kept between runs (git-ignored): after the first
 #: build the tests need neither the network nor a recompile.
 GO_CACHE = REPO_ROOT / ".cache" / "go"
@@ -142,3 +149,72 @@ def test_a_broken_copy_of_the_file_is_refused_with_composes_error(compose_check,
     result = run_check(compose_check, broken)
     assert result.returncode != 0
     assert error in result.stderr
+
+
+# -- what a user can reach from the host -------------------------------------------------
+
+def settings_of(service: dict) -> Settings:
+    """The settings a Bulwark service's process reads from its compose environment."""
+    with patch.dict(os.environ, {k: str(v) for k, v in service["environment"].items()}, clear=True):
+        return Settings.from_env()
+
+
+def listeners(project: dict) -> dict[str, tuple[str, str, int]]:
+    """Every listener of the stack: name -> (service, address it listens on in its container, port)."""
+    services = project["services"]
+    ingest, mailbox, streams = (settings_of(services[name]) for name in ("ingest", "mailbox", "streams"))
+    found = {
+        "inbound SMTP": ("ingest", ingest.smtp_host, ingest.smtp_port),
+        "submission (587)": ("ingest", ingest.smtp_host, ingest.submission_port),
+        "submissions (465)": ("ingest", ingest.smtp_host, ingest.submissions_port),
+        "demo mailbox": ("mailbox", mailbox.mailbox_host, mailbox.mailbox_port),
+        "streams worker HTTPS tables": ("streams", streams.streams_web_host, streams.streams_web_port),
+    }
+    kafka = services["kafka"]["environment"]
+    host_listener = dict(item.split("://") for item in kafka["KAFKA_LISTENERS"].split(","))["HOST"]
+    address, _, port = host_listener.rpartition(":")
+    found["Kafka (host listener)"] = ("kafka", address or "0.0.0.0", int(port))
+    return found
+
+
+#: The host ports docs/deployment.md promises, all on 127.0.0.1.
+HOST_PORTS = {
+    "inbound SMTP": 2525,
+    "submission (587)": 2587,
+    "submissions (465)": 2465,
+    "demo mailbox": 2526,
+    "streams worker HTTPS tables": 6066,
+    "Kafka (host listener)": 29092,
+}
+
+
+def test_every_listener_is_published_on_the_hosts_loopback(project):
+    for name, (service, address, port) in listeners(project).items():
+        assert port, f"{name} is turned off in docker-compose.yml"
+        # A process listening on 127.0.0.1 inside its container is unreachable
+        # through a published port.
+        assert address in ("0.0.0.0", "::"), f"{name} listens on {address} inside the {service} container"
+        published = [p for p in project["services"][service].get("ports", []) if p["target"] == port]
+        assert published, f"{name} ({service}:{port}) is not published to the host"
+        assert [(p["host_ip"], int(p["published"]), p["protocol"]) for p in published] == \
+            [("127.0.0.1", HOST_PORTS[name], "tcp")], name
+    assert set(listeners(project)) == set(HOST_PORTS)
+
+
+def test_kafka_advertises_to_host_clients_the_port_they_can_reach(project):
+    # A client bootstraps on the published port, then reconnects to the
+    # advertised address: both must be the host's side of the same port.
+    kafka = project["services"]["kafka"]["environment"]
+    advertised = dict(item.split("://") for item in kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))["HOST"]
+    assert advertised == f"localhost:{HOST_PORTS['Kafka (host listener)']}"
+
+
+def test_the_streams_worker_listens_where_its_settings_say_and_routes_to_itself(tmp_path):
+    from streams.app import build_app
+
+    settings = Settings.from_env().with_(data_dir=tmp_path, blob_dir=tmp_path / "blobs",
+                                         streams_web_host="0.0.0.0", streams_web_port=6066)
+    app = build_app(settings, parse(POLICY))
+    assert (app.conf.web_bind, app.conf.web_port) == ("0.0.0.0", 6066)
+    # The canonical URL other workers route to is never the wildcard.
+    assert app.conf.web_host == "127.0.0.1"
