@@ -28,6 +28,7 @@ from bulwark.settings import REPO_ROOT, Settings
 
 VALIDATOR = REPO_ROOT / "infra" / "compose-check"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+CLAMD_SH = REPO_ROOT / "infra" / "clamav" / "clamd.sh"
 POLICY = """hostname: gw.example.com
 local_domains: [example.com]
 mail_servers:
@@ -115,7 +116,7 @@ def project(compose_check) -> dict:
 def test_compose_loads_the_file_as_a_project_with_every_service_the_stack_needs(project):
     assert project["name"] == "bulwark"
     assert set(project["services"]) == {
-        "kafka", "topics", "ingest", "streams", "delivery", "quarantine", "mailbox", "clamav",
+        "kafka", "topics", "ingest", "streams", "delivery", "quarantine", "mailbox", "clamd",
     }
     # The policy the services read is the shipped compose policy, not a
     # directory Docker would create in its place.
@@ -174,6 +175,8 @@ def listeners(project: dict) -> dict[str, tuple[str, str, int]]:
     host_listener = dict(item.split("://") for item in kafka["KAFKA_LISTENERS"].split(","))["HOST"]
     address, _, port = host_listener.rpartition(":")
     found["Kafka (host listener)"] = ("kafka", address or "0.0.0.0", int(port))
+    clamd = clamd_conf(services["clamd"]["environment"])
+    found["clamd (INSTREAM)"] = ("clamd", clamd["TCPAddr"], int(clamd["TCPSocket"]))
     return found
 
 
@@ -185,6 +188,7 @@ HOST_PORTS = {
     "demo mailbox": 2526,
     "streams worker HTTPS tables": 6066,
     "Kafka (host listener)": 29092,
+    "clamd (INSTREAM)": 3310,
 }
 
 
@@ -218,3 +222,63 @@ def test_the_streams_worker_listens_where_its_settings_say_and_routes_to_itself(
     assert (app.conf.web_bind, app.conf.web_port) == ("0.0.0.0", 6066)
     # The canonical URL other workers route to is never the wildcard.
     assert app.conf.web_host == "127.0.0.1"
+
+
+# -- clamd ---------------------------------------------------------------------------------
+
+#: The clamd.conf options that say where clamd listens and keeps its files;
+#: every other option is a scanning setting.
+CLAMD_PLACEMENT = {"TCPAddr", "TCPSocket", "PidFile", "LogFile", "TemporaryDirectory", "DatabaseDirectory"}
+
+
+def clamd_conf(environment: dict, script: Path = CLAMD_SH) -> dict[str, str]:
+    """The clamd.conf clamd.sh writes (its `config` command) in this environment, as option -> value."""
+    result = subprocess.run(["bash", str(script), "config"], capture_output=True, text=True, timeout=60,
+                            env={**user_environment(), **{k: str(v) for k, v in environment.items()}})
+    assert result.returncode == 0, result.stderr
+    options: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.strip().partition(" ")
+            assert name not in options, f"{name} is set twice: clamd would keep the first"
+            options[name] = value.strip()
+    return options
+
+
+def host_path(service: dict, path: str) -> Path:
+    """The file on the host that ``path`` inside the service's container is bind-mounted from."""
+    inside = Path(path)
+    for volume in service.get("volumes", []):
+        if volume["type"] == "bind" and inside.is_relative_to(volume["target"]):
+            return Path(volume["source"]) / inside.relative_to(volume["target"])
+    pytest.fail(f"{path} is not mounted from the checkout", pytrace=False)
+
+
+def test_compose_clamd_runs_the_projects_clamd_sh_with_the_settings_make_run_uses(project):
+    clamd = project["services"]["clamd"]
+    command = (clamd.get("entrypoint") or []) + (clamd.get("command") or [])
+    assert host_path(clamd, command[0]) == CLAMD_SH and command[1:] == ["run"]
+    assert all(v["read_only"] for v in clamd["volumes"] if v["type"] == "bind")
+
+    in_compose = clamd_conf(clamd["environment"])
+    with_make_run = clamd_conf({})
+    settings = {k: v for k, v in in_compose.items() if k not in CLAMD_PLACEMENT}
+    assert settings == {k: v for k, v in with_make_run.items() if k not in CLAMD_PLACEMENT}
+    # What the antivirus and macros checks rely on (README: Antivirus).
+    for name in ("AlertOLE2Macros", "AlertEncrypted", "AlertExceedsMax", "ScanArchive", "ScanOLE2"):
+        assert settings[name] == "yes", name
+    assert settings["StreamMaxLength"] == "64M"
+    # The project's signature database, built with sigtool into clamd.sh's directory.
+    assert in_compose["DatabaseDirectory"] == f"{clamd['environment']['BULWARK_CLAMD_DIR']}/db"
+
+
+def test_the_streams_worker_scans_with_the_compose_clamd_once_it_answers(project):
+    services = project["services"]
+    streams = settings_of(services["streams"])
+    conf = clamd_conf(services["clamd"]["environment"])
+    assert streams.clamd_host == "clamd" and streams.clamd_port == int(conf["TCPSocket"])
+    assert conf["TCPAddr"] == "0.0.0.0"  # reachable from the streams container
+    assert services["streams"]["depends_on"]["clamd"]["condition"] == "service_healthy"
+    healthcheck = services["clamd"]["healthcheck"]["test"]
+    assert healthcheck[0] == "CMD" and host_path(services["clamd"], healthcheck[1]) == CLAMD_SH
+    assert healthcheck[2:] == ["status"]
