@@ -2,6 +2,8 @@ module bulwark/infra/compose-check
 
 go 1.24.0
 
+toolchain go1.24.13
+
 require github.com/compose-spec/compose-go/v2 v2.10.2
 
 require (
