@@ -282,3 +282,11 @@ def test_the_streams_worker_scans_with_the_compose_clamd_once_it_answers(project
     healthcheck = services["clamd"]["healthcheck"]["test"]
     assert healthcheck[0] == "CMD" and host_path(services["clamd"], healthcheck[1]) == CLAMD_SH
     assert healthcheck[2:] == ["status"]
+
+
+def test_the_published_ports_are_the_ones_docs_deployment_md_lists(project):
+    table = re.findall(r"^\| (\w+) \| (\d+) \|", (REPO_ROOT / "docs" / "deployment.md").read_text(), re.M)
+    documented = {(service, int(port)) for service, port in table}
+    published = {(name, int(p["published"])) for name, service in project["services"].items()
+                 for p in service.get("ports", [])}
+    assert documented == published
