@@ -77,8 +77,9 @@ def go_environment() -> dict[str, str]:
         GOMODCACHE=str(GO_CACHE / "mod"),
         GOCACHE=str(GO_CACHE / "build"),
         # -mod=mod: go.mod and go.sum are the pins, and a module missing from
-        # the cache is fetched once from the module proxy and kept above.
-        GOFLAGS="-mod=mod -buildvcs=false",
+        # the cache is fetched once from the module proxy and kept above;
+        # -modcacherw so that `rm -rf .cache` works without chmod.
+        GOFLAGS="-mod=mod -modcacherw -buildvcs=false",
         # A local Go older than go.mod's directive (Debian's backports have
         # 1.23) fetches the toolchain go.mod names, through the module proxy,
         # into the module cache above; a recent enough one is used as is.
