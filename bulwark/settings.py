@@ -43,6 +43,9 @@ class Settings:
     kafka_request_timeout_ms: int
     #: -1 keeps audit events for ever.
     audit_retention_ms: int
+    #: Where the Faust worker's HTTPS table views listen. 127.0.0.1 on a host;
+    #: 0.0.0.0 in a container, so a published port reaches it.
+    streams_web_host: str
     streams_web_port: int
     delivery_poll_seconds: float
     #: Master secret of Backscatter Protection's keys (32 random bytes,
@@ -75,6 +78,7 @@ class Settings:
             mailbox_dir=Path(_env("BULWARK_MAILBOX_DIR", str(data_dir / "mailbox"))),
             kafka_request_timeout_ms=int(_env("BULWARK_KAFKA_REQUEST_TIMEOUT_MS", "15000")),
             audit_retention_ms=int(_env("BULWARK_AUDIT_RETENTION_MS", "-1")),
+            streams_web_host=_env("BULWARK_STREAMS_WEB_HOST", "127.0.0.1"),
             streams_web_port=int(_env("BULWARK_STREAMS_WEB_PORT", "6066")),
             delivery_poll_seconds=float(_env("BULWARK_DELIVERY_POLL_SECONDS", "1.0")),
             backscatter_secret_file=Path(

@@ -94,6 +94,11 @@ async def _judge_and_publish(event: MessageReceived, blobs: BlobStore, policy: P
             backoff = min(backoff * 2, 30)
 
 
+def advertised_web_host(listen: str) -> str:
+    """The host in a worker's canonical URL when its web server listens on ``listen``."""
+    return "127.0.0.1" if listen in ("", "0.0.0.0", "::") else listen
+
+
 def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
     # Follows config.policy (or stays on the given policy, in unit tests).
     holder = PolicyHolder.fixed(policy) if policy is not None else PolicyHolder(settings=settings)
@@ -105,9 +110,12 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         store="rocksdb://",
         datadir=str(settings.data_dir / "streams"),
         autodiscover=False,
-        web_host="127.0.0.1",
+        # web_host is the address this worker advertises to the others (its
+        # canonical URL), so never a wildcard; in a container the worker
+        # listens on every interface and routes to itself over loopback.
+        web_host=advertised_web_host(settings.streams_web_host),
         web_port=settings.streams_web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.streams_web_host,
         topic_replication_factor=1,
         topic_partitions=RECEIVED.partitions,
         producer_acks=-1,
