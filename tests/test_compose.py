@@ -66,8 +66,7 @@ def find_go() -> str:
     if versions[go] < (1, 21):
         need = "%d.%d" % _go_directive()
         pytest.fail(f"{go} is Go {'%d.%d' % versions[go]}: compose-go needs Go {need}, and a Go older than 1.21 "
-                    f"cannot fetch a newer toolchain itself; install Go >= {need} or Debian's golang-1.23-go "
-                    "from bookworm-backports (.ci/run does)", pytrace=False)
+                    f"cannot fetch a newer toolchain itself; install Go >= {need}", pytrace=False)
     return go
 
 
@@ -80,9 +79,9 @@ def go_environment() -> dict[str, str]:
         # the cache is fetched once from the module proxy and kept above;
         # -modcacherw so that `rm -rf .cache` works without chmod.
         GOFLAGS="-mod=mod -modcacherw -buildvcs=false",
-        # A local Go older than go.mod's directive (Debian's backports have
-        # 1.23) fetches the toolchain go.mod names, through the module proxy,
-        # into the module cache above; a recent enough one is used as is.
+        # A local Go older than go.mod's directive (but >= 1.21) fetches the
+        # toolchain go.mod names into the module cache above; a recent enough
+        # one (the machines' 1.26) is used as is.
         GOTOOLCHAIN="auto",
     )
     return env
