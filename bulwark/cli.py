@@ -25,7 +25,7 @@ def main() -> None:
     """Bulwark, an email security gateway on Apache Kafka.
 
     Where things run comes from BULWARK_* environment variables (see the
-    README); what the gateway does comes from the policy file.
+    docs/admin-guide.md); what the gateway does comes from the policy file.
     """
 
 

@@ -2,7 +2,7 @@
 
 Producers are confluent-kafka's (librdkafka: batching, retries, idempotence
 and transactions in C), consumers and the admin client aiokafka's. Faust
-keeps its own aiokafka client. Why, with the figures: README, "Kafka clients".
+keeps its own aiokafka client. Why, with the figures: docs/operations.md, "Kafka clients".
 
 Every event goes to the topic that declares it, keyed as that topic says, with
 the record timestamp set to the event's own time (so Faust windows run in
@@ -190,7 +190,7 @@ class DurableLog:
     reached the broker and its answer did not reach us, RFC 1047).
 
     librdkafka's transactions, not aiokafka's: a one-record transaction took
-    7 ms (p50) against 30 ms on the same broker (README, "Kafka clients").
+    7 ms (p50) against 30 ms on the same broker (docs/operations.md, "Kafka clients").
     Its transaction calls block, so they run on a worker thread.
     """
 

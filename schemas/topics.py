@@ -1,7 +1,7 @@
 """Every Kafka topic Bulwark uses, declared once.
 
 Everything else (the producers, the Faust app, ``bulwark topics ensure``,
-the README's table) refers to these declarations.
+docs/topics.md's table) refers to these declarations.
 
 Audit topics keep every event for ever by default: they are the record an
 administrator traces and replays. State topics are compacted: the latest

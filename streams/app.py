@@ -122,7 +122,7 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         # A few milliseconds of linger: the table changelogs, fingerprints and
         # verdicts of concurrent messages share produce requests instead of
         # each record costing the broker a request of its own (measured with
-        # bench/e2e_relay.py; see the README's benchmark section).
+        # bench/e2e_relay.py; docs/performance.md).
         producer_linger=0.005,
         # At-least-once, with every effect idempotent: Faust flushes the
         # table changelogs and waits for the sends before it commits an

@@ -19,7 +19,7 @@ from faust.transport.drivers import aiokafka as driver
 #: fetch is not answered when a transaction commits (only when records are
 #: appended), so a message recorded by ingest's transaction waited up to
 #: that long to be judged: under load, every tenth message 1.8 s. Measured
-#: with bench/e2e_relay.py (README, benchmark).
+#: with bench/e2e_relay.py (docs/performance.md).
 FETCH_MAX_WAIT_MS = 50
 
 #: The broker URL scheme that selects this transport: ``bulwark://host:port``.

@@ -264,7 +264,7 @@ def test_compose_clamd_runs_the_projects_clamd_sh_with_the_settings_make_run_use
     with_make_run = clamd_conf({})
     settings = {k: v for k, v in in_compose.items() if k not in CLAMD_PLACEMENT}
     assert settings == {k: v for k, v in with_make_run.items() if k not in CLAMD_PLACEMENT}
-    # What the antivirus and macros checks rely on (README: Antivirus).
+    # What the antivirus and macros checks rely on (docs/admin-guide.md: Antivirus).
     for name in ("AlertOLE2Macros", "AlertEncrypted", "AlertExceedsMax", "ScanArchive", "ScanOLE2"):
         assert settings[name] == "yes", name
     assert settings["StreamMaxLength"] == "64M"
