@@ -1,7 +1,8 @@
 """Content-addressed store for raw messages (the claim check).
 
 A message is stored under the sha256 of its bytes, written to a temporary
-file, fsynced, renamed into place and the directory fsynced: after ``put``
+file, fsynced, renamed into place and the directory fsynced (and any
+directory it created, into its parent): after ``put``
 returns, the message survives a power cut. Storing the same bytes twice is a
 no-op, which makes a client's retry after a 451 harmless.
 
@@ -14,7 +15,37 @@ import asyncio
 import hashlib
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+#: The blob store's own threads: a 250 waits on a put, so nothing else that
+#: runs in threads (Argon2 during an AUTH flood, a slow directory bind) may
+#: queue in front of it.
+_IO = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blobstore")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """Create ``path`` and any missing parents, each new entry fsynced into its
+    parent: a rename into a directory whose own entry never reached the disk
+    can vanish with it in a power cut."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:  # a concurrent put made it
+            continue
+        _fsync_dir(directory.parent)
 
 
 class BlobStoreError(OSError):
@@ -36,7 +67,7 @@ class BlobStore:
         if final.exists():
             return digest
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _makedirs_durable(final.parent)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".incoming-")
             try:
                 with os.fdopen(fd, "wb") as fh:
@@ -47,11 +78,7 @@ class BlobStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(final.parent)
         except OSError as exc:
             raise BlobStoreError(exc.errno, f"blob store {self.root} cannot store: {exc.strerror}") from None
         return digest
@@ -63,7 +90,7 @@ class BlobStore:
         return data
 
     async def put(self, data: bytes) -> str:
-        return await asyncio.to_thread(self.put_sync, data)
+        return await asyncio.get_running_loop().run_in_executor(_IO, self.put_sync, data)
 
     async def get(self, digest: str) -> bytes:
-        return await asyncio.to_thread(self.get_sync, digest)
+        return await asyncio.get_running_loop().run_in_executor(_IO, self.get_sync, digest)

@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bulwark.passwords import verify_password
 from bulwark.settings import Settings
 from bulwark.state import StateView
 from schemas import events as ev
+
+#: Argon2 verification on threads of its own, two at a time: an AUTH flood
+#: waits here, never in front of the blob store or a directory lookup.
+ARGON2_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
 from schemas.topics import ACCOUNT_STATE, ACCOUNTS
 
 log = logging.getLogger(__name__)
@@ -90,7 +95,8 @@ class AccountDirectory:
             # as a wrong password, so AUTH does not reveal who exists.
             # Argon2 takes tens of milliseconds of CPU; a thread keeps the
             # SMTP event loop serving everyone else meanwhile.
-            return await asyncio.to_thread(verify_password, account.password_hash if account else None, password)
+            return await asyncio.get_running_loop().run_in_executor(
+                ARGON2_POOL, verify_password, account.password_hash if account else None, password)
         try:
             from ingest import verification
         except ImportError:
