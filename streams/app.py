@@ -17,7 +17,7 @@ from pathlib import Path
 
 import faust
 
-from bulwark.blobstore import BlobStore
+from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.policy import Policy
 from bulwark.policy_runtime import PolicyHolder
 from bulwark.settings import Settings
@@ -56,8 +56,12 @@ async def judge(event: MessageReceived, blobs: BlobStore, policy: Policy):
     """The verdict for one received message."""
     try:
         raw = await blobs.get(event.envelope.sha256)
-    except OSError as exc:
-        # Without the bytes nothing can be checked or delivered: hold it.
+    except BlobStoreError as exc:
+        # The bytes are there but are not the message that was accepted
+        # (their digest differs): no retry brings it back, so hold it for a
+        # person. A blob that cannot be read at all (missing mount, I/O
+        # error) raises on: an infrastructure failure, retried until it
+        # reads, because ingest made it durable before its 250.
         message = Message(event.message_id, event.session_id, event.envelope, event.direction, b"", policy)
         failed = CheckResult(check="blobstore", name="MESSAGE_UNREADABLE", outcome="fail", detail=str(exc))
         return decide(message, [failed], policy)
