@@ -180,7 +180,7 @@ class Probe:
                 while not self._stop.is_set():
                     n += 1
                     message_id = f"<probe-{n}-{os.getpid()}@partner.test>"
-                    command(f"MAIL FROM:<probe@partner.test>")
+                    command("MAIL FROM:<probe@partner.test>")
                     command(f"RCPT TO:<probe{n}@{DOMAIN}>")
                     command("DATA")
                     s.sendall(f"From: probe@partner.test\r\nTo: probe{n}@{DOMAIN}\r\nMessage-Id: {message_id}\r\n"

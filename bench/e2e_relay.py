@@ -139,7 +139,7 @@ def run_postfix(root: Path, args, milter: bool) -> Result:
                 stack.stop_clamd()
 
 
-async def _reconcile(settings: Settings, probe_ids: int) -> tuple[dict, dict]:
+async def _reconcile(settings: Settings) -> tuple[dict, dict]:
     records = await read_topics(settings, [RECEIVED.name, VERDICTS.name, QUARANTINE.name])
     received, refused, verdicts, quarantined = set(), set(), {}, set()
     for r in records:
@@ -164,12 +164,11 @@ def run_bulwark(root: Path, args, inline_refusal: bool) -> Result:
     with smtp_sink(root / setup) as sink:
         policy = bulwark_policy(sink.port, inline_refusal)
         components = ("quarantine", "delivery", "streams", "ingest")
-        with local_stack(policy, components=components, extra_env=_bulwark_env(args)) as (settings, stack):
+        with local_stack(policy, components=components) as (settings, stack):
             warm_up(settings.smtp_port, sink)
-            pids = lambda: [p.pid for n, p in stack.procs.items() if n in BULWARK_PROCESSES or n.startswith(BULWARK_PROCESSES)]
-            with PeakRss(pids) as rss:
+            with PeakRss(lambda: [p.pid for n, p in stack.procs.items() if n.startswith(BULWARK_PROCESSES)]) as rss:
                 result = run_load(setup, settings.smtp_port, sink, args, rss)
-            counts, actions = asyncio.run(_reconcile(settings, 0))
+            counts, actions = asyncio.run(_reconcile(settings))
             accepted = counts["received"] - counts["refused"]
             accounted = result.delivered + 1 + counts["quarantined"]  # +1: the warm-up message
             result.reconciliation = (
@@ -178,15 +177,6 @@ def run_bulwark(root: Path, args, inline_refusal: bool) -> Result:
                 f" refused {counts['refused']}; unjudged {counts['unjudged']}; verdicts {actions}"
             )
             return result
-
-
-def _bulwark_env(args) -> dict[str, str]:
-    env = {}
-    if args.ingest_processes:
-        env["BULWARK_INGEST_PROCESSES"] = str(args.ingest_processes)
-    if args.workers:
-        env["BULWARK_STREAMS_WORKERS"] = str(args.workers)
-    return env
 
 
 def warm_up(port: int, sink) -> None:
@@ -235,8 +225,6 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--size", type=int, default=10240, help="message size in bytes (smtp-source -l)")
     parser.add_argument("--only", action="append", choices=SETUPS, help="run only these set-ups (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the load may take")
-    parser.add_argument("--ingest-processes", type=int, default=0, help="override Bulwark's ingest process count")
-    parser.add_argument("--workers", type=int, default=0, help="override Bulwark's stream worker count")
     args = parser.parse_args(argv)
     require("smtp-source", "smtp-sink", "postfix", "clamav-milter")
     root = Path(tempfile.mkdtemp(prefix="bulwark-e2e-"))
