@@ -48,6 +48,9 @@ class Settings:
     streams_web_host: str
     streams_web_port: int
     delivery_poll_seconds: float
+    #: How long the delivery sink remembers a finished delivery (so a verdict
+    #: consumed again is not delivered again); older verdicts are not acted on.
+    delivery_retention_days: float
     #: Master secret of Backscatter Protection's keys (32 random bytes,
     #: created 0600 on first use); the same file on every node.
     backscatter_secret_file: Path
@@ -81,6 +84,7 @@ class Settings:
             streams_web_host=_env("BULWARK_STREAMS_WEB_HOST", "127.0.0.1"),
             streams_web_port=int(_env("BULWARK_STREAMS_WEB_PORT", "6066")),
             delivery_poll_seconds=float(_env("BULWARK_DELIVERY_POLL_SECONDS", "1.0")),
+            delivery_retention_days=float(_env("BULWARK_DELIVERY_RETENTION_DAYS", "7")),
             backscatter_secret_file=Path(
                 _env("BULWARK_BACKSCATTER_SECRET_FILE", str(data_dir / "secrets" / "backscatter.key"))
             ),

@@ -58,6 +58,10 @@ class Route:
         return f"{self.host}:{self.port}"
 
 
+#: How often finished deliveries past the retention are forgotten.
+PRUNE_EVERY_SECONDS = 3600
+
+
 class NoRoute(Exception):
     pass
 
@@ -88,6 +92,8 @@ class DeliverySink:
         #: (due time, message id) of every entry still to deliver: the
         #: scheduler pops what is due instead of reading the whole queue.
         self._due: list[tuple[float, str]] = []
+        self.retention = timedelta(days=settings.delivery_retention_days)
+        self._pruned_at = 0.0
         #: Entries whose outbox a broker outage left unpublished.
         self._unpublished: set[str] = set()
         self._publishing: set[str] = set()
@@ -151,7 +157,15 @@ class DeliverySink:
         """Queue the work these events ask for; idempotent on message id."""
         await queue_notifications(self, events)  # administrators told of disabled accounts
         new: dict[str, dict] = {}
+        too_old = utcnow() - self.retention
         for event in events:
+            if event.occurred_at < too_old:
+                # Its queue entry may be pruned already (a consumer group
+                # whose offsets expired reads from the beginning): acting on
+                # it could deliver a second time.
+                log.warning("%s for %s is older than the delivery retention; not acted on", event.TYPE,
+                            event.message_id)
+                continue
             entry = self._work_from(event)
             if entry and entry["message_id"] not in self.queue and entry["message_id"] not in new:
                 new[entry["message_id"]] = entry
@@ -485,9 +499,28 @@ class DeliverySink:
             log.warning("events of %d entries unpublished for now (%s); retrying",
                         len(failed), type(failed[0][1]).__name__)
 
+    def _prune_sync(self) -> int:
+        cutoff = utcnow() - self.retention
+        finished = [key for key, entry in self.queue.items()
+                    if entry["done"] and not entry.get("outbox")
+                    and datetime.fromisoformat(entry["first_queued_at"]) < cutoff]
+        self.queue.delete_many(finished)
+        return len(finished)
+
+    async def prune(self) -> int:
+        """Forget finished deliveries older than the retention, so the queue does
+        not grow for ever. On a thread: it reads the whole queue (once an hour)."""
+        pruned = await asyncio.to_thread(self._prune_sync)
+        if pruned:
+            log.info("forgot %d finished deliveries older than %s", pruned, self.retention)
+        return pruned
+
     async def scheduler(self) -> None:
         await self.recover()
         while True:
+            if asyncio.get_running_loop().time() - self._pruned_at > PRUNE_EVERY_SECONDS:
+                self._pruned_at = asyncio.get_running_loop().time()
+                await self.prune()
             if self._unpublished:
                 await self._republish()
             for entry in self.due():

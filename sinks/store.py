@@ -47,6 +47,15 @@ class JsonIndex:
             batch.put(key.encode(), json.dumps(record, default=str).encode())
         self.db.write(batch)
 
+    def delete_many(self, keys: list[str]) -> None:
+        """One synced write for a whole batch of deletions."""
+        if not keys:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for key in keys:
+            batch.delete(key.encode())
+        self.db.write(batch)
+
     def items(self) -> Iterator[tuple[str, dict]]:
         for key, raw in self.db.items():
             yield key.decode(), json.loads(raw)

@@ -165,4 +165,39 @@ async def test_after_a_restart_only_unfinished_entries_are_delivered(tmp_path):
 
     again = make_sink(tmp_path, send)  # the same queue, as after a restart
     await run_until(again, lambda: len(sent) == 2)
-    assert sent == ["a1@example.test", "a2@example.test"]
+    assert sent == ["a1@example.test", "a2@example.test"]  # a1 once, before the restart; a2 once, after
+
+
+@pytest.mark.asyncio
+async def test_finished_deliveries_are_forgotten_after_the_retention_and_old_verdicts_not_acted_on(tmp_path):
+    from datetime import timedelta
+
+    sent: list[str] = []
+
+    async def send(route, mail_from, rcpts, data):
+        sent.extend(rcpts)
+        return delivered(rcpts)
+
+    sink = make_sink(tmp_path, send)
+    old, recent, waiting = await verdicts(sink, ["old@example.test", "new@example.test", "later@example.test"])
+    await sink.take([old, recent])
+    await run_until(sink, lambda: len(sent) == 2)
+    # One delivered long ago (as the queue records it), one still waiting for its retry.
+    long_ago = (datetime.now(timezone.utc) - sink.retention - timedelta(hours=1)).isoformat()
+    entry = sink.queue.get("m0")
+    entry["first_queued_at"] = long_ago
+    sink.queue.put("m0", entry)
+    pending = sink._entry("m2", None, "verdict", waiting.envelope, ["later@example.test"])
+    pending.update(first_queued_at=long_ago, next_attempt_at=(datetime.now(timezone.utc) + timedelta(hours=1)).isoformat())
+    sink.queue.put("m2", pending)
+
+    assert await sink.prune() == 1
+    assert sink.queue.get("m0") is None  # finished and past the retention: forgotten
+    assert sink.queue.get("m1")["done"]  # finished recently: still remembered
+    assert sink.queue.get("m2") is not None  # never forgotten while there is work left
+
+    # The forgotten message's verdict read again (offsets expired, say): not delivered again.
+    stale = old.model_copy(update={"occurred_at": datetime.now(timezone.utc) - sink.retention - timedelta(hours=1)})
+    await sink.take([stale])
+    await run_until(sink, lambda: False, timeout=1.5)
+    assert sorted(sent) == ["new@example.test", "old@example.test"]
