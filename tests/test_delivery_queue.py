@@ -67,6 +67,17 @@ def delivered(rcpts):
     return [ev.RecipientResult(recipient=r, outcome="delivered", reply_code=250) for r in rcpts], None
 
 
+def accepting_server():
+    """(the recipients sent to, in order; a send that accepts every recipient)."""
+    sent: list[str] = []
+
+    async def send(route, mail_from, rcpts, data):
+        sent.extend(rcpts)
+        return delivered(rcpts)
+
+    return sent, send
+
+
 @pytest.mark.asyncio
 async def test_each_message_sent_once_and_announced_once_under_concurrent_batches(tmp_path):
     sent: list[str] = []
@@ -150,11 +161,7 @@ async def test_a_deferred_recipient_is_retried_and_each_attempt_recorded_once(tm
 
 @pytest.mark.asyncio
 async def test_after_a_restart_only_unfinished_entries_are_delivered(tmp_path):
-    sent: list[str] = []
-
-    async def send(route, mail_from, rcpts, data):
-        sent.extend(rcpts)
-        return delivered(rcpts)
+    sent, send = accepting_server()
 
     sink = make_sink(tmp_path, send)
     batch = await verdicts(sink, ["a1@example.test", "a2@example.test"])
@@ -172,11 +179,7 @@ async def test_after_a_restart_only_unfinished_entries_are_delivered(tmp_path):
 async def test_finished_deliveries_are_forgotten_after_the_retention_and_old_verdicts_not_acted_on(tmp_path):
     from datetime import timedelta
 
-    sent: list[str] = []
-
-    async def send(route, mail_from, rcpts, data):
-        sent.extend(rcpts)
-        return delivered(rcpts)
+    sent, send = accepting_server()
 
     sink = make_sink(tmp_path, send)
     old, recent, waiting = await verdicts(sink, ["old@example.test", "new@example.test", "later@example.test"])
