@@ -146,8 +146,46 @@ class AccountHijackDetection(_Strict):
         description="Administrators told when an account is disabled (default: postmaster@ the first local domain)",
     )
 
+class OutboundTls(_Strict):
+    """TLS when Bulwark delivers (the guide: "send messages with STARTTLS whenever possible")."""
+
+    starttls: bool = Field(default=True, description="Use STARTTLS whenever the next hop offers it")
+    cleartext_retry_minutes: int = Field(
+        default=60, ge=0, le=24 * 60,
+        description="After a failed TLS negotiation, that destination is tried without TLS for this long "
+                    "(0: never); never for REQUIRETLS or MTA-STS-enforced mail",
+    )
+
+
+class MtaSts(_Strict):
+    """MTA-STS (RFC 8461): honour other domains' policies; publish one for the local domains."""
+
+    enabled: bool = Field(default=True, description="Look up and apply the receiving domain's MTA-STS policy")
+    mode: Literal["enforce", "testing", "none"] = Field(
+        # RFC 8461 section 5 suggests "testing" first, with TLS reports read, then "enforce".
+        default="testing", description="Mode of the policy published for the local domains",
+    )
+    mx: list[str] = Field(
+        default_factory=list,
+        description="MX patterns of the published policy (e.g. '*.example.com'); default: the gateway's hostname",
+    )
+    max_age_seconds: int = Field(
+        default=7 * 24 * 3600, ge=86400, le=31557600,
+        description="max_age of the published policy (RFC 8461 section 3.2 allows up to a year)",
+    )
+
+
+class TlsReporting(_Strict):
+    """SMTP TLS Reporting (RFC 8460): daily reports to the domains Bulwark delivers to."""
+
+    enabled: bool = Field(default=True, description="Send daily TLS reports to each destination's rua")
+    report_from: str | None = Field(
+        default=None, description="Sender of the reports (default: postmaster@ the first local domain)"
+    )
+
+
 class TlsRules(_Strict):
-    """Which TLS every listener accepts (SMTP and HTTPS). Modern by default."""
+    """Which TLS every listener accepts (SMTP and HTTPS), and how Bulwark delivers. Modern by default."""
 
     min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
         default="TLSv1.2", description="Oldest TLS version accepted; SSLv3, TLS 1.0 and 1.1 never are"
@@ -159,6 +197,9 @@ class TlsRules(_Strict):
         description="OpenSSL cipher list for TLS 1.2",
     )
     requiretls: bool = Field(default=True, description="Advertise and accept REQUIRETLS (RFC 8689) over TLS")
+    outbound: OutboundTls = Field(default_factory=OutboundTls)
+    mta_sts: MtaSts = Field(default_factory=MtaSts)
+    tls_reporting: TlsReporting = Field(default_factory=TlsReporting)
 
     @field_validator("ciphers")
     @classmethod
