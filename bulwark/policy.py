@@ -61,6 +61,10 @@ class MailServer(_Strict):
     requires_smtp_auth: SmtpCredentials | None = Field(
         default=None, description="Credentials Bulwark logs in with when delivering to this server",
     )
+    tls_pin_sha256: str | None = Field(
+        default=None, pattern=r"^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$",
+        description="SHA-256 of this server's certificate (DER, hex): required over TLS instead of a CA's signature",
+    )
 
     @field_validator("domains")
     @classmethod

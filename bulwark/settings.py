@@ -61,6 +61,17 @@ class Settings:
     clamd_port: int
     clamd_scan_timeout_seconds: float
     clamd_max_concurrent_scans: int
+    #: The DNS resolver delivery asks (MX, A/AAAA, MTA-STS and TLS-RPT
+    #: records), "address" or "address:port"; unset: the system's resolvers.
+    dns_resolver: str | None = None
+    #: The port of mail servers found by MX lookup: 25 (RFC 5321). Only a
+    #: test network has its MX hosts elsewhere.
+    mx_port: int = 25
+    #: Extra trust anchors (PEM) for outbound TLS and MTA-STS policy fetches,
+    #: beside the system's: a private CA of the organisation's own servers.
+    outbound_ca_file: Path | None = None
+    #: The HTTPS port of MTA-STS policy hosts: 443 (RFC 8461 section 3.3).
+    mta_sts_https_port: int = 443
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -92,6 +103,10 @@ class Settings:
             clamd_port=int(_env("BULWARK_CLAMD_PORT", "3310")),
             clamd_scan_timeout_seconds=float(_env("BULWARK_CLAMD_SCAN_TIMEOUT_SECONDS", "20")),
             clamd_max_concurrent_scans=int(_env("BULWARK_CLAMD_MAX_CONCURRENT_SCANS", "4")),
+            dns_resolver=_env("BULWARK_DNS_RESOLVER", "") or None,
+            mx_port=int(_env("BULWARK_MX_PORT", "25")),
+            outbound_ca_file=Path(ca) if (ca := _env("BULWARK_OUTBOUND_CA_FILE", "")) else None,
+            mta_sts_https_port=int(_env("BULWARK_MTA_STS_HTTPS_PORT", "443")),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -51,10 +51,22 @@ def _session_refused_v1_to_v2(data: dict) -> dict:
     return {**data, "argument": None, "version": 2}
 
 
+def _delivery_attempted_v1_to_v2(data: dict) -> dict:
+    # v1 recorded only the TLS version string, under an opportunistic
+    # STARTTLS that never validated certificates; the destination and MX host
+    # were not recorded.
+    version = data.get("tls")
+    tls = {"policy": "opportunistic", "version": version, "cipher": None, "verified": False,
+           "verify_error": "not validated (v1 gateway)" if version else None, "failure": None,
+           "requiretls_relayed": False}
+    return {**data, "tls": tls, "destination": None, "mx_host": None, "version": 2}
+
+
 #: (type, version it reads) -> function returning the next version's dict.
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("message.received", 1): _message_received_v1_to_v2,
     ("session.refused", 1): _session_refused_v1_to_v2,
+    ("delivery.attempted", 1): _delivery_attempted_v1_to_v2,
 }
 
 

@@ -360,14 +360,82 @@ class RecipientResult(EventModel):
     reply: str | None = None
 
 
+#: Which outbound TLS policy applied to a connection, strongest first
+#: (sinks/outbound_tls.py): REQUIRETLS (RFC 8689), MTA-STS enforce or testing
+#: (RFC 8461), the policy's pinned certificate of a domain mail server, a
+#: certificate that must validate (a server Bulwark sends a password to),
+#: opportunistic STARTTLS (RFC 7435), cleartext because an earlier
+#: negotiation with the destination failed (the guide's one-hour rule), or
+#: none (STARTTLS off in the policy).
+TlsPolicyName = Literal["requiretls", "mta-sts", "mta-sts-testing", "pinned", "verified", "opportunistic",
+                        "cleartext-retry", "none"]
+
+
+class TlsOutcome(EventModel):
+    """What TLS one delivery connection had, and why."""
+
+    policy: TlsPolicyName
+    version: str | None = Field(default=None, description="TLS version negotiated; null: cleartext")
+    cipher: str | None = None
+    verified: bool = Field(default=False, description="The certificate chain and host name were validated")
+    verify_error: str | None = Field(default=None, description="Why the certificate was not validated")
+    failure: str | None = Field(
+        default=None, description="RFC 8460 section 4.3 result type when the policy could not be met",
+    )
+    requiretls_relayed: bool = Field(default=False, description="REQUIRETLS was passed on to the next hop")
+
+
 class DeliveryAttempted(Event):
+    """One connection's worth of a delivery: the server, its TLS and each recipient's outcome.
+
+    Version 2 replaced v1's ``tls`` (a version string) with a TLS outcome and
+    added the destination domain and MX host, which TLS reports are keyed by.
+    """
+
     TYPE: ClassVar[str] = "delivery.attempted"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     attempt: int
     server: str = Field(description="host:port tried")
-    tls: str | None = None
+    destination: str | None = Field(default=None, description="The recipients' domain (the policy domain)")
+    mx_host: str | None = Field(default=None, description="Host name of the server (MX, smarthost or mail server)")
+    tls: TlsOutcome | None = Field(default=None, description="Null when no connection was made")
     recipients: list[RecipientResult]
     next_attempt_at: datetime | None = Field(default=None, description="When deferred recipients are retried")
+
+
+class TlsFallbackStarted(Event):
+    """A TLS negotiation with a destination failed: it gets cleartext until ``until``.
+
+    The guide's rule ("SSL negotiation failures will retry without SSL for up
+    to one hour"). Never applied to REQUIRETLS or MTA-STS-enforced mail.
+    """
+
+    TYPE: ClassVar[str] = "delivery.tls_fallback"
+    VERSION: ClassVar[int] = 1
+    destination: str = Field(description="host:port whose TLS failed")
+    until: datetime
+    reason: str
+
+
+class MtaStsPolicyFetched(Event):
+    """A receiving domain's MTA-STS policy (RFC 8461), or why there is none usable.
+
+    The latest per domain is the cache every delivery process shares; it is
+    valid until ``expires_at`` (fetch time + max_age), and refetched sooner
+    when the domain's ``_mta-sts`` TXT id changes (RFC 8461 section 5.1).
+    """
+
+    TYPE: ClassVar[str] = "delivery.mta_sts_policy"
+    VERSION: ClassVar[int] = 1
+    domain: str
+    policy_id: str | None = Field(default=None, description="The id of the _mta-sts TXT record")
+    mode: Literal["enforce", "testing", "none"] | None = Field(default=None, description="Null: no usable policy")
+    mx: list[str] = Field(default_factory=list)
+    max_age: int | None = None
+    expires_at: datetime | None = None
+    policy_text: str | None = Field(default=None, description="The policy as fetched (for TLS reports)")
+    error: str | None = Field(default=None, description="Why there is no usable policy (a TLS-RPT result type)")
+    detail: str | None = None
 
 
 class DeliveryBounced(Event):
@@ -569,6 +637,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DeliveryQueued,
         DeliveryAttempted,
         DeliveryBounced,
+        TlsFallbackStarted,
+        MtaStsPolicyFetched,
         QuarantineAdded,
         QuarantineReleased,
         QuarantineDeleted,

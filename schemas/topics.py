@@ -196,9 +196,30 @@ BACKSCATTER_KEYS = TopicSpec(
     purpose="Backscatter Protection key rotations (numbers and start times; never key material)",
 )
 
+TLS_FALLBACKS = TopicSpec(
+    name="delivery.tls-fallbacks",
+    key="destination (host:port)",
+    key_field="destination",
+    kind="state",
+    partitions=1,
+    carries=(ev.TlsFallbackStarted,),
+    purpose="Destinations whose TLS negotiation failed, delivered to without TLS until a time (shared by every "
+            "delivery process)",
+)
+
+MTA_STS_POLICIES = TopicSpec(
+    name="delivery.mta-sts",
+    key="receiving domain",
+    key_field="domain",
+    kind="state",
+    partitions=1,
+    carries=(ev.MtaStsPolicyFetched,),
+    purpose="Receiving domains' MTA-STS policies as last fetched: the cache every delivery process shares",
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, DOMAINS, ACCOUNT_STATE, BANS, HIJACK_LIMITS,
-    OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS, BACKSCATTER_KEYS,
+    OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS, BACKSCATTER_KEYS, TLS_FALLBACKS, MTA_STS_POLICIES,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}

@@ -18,52 +18,44 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import ssl
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 
 import aiosmtplib
-import dns.asyncresolver
-import dns.exception
+
 from bulwark.backscatter import Keyring, sign
 from bulwark.blobstore import BlobStore
 from bulwark.created_domains import CreatedDomains
 from bulwark.kafka import EventPublisher, consume, start_publisher
 from bulwark.policy import Policy
 from bulwark.policy_runtime import PolicyHolder
-from bulwark.policy_sections import SmtpCredentials
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
+from bulwark.state import StateView
 from schemas import codec
 from schemas import events as ev
 from schemas.events import new_id, utcnow
-from schemas.topics import ACCOUNT_STATE, QUARANTINE, VERDICTS
+from schemas.topics import ACCOUNT_STATE, MTA_STS_POLICIES, QUARANTINE, TLS_FALLBACKS, VERDICTS
 from sinks.dsn import build_dsn
+from sinks.mta_sts import MtaStsResolver, mx_matches
 from sinks.notify import queue_notifications
+from sinks.outbound_tls import (TlsFailure, TlsRequirement, client_context, open_connection, requirement,
+                                route_allowed, tls_required_no)
+from sinks.routing import Destination, Route, RouteError, mx_routes, resolver_for
 from sinks.store import JsonIndex
 from sinks.tagging import tag_subject
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Route:
-    host: str
-    port: int
-    #: The mail server "requires SMTP authentication": how to log in.
-    auth: SmtpCredentials | None = None
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
 #: How often finished deliveries past the retention are forgotten.
 PRUNE_EVERY_SECONDS = 3600
 
 
-class NoRoute(Exception):
-    pass
+#: Connections at once to one destination domain (Postfix's
+#: default_destination_concurrency_limit is 20; a receiving domain that
+#: rate-limits by connection sees fewer).
+DESTINATION_CONCURRENCY = 10
 
 
 def received_header(policy: Policy, message_id: str, envelope: ev.Envelope, recipients: list[str]) -> bytes:
@@ -99,6 +91,15 @@ class DeliverySink:
         self._publishing: set[str] = set()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(16)
+        self._destination_slots: dict[str, asyncio.Semaphore] = {}
+        self.resolver = resolver_for(settings.dns_resolver)
+        #: MTA-STS policies (the shared cache is the delivery.mta-sts topic, set by serve()).
+        self.mta_sts = MtaStsResolver(self.resolver, client_context(settings.outbound_ca_file, True, True),
+                                      settings.mta_sts_https_port, publish=publisher.publish)
+        #: Destinations given cleartext after a failed TLS negotiation: the
+        #: delivery.tls-fallbacks view (serve()) and this process's own.
+        self.tls_fallbacks = None
+        self._fallbacks: dict[str, ev.TlsFallbackStarted] = {}
         #: Domains made local by automatic domain creation: routed like local ones.
         self.created_domains = CreatedDomains()
         #: Backscatter Protection keys; None signs nothing (e.g. in unit tests).
@@ -227,56 +228,55 @@ class DeliverySink:
 
     # -- delivering ---------------------------------------------------------
 
-    async def _routes(self, domain: str) -> list[Route]:
+    async def _destination(self, domain: str) -> Destination:
+        """Where mail for ``domain`` goes (sinks/routing.py); RouteError when nowhere."""
         if self.policy.is_local_domain(domain) or domain in self.created_domains:
             servers = self.policy.servers_for_domain(domain)
             if not servers:
-                raise NoRoute(f"no mail server for local domain {domain} and no default mail server")
-            return [Route(s.host, s.port, s.requires_smtp_auth) for s in servers]
+                raise RouteError("4.3.5", f"no mail server for local domain {domain} and no default mail server")
+            return Destination(domain, "local", [Route(s.host, s.port, auth=s.requires_smtp_auth,
+                                                       pin_sha256=s.tls_pin_sha256) for s in servers])
         if self.policy.delivery.smarthost:
             host, _, port = self.policy.delivery.smarthost.rpartition(":")
-            return [Route(host, int(port))]
-        try:
-            answer = await dns.asyncresolver.resolve(domain, "MX")
-            records = sorted(answer, key=lambda r: r.preference)
-            if len(records) == 1 and str(records[0].exchange) == ".":
-                raise NoRoute(f"{domain} accepts no mail (null MX)")
-            return [Route(str(r.exchange).rstrip("."), 25) for r in records]
-        except dns.resolver.NXDOMAIN:
-            raise NoRoute(f"domain {domain} does not exist") from None
-        except dns.resolver.NoAnswer:
-            return [Route(domain, 25)]  # RFC 5321 5.1: the implicit MX
+            return Destination(domain, "smarthost", [Route(host, int(port))])
+        return Destination(domain, "mx", await mx_routes(self.resolver, domain, self.settings.mx_port))
 
-    async def _send(self, route: Route, mail_from: str, rcpts: list[str], data: bytes):
-        """(per-recipient results, TLS version) for one SMTP transaction."""
-        client = aiosmtplib.SMTP(
-            hostname=route.host,
-            port=route.port,
-            local_hostname=self.policy.hostname,
-            timeout=self.policy.delivery.connect_timeout_seconds,
-            # Opportunistic STARTTLS (RFC 7435): encrypt whenever offered,
-            # without requiring a certificate the peer may not have.
-            start_tls=None,
-            validate_certs=False,
-        )
+    def _cleartext_retry(self, route: Route) -> bool:
+        key = f"{route.host}:{route.port}"
+        memory = [self._fallbacks.get(key), self.tls_fallbacks.get(key) if self.tls_fallbacks else None]
+        return any(m is not None and m.until > utcnow() for m in memory)
+
+    async def _remember_cleartext(self, route: Route, reason: str) -> None:
+        """The guide's rule: after a failed TLS negotiation, this destination
+        gets cleartext for a while (policy tls.outbound.cleartext_retry_minutes)."""
+        minutes = self.policy.tls.outbound.cleartext_retry_minutes
+        if not minutes:
+            return
+        event = ev.TlsFallbackStarted(destination=f"{route.host}:{route.port}",
+                                      until=utcnow() + timedelta(minutes=minutes), reason=reason[:300])
+        self._fallbacks[event.destination] = event
+        log.warning("TLS with %s failed; cleartext until %s: %s", event.destination,
+                    event.until.isoformat(timespec="seconds"), reason)
         try:
-            await client.connect()
-        except (ssl.SSLError, aiosmtplib.SMTPException) as exc:
-            if not isinstance(exc, (ssl.SSLError,)) and "TLS" not in str(exc):
-                raise
-            # TLS negotiation failed: the guide retries without it.
-            client = aiosmtplib.SMTP(hostname=route.host, port=route.port, local_hostname=self.policy.hostname,
-                                     timeout=self.policy.delivery.connect_timeout_seconds, start_tls=False)
-            await client.connect()
-        tls = None
-        transport = client.transport
-        if transport is not None and transport.get_extra_info("ssl_object") is not None:
-            tls = transport.get_extra_info("ssl_object").version()
+            await self.publisher.publish(event)
+        except Exception as exc:  # the memory of this process still applies
+            log.warning("could not record the TLS fallback for %s: %s", event.destination, type(exc).__name__)
+
+    async def _send(self, route: Route, req: TlsRequirement, mail_from: str, rcpts: list[str], data: bytes):
+        """(per-recipient results, TLS outcome) for one SMTP transaction.
+
+        Raises TlsFailure when the TLS policy cannot be met, OSError or
+        SMTPException when the server cannot be reached.
+        """
+        client, tls = await open_connection(route, req, local_hostname=self.policy.hostname,
+                                            timeout=self.policy.delivery.connect_timeout_seconds,
+                                            ca_file=self.settings.outbound_ca_file)
         if route.auth is not None:
             await _login(client, route, tls)
         results: dict[str, ev.RecipientResult] = {}
         try:
-            errors, response = await client.sendmail(mail_from, rcpts, data)
+            errors, response = await client.sendmail(mail_from, rcpts, data,
+                                                     mail_options=["REQUIRETLS"] if req.requiretls else [])
             for rcpt in rcpts:
                 if rcpt in errors:
                     refusal = errors[rcpt]
@@ -326,35 +326,91 @@ class DeliverySink:
         outcomes: list[ev.RecipientResult] = []
         attempts: list[ev.DeliveryAttempted] = []
         last_remote = None
+        ignore_policies = tls_required_no(raw)
         for domain, rcpts in by_domain.items():
-            try:
-                routes = await self._routes(domain)
-            except NoRoute as exc:
-                outcomes += [ev.RecipientResult(recipient=r, outcome="bounced", reply_code=550, reply=f"5.1.2 {exc}")
-                             for r in rcpts]
-                continue
-            except dns.exception.DNSException as exc:
-                outcomes += [ev.RecipientResult(recipient=r, outcome="deferred", reply=f"4.4.3 DNS lookup failed: {exc}")
-                             for r in rcpts]
-                continue
             data = received_header(self.policy, message_id, envelope, rcpts) + extra + raw
             mail_from = self._return_path(entry["envelope"]["mail_from"], domain)
-            for route in routes:  # the next server is tried only if this one cannot be reached
-                last_remote = route.host
-                try:
-                    results, tls = await self._send(route, mail_from, rcpts, data)
-                except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
-                    results = [ev.RecipientResult(recipient=r, outcome="deferred", reply=f"4.4.1 {route}: {exc}")
-                               for r in rcpts]
-                    attempts.append(self._attempt(entry, route, None, results))
-                    continue
-                attempts.append(self._attempt(entry, route, tls, results))
-                break
+            slots = self._destination_slots.setdefault(domain, asyncio.Semaphore(DESTINATION_CONCURRENCY))
+            async with slots:
+                results, tried, remote = await self._deliver_to(entry, envelope, domain, rcpts, mail_from, data,
+                                                                ignore_policies)
+            attempts += tried
+            last_remote = remote or last_remote
             outcomes += results
 
         await self._settle(entry, envelope, outcomes, last_remote, raw, attempts)
 
-    def _attempt(self, entry: dict, route: Route, tls: str | None,
+    async def _deliver_to(self, entry: dict, envelope: ev.Envelope, domain: str, rcpts: list[str],
+                          mail_from: str, data: bytes, ignore_policies: bool):
+        """(results, attempt events, last server) for one domain's recipients.
+
+        Every route is tried before deferring (RFC 5321 5.1); the next one
+        only when this one could not be reached or could not meet the TLS
+        policy. A REQUIRETLS message that no route can carry securely
+        bounces with 5.7.30 (RFC 8689); anything else that failed is deferred.
+        """
+        def every(outcome: str, code: int | None, reply: str) -> list[ev.RecipientResult]:
+            return [ev.RecipientResult(recipient=r, outcome=outcome, reply_code=code, reply=reply) for r in rcpts]
+
+        try:
+            destination = await self._destination(domain)
+        except RouteError as exc:
+            if exc.permanent:
+                # RFC 7505 section 4.1: 556 for a null MX.
+                return every("bounced", 556 if exc.status == "5.1.10" else 550, str(exc)), [], None
+            return every("deferred", None, str(exc)), [], None
+        sts = None
+        if destination.kind == "mx" and self.policy.tls.mta_sts.enabled and (envelope.requiretls or not ignore_policies):
+            sts = await self.mta_sts.policy(domain)
+        tls_tried: list[TlsFailure] = []
+        attempts: list[ev.DeliveryAttempted] = []
+        results: list[ev.RecipientResult] = []
+        last = None
+        for route in destination.routes:
+            req = requirement(
+                starttls_enabled=self.policy.tls.outbound.starttls, requiretls=envelope.requiretls,
+                ignore_policies=ignore_policies, route_kind=destination.kind, mta_sts=sts,
+                cleartext_retry=self._cleartext_retry(route), auth=route.auth is not None,
+                pinned=route.pin_sha256 is not None,
+            )
+            refused = route_allowed(route, req)
+            if refused is not None:
+                tls_tried.append(TlsFailure(refused, f"{route}: {refused.verify_error}",
+                                            permanent=req.requiretls))
+                continue  # not tried: nothing to record but the outcome below
+            last = route.host
+            try:
+                results, tls = await self._send(route, req, mail_from, rcpts, data)
+            except TlsFailure as exc:
+                tls_tried.append(exc)
+                if exc.negotiation and not req.strict:
+                    await self._remember_cleartext(route, str(exc))
+                results = every("deferred", None, f"4.7.5 {exc}")
+                attempts.append(self._attempt(entry, destination, route, exc.outcome, results))
+                continue
+            except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
+                results = every("deferred", None, f"4.4.1 {route}: {exc}")
+                attempts.append(self._attempt(entry, destination, route, None, results))
+                continue
+            if req.policy == "mta-sts-testing" and tls.failure is None:
+                # RFC 8461 5: testing delivers anyway; what enforce would have refused is reported.
+                if not mx_matches(route.host, list(req.mx_patterns or ())):
+                    tls = tls.model_copy(update={"failure": "certificate-host-mismatch"})
+                elif not tls.verified:
+                    tls = tls.model_copy(update={"failure": "validation-failure" if tls.version else
+                                                 "starttls-not-supported"})
+            attempts.append(self._attempt(entry, destination, route, tls, results))
+            return results, attempts, last
+        if tls_tried and all(f.permanent for f in tls_tried) and envelope.requiretls:
+            reasons = "; ".join(str(f) for f in tls_tried)
+            return every("bounced", 550, f"5.7.30 REQUIRETLS support required: {reasons}"), attempts, last
+        if tls_tried and len(tls_tried) == len(destination.routes):
+            reasons = "; ".join(str(f) for f in tls_tried)
+            return every("deferred", None, f"4.7.5 the TLS policy ({tls_tried[0].outcome.policy}) "
+                                           f"could not be met: {reasons}"), attempts, last
+        return results or every("deferred", None, "4.4.1 no server could be reached"), attempts, last
+
+    def _attempt(self, entry: dict, destination: Destination, route: Route, tls: ev.TlsOutcome | None,
                  results: list[ev.RecipientResult]) -> ev.DeliveryAttempted:
         deferred = any(r.outcome == "deferred" for r in results)
         return ev.DeliveryAttempted(
@@ -362,6 +418,8 @@ class DeliverySink:
             session_id=entry["session_id"],
             attempt=entry["attempts"],
             server=str(route),
+            destination=destination.domain,
+            mx_host=route.host,
             tls=tls,
             recipients=results,
             next_attempt_at=self._next_attempt(entry) if deferred else None,
@@ -533,18 +591,20 @@ class DeliverySink:
                 pass
 
 
-async def _login(client: aiosmtplib.SMTP, route: Route, tls: str | None) -> None:
+async def _login(client: aiosmtplib.SMTP, route: Route, tls: ev.TlsOutcome) -> None:
     """Log in to a domain mail server that requires SMTP AUTH (after STARTTLS).
 
-    The password is read only now, from its file or variable, and never
-    logged: failures carry the server's reply or the kind of problem only.
+    Only over TLS whose certificate was validated (or matched the policy's
+    pin): a password sent to an unauthenticated peer is a password given to
+    whoever sits in the path. The password is read only now, from its file
+    or variable, and never logged: failures carry the server's reply or the
+    kind of problem only.
     """
-    if tls is None:
+    if tls.version is None or not tls.verified:
         client.close()
-        # Never send the password in clear; deferred, so a fixed TLS setup
-        # on the server gets the mail through.
-        raise aiosmtplib.SMTPException("4.7.0 the server requires AUTH but offered no STARTTLS; "
-                                       "credentials are never sent unencrypted")
+        # Deferred, so a fixed TLS setup on the server gets the mail through.
+        raise aiosmtplib.SMTPException("4.7.0 the server requires AUTH but its TLS certificate was not validated; "
+                                       "credentials are never sent to an unauthenticated server")
     try:
         password = route.auth.password()
     except (OSError, LookupError) as exc:
@@ -572,6 +632,11 @@ async def serve(settings: Settings) -> None:
     queue = JsonIndex(settings.data_dir / "delivery" / "queue")
     publisher = await start_publisher(settings, "bulwark-delivery")
     sink = DeliverySink(settings, policy, publisher, queue)
+    # The TLS fallbacks and MTA-STS policies every delivery process shares.
+    sink.tls_fallbacks = StateView(settings, TLS_FALLBACKS)
+    sink.mta_sts.view = StateView(settings, MTA_STS_POLICIES)
+    await sink.tls_fallbacks.start()
+    await sink.mta_sts.view.start()
     sink.created_domains = CreatedDomains(settings)
     await sink.created_domains.start()
     sink.keyring = Keyring(settings)
@@ -583,5 +648,7 @@ async def serve(settings: Settings) -> None:
         )
     finally:
         await sink.created_domains.stop()
+        await sink.tls_fallbacks.stop()
+        await sink.mta_sts.view.stop()
         await publisher.stop()
         queue.close()

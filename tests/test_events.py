@@ -125,6 +125,14 @@ def test_a_v1_session_refused_is_upcast_with_no_argument():
     assert (event.phase, event.reply_code, event.argument) == ("connect", 421, None)
 
 
+def test_a_v1_delivery_attempt_is_upcast_with_an_unvalidated_opportunistic_tls():
+    raw = (FIXTURES / "delivery.attempted.v1.json").read_bytes()
+    event = codec.decode(raw, [(codec.HEADER_TYPE, b"delivery.attempted"), (codec.HEADER_VERSION, b"1")])
+    assert isinstance(event, ev.DeliveryAttempted) and event.version == 2
+    assert (event.tls.policy, event.tls.version, event.tls.verified) == ("opportunistic", "TLSv1.3", False)
+    assert event.recipients[0].outcome == "delivered" and event.destination is None
+
+
 def test_bytes_that_are_not_utf8_are_recorded_escaped_not_lost():
     # aiosmtpd hands over an 8-bit byte as a lone surrogate (surrogateescape);
     # before this, the event could not be serialised and was never published.
