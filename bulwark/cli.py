@@ -429,5 +429,33 @@ main.add_command(screening)
 main.add_command(tables)
 
 
+# -- MTA-STS of the local domains ---------------------------------------------------
+
+
+@main.group("mta-sts")
+def mta_sts() -> None:
+    """The MTA-STS policy Bulwark publishes for the local domains (RFC 8461)."""
+
+
+@mta_sts.command("show")
+@click.argument("path", required=False)
+def mta_sts_show(path: str | None) -> None:
+    """Print the policy file served and the DNS records each local domain publishes."""
+    from bulwark.policy import PolicyError, load
+    from ingest.mta_sts_host import WELL_KNOWN, policy_text, txt_record
+
+    try:
+        loaded = load(path or _settings().policy_path)
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    click.echo(f"# served at https://mta-sts.DOMAIN{WELL_KNOWN} (ingest, BULWARK_MTA_STS_PORT):")
+    click.echo(policy_text(loaded).replace("\r\n", "\n"), nl=False)
+    click.echo("# DNS: publish for each local domain (the id changes with the policy); mta-sts.DOMAIN must")
+    click.echo("# reach the gateway, and its certificate must name mta-sts.DOMAIN:")
+    for domain in loaded.local_domains:
+        click.echo(txt_record(loaded, domain))
+
+
 if __name__ == "__main__":
     main()

@@ -66,6 +66,7 @@ def private_environment(root: Path, policy: Path) -> dict[str, str]:
         "BULWARK_SUBMISSIONS_PORT": str(free_port()),
         "BULWARK_MAILBOX_PORT": str(free_port()),
         "BULWARK_STREAMS_WEB_PORT": str(free_port()),
+        "BULWARK_MTA_STS_PORT": str(free_port()),
         # A private clamd with the project's own signature database.
         "BULWARK_CLAMD_PORT": str(free_port()),
         "BULWARK_CLAMD_DIR": str(root / "clamd"),

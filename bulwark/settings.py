@@ -72,6 +72,10 @@ class Settings:
     outbound_ca_file: Path | None = None
     #: The HTTPS port of MTA-STS policy hosts: 443 (RFC 8461 section 3.3).
     mta_sts_https_port: int = 443
+    #: Where ingest serves the local domains' MTA-STS policy over HTTPS
+    #: (443 on a real gateway, or behind a proxy that forwards
+    #: mta-sts.DOMAIN to it); 0 serves none.
+    mta_sts_port: int = 0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -107,6 +111,7 @@ class Settings:
             mx_port=int(_env("BULWARK_MX_PORT", "25")),
             outbound_ca_file=Path(ca) if (ca := _env("BULWARK_OUTBOUND_CA_FILE", "")) else None,
             mta_sts_https_port=int(_env("BULWARK_MTA_STS_HTTPS_PORT", "443")),
+            mta_sts_port=int(_env("BULWARK_MTA_STS_PORT", "8443")),
         )
 
     def with_(self, **changes) -> "Settings":

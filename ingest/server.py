@@ -26,6 +26,7 @@ from ingest import guards as guard_phases
 from ingest.accounts import AccountDirectory
 from ingest.auth import MECHANISMS as AUTH_MECHANISMS
 from ingest.auth import ehlo_keywords, listener_rules, listener_ports, requiretls_refusal, smtp_auth
+from ingest import mta_sts_host
 from ingest.tls import server_tls
 from ingest.guards import Refusal
 from ingest.guards.ip_shielding import IPShieldingGuard
@@ -615,11 +616,17 @@ async def serve(settings: Settings) -> None:
             ssl=tls.context if implicit_tls else None,
         ))
         log.info("listening for SMTP (%s) on %s:%d (policy %s)", name, settings.smtp_host, port, policy.version)
+    mta_sts = None
+    if settings.mta_sts_port:
+        mta_sts = await mta_sts_host.start(lambda: policy.current, settings.smtp_host, settings.mta_sts_port,
+                                           tls.context)
     try:
         await run_until_signalled(*(server.serve_forever() for server in servers))
     finally:
         for server in servers:
             server.close()
+        if mta_sts is not None:
+            await mta_sts.cleanup()
         await stop_verification_guard(verification)
         await verdicts.stop()
         await keyring.stop()
