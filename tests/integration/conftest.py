@@ -25,6 +25,9 @@ from bulwark.kafka import Record, read_topics
 from bulwark.settings import Settings
 from schemas.topics import ALL_TOPICS
 
+from tests.outbound_servers import Nsd
+from tests.outbound_servers import free_port as free_dual_port
+
 from .downstream import Downstream, start_downstream
 from .verification_servers import VerificationServers, start_verification_servers
 
@@ -32,6 +35,17 @@ LOCAL_DOMAIN = "example.test"
 TRUSTED_SERVER_IP = "127.0.0.10"
 #: Allow-listed in the test policy: Dynamic Screening never bans it (test_screening.py).
 SCREENING_ALLOW_LISTED_IP = "127.0.0.60"
+#: Another organisation's domain, found by MX lookup in NSD (test_outbound.py):
+#: its mail servers listen on 127.0.1.50 and .51 at the gateway's MX port.
+REMOTE_DOMAIN = "partner-mx.test"
+REMOTE_MX = {"mx1": "127.0.1.50", "mx2": "127.0.1.51"}
+
+
+def remote_zone() -> dict[str, list[str]]:
+    return {REMOTE_DOMAIN: [
+        "@ MX 10 mx1", "@ MX 20 mx2", *(f"{name} A {ip}" for name, ip in REMOTE_MX.items()),
+        "null MX 0 .",  # RFC 7505: a domain that accepts no mail
+    ]}
 
 
 
@@ -103,6 +117,10 @@ class Gateway:
     downstream: Downstream
     #: slapd, the call-forward's mail server, the Microsoft 365 stub, Minger.
     verification: VerificationServers | None = None
+    #: The DNS the delivery sink resolves other domains with, and the port
+    #: their MX hosts listen on.
+    nsd: Nsd | None = None
+    mx_port: int = 25
 
     def message(self, sender: str, rcpts: list[str], subject: str, body: str = "Hello.\n") -> EmailMessage:
         msg = EmailMessage()
@@ -160,10 +178,14 @@ def gateway(tmp_path_factory) -> Gateway:
     downstream_port = free_port()
     downstream, controller = start_downstream(downstream_port)
     verification = start_verification_servers(root / "verification")
+    nsd = Nsd(root / "nsd", remote_zone()).start()
+    mx_port = free_dual_port(REMOTE_MX["mx1"])
     policy = root / "policy.yaml"
     write_policy(policy, downstream_port, verification)
     env = {
         **private_environment(root, policy),
+        "BULWARK_DNS_RESOLVER": nsd.address,
+        "BULWARK_MX_PORT": str(mx_port),
         # Short enough that the outage test's 451 comes quickly.
         "BULWARK_KAFKA_REQUEST_TIMEOUT_MS": "5000",
         "BULWARK_DELIVERY_POLL_SECONDS": "0.2",
@@ -179,7 +201,7 @@ def gateway(tmp_path_factory) -> Gateway:
                 if name != "mailbox":  # the test's own downstream server plays that part
                     stack.start(name, args)
             wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
-            gw = Gateway(settings, stack, downstream, verification)
+            gw = Gateway(settings, stack, downstream, verification, nsd, mx_port)
             # Warm-up: the first message proves every stage is consuming.
             msg = gw.message("warmup@partner.test", [f"warmup@{LOCAL_DOMAIN}"], "warm-up")
             gw.send(msg)
@@ -195,3 +217,4 @@ def gateway(tmp_path_factory) -> Gateway:
                 controller.stop()
             finally:
                 verification.stop()  # slapd and the others, even when stopping the stack failed
+                nsd.stop()
