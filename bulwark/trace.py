@@ -69,7 +69,8 @@ def describe(event: ev.Event) -> str:
         case ev.SessionAuth():
             return f"AUTH {event.mechanism} {event.username or ''} {event.outcome} {event.reason or ''}".rstrip()
         case ev.SessionMail():
-            return f"MAIL FROM:<{event.sender}> -> {event.reply_code}"
+            why = f" ({event.reason})" if event.reason else ""
+            return f"MAIL FROM:<{event.sender}> -> {event.reply_code}{why}"
         case ev.SessionRcpt():
             why = f" ({event.reason})" if event.reason else ""
             v = event.verification

@@ -37,7 +37,7 @@ from ingest.guards.location import LocationGuard
 from bulwark.backscatter import Keyring
 from ingest.guards.backscatter import BackscatterGuard
 from ingest.verdicts import VerdictWaiter
-from ingest.guards.relay import RelayGuard, may_relay, raw_path_refusal
+from ingest.guards.relay import RelayGuard, may_relay, raw_path_refusal, take_sender_note
 from ingest.guards.verification import start_verification_guard, stop_verification_guard, take_verification
 from schemas import events as ev
 from schemas.events import new_id, utcnow
@@ -367,6 +367,8 @@ class IngestHandler:
         version = self.policy.version
         refusal = requiretls_refusal(self.policy, session, options) or await guard_phases.judge(
             self.guards, "on_mail", session, address, options)
+        # An accepted unknown local sender: what vouched for it (relay control).
+        note = take_sender_note(session)
         self.publisher.emit(
             ev.SessionMail(
                 session_id=session.id,
@@ -375,7 +377,7 @@ class IngestHandler:
                 parameters=dict(_parse_param(o) for o in options),
                 accepted=refusal is None,
                 reply_code=refusal.code if refusal else 250,
-                reason=refusal.reason if refusal else None,
+                reason=refusal.reason if refusal else note,
                 policy_version=version,
             )
         )
@@ -572,6 +574,11 @@ async def serve(settings: Settings) -> None:
     verification = await start_verification_guard(settings, policy, accounts, publisher)
     relay_at = next((i for i, g in enumerate(handler.guards) if isinstance(g, RelayGuard)), len(handler.guards))
     handler.guards.insert(relay_at, verification)
+    # Relay control asks the same sources about unknown local senders at
+    # MAIL: one cache and one set of connections for MAIL and RCPT.
+    for guard in handler.guards:
+        if isinstance(guard, RelayGuard):
+            guard.verifier = verification.verifier
     # Dynamic Screening and Account Hijack Detection enforce what the streams
     # decided; right after the lists, so an allow-listed client is known.
     lists_end = next((i + 1 for i, g in enumerate(handler.guards) if isinstance(g, ListsGuard)), 0)

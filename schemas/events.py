@@ -193,7 +193,9 @@ class SessionMail(SessionEvent):
     parameters: dict[str, str] = Field(default_factory=dict)
     accepted: bool
     reply_code: int
-    reason: str | None = None
+    reason: str | None = Field(
+        default=None, description="Why it was refused; for an accepted local sender Bulwark had no account for, "
+        "what let it through (the verification source that vouched for it, or why none was asked)")
     policy_version: str | None = Field(default=None, description="Policy in force when this was decided")
 
 

@@ -14,7 +14,10 @@ from ingest.guards.ip_shielding import IPShieldingGuard
 from ingest.guards.limits import SessionLimitsGuard, size_reply
 from ingest.guards.lists import ListsGuard
 from ingest.guards.location import LocationGuard
-from ingest.guards.relay import RelayGuard, check_recipient, raw_path_refusal
+from ingest.guards.relay import RelayGuard, check_recipient, raw_path_refusal, take_sender_note
+from ingest.guards.verification import VerificationGuard
+from ingest.verification import Verifier
+from ingest.verification.base import Finding, SourceUnavailable
 
 from .geodb import write_country_db
 
@@ -31,6 +34,14 @@ def session(ip="198.51.100.7", authenticated=False, **extra):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+class Publisher:
+    def __init__(self):
+        self.events = []
+
+    async def publish(self, event):
+        self.events.append(event)
 
 
 class Accounts:
@@ -76,11 +87,129 @@ def test_local_mail_without_auth_only_from_the_domain_mail_server():
 
 
 def test_a_local_sender_must_exist_unless_an_exception_says_otherwise():
+    # example.com has no verification source: only a known account, or the
+    # domain's own mail server, may send as one of its addresses.
     guard = RelayGuard(parse(BASE), Accounts("alice@example.com"))
-    refusal = run(guard.on_mail(session("192.0.2.10"), "ghost@example.com", []))
+    refusal = run(guard.on_mail(session(authenticated=True), "ghost@example.com", []))
     assert refusal.reply.startswith("550 5.1.0") and refusal.reason == "local sender does not exist"
-    lax = parse(BASE + "relay_control:\n  exceptions: {unknown_local_sender_from_domain_mail_servers: true}\n")
-    assert run(RelayGuard(lax, Accounts()).on_mail(session("192.0.2.10"), "ghost@example.com", [])) is None
+    assert run(guard.on_mail(session(authenticated=True), "alice@example.com", [])) is None
+    lax = parse(BASE + "relay_control:\n  exceptions: {unknown_local_sender_if_authenticated: true}\n")
+    s = session(authenticated=True)
+    assert run(RelayGuard(lax, Accounts()).on_mail(s, "ghost@example.com", [])) is None
+    assert "unknown_local_sender_if_authenticated" in take_sender_note(s)
+    off = parse(BASE + "relay_control: {local_sender_must_exist: false}\n")
+    s = session(authenticated=True)
+    assert run(RelayGuard(off, Accounts()).on_mail(s, "ghost@example.com", [])) is None
+    assert take_sender_note(s) is None
+
+
+# -- unknown local senders asked about, as RCPT asks (ingest.verification) --------
+
+SOURCES = """verification_sources:
+  - {name: corp-ldap, type: ldap, url: "ldap://ldap.example.com", base_dn: "dc=example,dc=com"}
+  - {name: hr-ldap, type: ldap, url: "ldap://hr.example.com", base_dn: "dc=example,dc=com"}
+user_verification:
+  domains:
+    example.com: [corp-ldap, hr-ldap]
+"""
+
+
+class Scripted:
+    """A source client answering from a script; counts the questions."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.asked = []
+
+    async def verify(self, address):
+        self.asked.append(address)
+        result = self.answers.get(address.lower(), "invalid")
+        if result == "unavailable":
+            raise SourceUnavailable("cannot connect")
+        return Finding(result, f"scripted {result}")
+
+    async def close(self):
+        pass
+
+
+def verifier_for(policy, **clients):
+    verifier = Verifier()
+    for source in policy.verification_sources:
+        verifier._clients[source.name] = (source.model_dump_json(), clients[source.name.replace("-", "_")])
+    return verifier
+
+
+def test_an_unknown_local_sender_is_asked_about_like_a_recipient():
+    policy = parse(BASE + SOURCES)
+    corp = Scripted({"postmaster@example.com": "valid", "down@example.com": "unavailable"})
+    hr = Scripted({"hired@example.com": "valid"})
+    guard = RelayGuard(policy, Accounts("alice@example.com"), verifier_for(policy, corp_ldap=corp, hr_ldap=hr))
+    server = "192.0.2.10"
+
+    # Known account: no source is asked.
+    assert run(guard.on_mail(session(server), "alice@example.com", [])) is None
+    assert corp.asked == []
+
+    s = session(server)
+    assert run(guard.on_mail(s, "postmaster@example.com", [])) is None
+    assert take_sender_note(s) == "local sender verified by corp-ldap"
+    # The second source is asked when the first says no.
+    assert run(guard.on_mail(session(server), "hired@example.com", [])) is None
+
+    refusal = run(guard.on_mail(session(server), "ghost@example.com", []))
+    assert refusal.reply == "550 5.1.0 Sender address rejected: not a known local address"
+    assert refusal.reason == "local sender does not exist (corp-ldap)"
+
+    # One source down, the other says no: the sender may live in the first.
+    refusal = run(guard.on_mail(session(server), "down@example.com", []))
+    assert refusal.code == 451 and "4.4.3" in refusal.reply and "<down@example.com>" in refusal.reply
+    assert refusal.reason == "sender verification unavailable (corp-ldap: cannot connect)"
+
+    # Authenticated sessions and shielded devices are asked about the same way.
+    assert run(guard.on_mail(session(authenticated=True), "postmaster@example.com", [])) is None
+
+
+def test_sender_answers_share_the_recipient_cache():
+    policy = parse(BASE + SOURCES)
+    corp = Scripted({"postmaster@example.com": "valid"})
+    verifier = verifier_for(policy, corp_ldap=corp, hr_ldap=Scripted({}))
+    rcpt = VerificationGuard(policy, Accounts(), Publisher(), verifier)
+    relay = RelayGuard(policy, Accounts(), verifier)
+
+    assert run(rcpt.on_rcpt(session("198.51.100.7"), "postmaster@example.com", [])) is None
+    s = session("192.0.2.10")
+    assert run(relay.on_mail(s, "POSTMASTER@example.com", [])) is None
+    assert take_sender_note(s) == "local sender verified by corp-ldap, cached"
+    run(relay.on_mail(session("192.0.2.10"), "nobody@example.com", []))
+    run(relay.on_mail(session("192.0.2.10"), "nobody@example.com", []))
+    assert corp.asked == ["postmaster@example.com", "nobody@example.com"]
+
+
+def test_a_domain_without_sources_accepts_its_senders_from_its_own_mail_servers():
+    policy = parse("""hostname: gw.example.com
+local_domains: [example.com, example.org]
+mail_servers:
+  - {name: mx, host: 10.1.1.1, default: true, trusted_addresses: [192.0.2.10]}
+  - {name: org, host: 10.1.1.2, domains: [example.org], trusted_addresses: [192.0.2.20]}
+""" + SOURCES)
+    corp = Scripted({})
+    guard = RelayGuard(policy, Accounts(), verifier_for(policy, corp_ldap=corp, hr_ldap=Scripted({})))
+
+    s = session("192.0.2.20")
+    assert run(guard.on_mail(s, "postmaster@example.org", [])) is None
+    assert "example.org has no verification source" in take_sender_note(s)
+    # Another domain's server may not send as example.org at all; an
+    # authenticated user needs a known account there.
+    assert run(guard.on_mail(session("192.0.2.10"), "postmaster@example.org", [])).code == 530
+    refusal = run(guard.on_mail(session(authenticated=True), "postmaster@example.org", []))
+    assert refusal.reason == "local sender does not exist"
+    assert corp.asked == []
+
+
+def test_without_a_verifier_an_unknown_sender_cannot_be_verified():
+    guard = RelayGuard(parse(BASE + SOURCES), Accounts())
+    refusal = run(guard.on_mail(session("192.0.2.10"), "postmaster@example.com", []))
+    assert refusal.code == 451 and refusal.reason == "sender verification unavailable (no verifier in this server)"
 
 
 def test_ip_shielding_refuses_a_forged_local_sender_and_names_the_rule():

@@ -200,7 +200,8 @@ class Slapd:
                 self.process.wait()
 
 
-def start_slapd(directory: Path, ca: Path, cert: Path, key: Path) -> Slapd:
+def start_slapd(directory: Path, ca: Path, cert: Path, key: Path, ldif: str | None = None) -> Slapd:
+    """slapd serving ``ldif`` (by default the session's directory, :func:`directory_ldif`)."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "data"
     data.mkdir(exist_ok=True)
@@ -234,9 +235,9 @@ access to *
     by self read
     by * none
 """)
-    ldif = directory / "directory.ldif"
-    ldif.write_text(directory_ldif())
-    subprocess.run([SLAPADD, "-f", str(conf), "-l", str(ldif)], check=True, capture_output=True, text=True)
+    ldif_file = directory / "directory.ldif"
+    ldif_file.write_text(ldif if ldif is not None else directory_ldif())
+    subprocess.run([SLAPADD, "-f", str(conf), "-l", str(ldif_file)], check=True, capture_output=True, text=True)
     ldap_port, ldaps_port = free_port(), free_port()
     log = open(directory / "slapd.log", "ab")
     process = subprocess.Popen(
