@@ -592,7 +592,7 @@ async def reporter(settings: Settings, sink: "DeliverySink", delay_max: float = 
     """
     while True:
         day = utcnow().date() - timedelta(days=1)
-        await asyncio.sleep(random.uniform(1, delay_max))  # section 4.1
+        await asyncio.sleep(random.uniform(min(1.0, delay_max), delay_max))  # section 4.1
         pending: set[str] | None = None  # None: every domain; else those to retry
         while True:
             try:

@@ -482,3 +482,36 @@ def test_the_table_shows_each_domain_with_its_failures_by_result_type():
                      r"certificate has expired", lines[2])
     assert lines[3] == "plain.example: 0 successful, 1 failed"
     assert re.search(r"starttls-not-supported\s+1\s+mx.plain.example$", lines[5])
+
+
+# -- the daily job ---------------------------------------------------------------------------
+
+
+async def test_the_daily_job_reports_yesterday_and_retries_what_failed(monkeypatch):
+    import asyncio
+
+    calls: list[tuple[date, set[str] | None]] = []
+    answers = [RuntimeError("Kafka unreachable"),
+               [tlsrpt.ReportOutcome("a.example", "queued"), tlsrpt.ReportOutcome("b.example", "dns-error")],
+               [tlsrpt.ReportOutcome("b.example", "queued")]]
+    finished = asyncio.Event()
+
+    async def send_reports(settings, sink, day, only=None):
+        calls.append((day, only))
+        answer = answers.pop(0)
+        if not answers:
+            finished.set()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(tlsrpt, "send_reports", send_reports)
+    monkeypatch.setattr(tlsrpt, "RETRY_SECONDS", 0.01)
+    job = asyncio.create_task(tlsrpt.reporter(None, None, delay_max=0.02))
+    try:
+        await asyncio.wait_for(finished.wait(), 10)
+        await asyncio.sleep(0.1)  # then it waits for the next midnight
+    finally:
+        job.cancel()
+    yesterday = ev.utcnow().date() - timedelta(days=1)
+    assert calls == [(yesterday, None), (yesterday, None), (yesterday, {"b.example"})]
