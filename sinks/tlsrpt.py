@@ -590,9 +590,14 @@ async def reporter(settings: Settings, sink: "DeliverySink", delay_max: float = 
     lookup that timed out) is logged and retried hourly until the day after
     the reported one ends; it never stops deliveries.
     """
+    day = utcnow().date() - timedelta(days=1)
     while True:
-        day = utcnow().date() - timedelta(days=1)
-        await asyncio.sleep(random.uniform(min(1.0, delay_max), delay_max))  # section 4.1
+        # The day after ``day`` has begun (by the wall clock, whatever the
+        # timers did), then the random delay of section 4.1.
+        begun = datetime.combine(day + timedelta(days=1), time(0), tzinfo=timezone.utc)
+        while (wait := (begun - utcnow()).total_seconds()) > 0:
+            await asyncio.sleep(wait)
+        await asyncio.sleep(random.uniform(min(1.0, delay_max), delay_max))
         pending: set[str] | None = None  # None: every domain; else those to retry
         while True:
             try:
@@ -607,8 +612,8 @@ async def reporter(settings: Settings, sink: "DeliverySink", delay_max: float = 
                 log.warning("TLS reports for %s given up: %s", day, ", ".join(sorted(pending or ())) or "all")
                 break
             await asyncio.sleep(RETRY_SECONDS)
-        midnight = datetime.combine(utcnow().date() + timedelta(days=1), time(0), tzinfo=timezone.utc)
-        await asyncio.sleep(max(1.0, (midnight - utcnow()).total_seconds()))
+        # The next day; never one older than yesterday (after a long outage).
+        day = max(day + timedelta(days=1), utcnow().date() - timedelta(days=1))
 
 
 # -- `bulwark tlsrpt show` -----------------------------------------------------------

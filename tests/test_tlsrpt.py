@@ -515,3 +515,29 @@ async def test_the_daily_job_reports_yesterday_and_retries_what_failed(monkeypat
         job.cancel()
     yesterday = ev.utcnow().date() - timedelta(days=1)
     assert calls == [(yesterday, None), (yesterday, None), (yesterday, {"b.example"})]
+
+
+async def test_the_daily_job_reports_each_day_once_it_is_over(monkeypatch):
+    import asyncio
+    import time as clock
+
+    started, base = clock.monotonic(), datetime(2026, 11, 30, 23, 59, 59, 800000, tzinfo=timezone.utc)
+    days: list[date] = []
+    two = asyncio.Event()
+
+    async def send_reports(settings, sink, day, only=None):
+        days.append(day)
+        if len(days) == 2:
+            two.set()
+        return []
+
+    monkeypatch.setattr(tlsrpt, "utcnow", lambda: base + timedelta(seconds=clock.monotonic() - started))
+    monkeypatch.setattr(tlsrpt, "send_reports", send_reports)
+    job = asyncio.create_task(tlsrpt.reporter(None, None, delay_max=0.01))
+    try:
+        await asyncio.wait_for(two.wait(), 10)
+    finally:
+        job.cancel()
+    # Started just before midnight: the day before is reported at once, the
+    # ending day just after midnight.
+    assert days == [date(2026, 11, 29), date(2026, 11, 30)]
