@@ -83,6 +83,8 @@ REPORT_ID_PREFIX = "tlsrpt-"
 SUCCESS = "success"
 #: RFC 8460 section 4.3.2.2: why a domain's MTA-STS policy could not be applied.
 STS_POLICY_FAILURES = frozenset({"sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"})
+#: RFC 8460 section 4.3.1: certificate problems with a name of their own.
+CERTIFICATE_FAILURES = frozenset({"certificate-host-mismatch", "certificate-expired", "certificate-not-trusted"})
 #: A failed policy fetch is recorded just before the delivery it was made for;
 #: attempts this soon after it were made without the policy because of it.
 STS_FAILURE_WINDOW = timedelta(minutes=10)
@@ -166,6 +168,14 @@ def session_result(tls: ev.TlsOutcome | None) -> str | None:
         # The domain's policy was met; a next hop that does not offer
         # REQUIRETLS fails the sender's requirement, not the domain's.
         return SUCCESS
+    if tls.failure == "validation-failure" and tls.verify_error and tls.policy != "opportunistic":
+        # Section 4.3.3: the catch-all only when no negotiation failure fits;
+        # the certificate's own problem leads the recorded reason
+        # (sinks/outbound_tls.py, e.g. "certificate-expired: ..."). Not
+        # without a policy: there a validation-failure is a handshake that
+        # failed even unvalidated, whatever the certificate's problem was.
+        named = tls.verify_error.partition(":")[0]
+        return named if named in CERTIFICATE_FAILURES else tls.failure
     if tls.failure:
         return tls.failure
     if tls.version:

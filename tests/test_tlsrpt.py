@@ -71,10 +71,16 @@ OK = dict(version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=True)
     (dict(policy="opportunistic"), "starttls-not-supported"),          # cleartext: no STARTTLS offered
     (dict(policy="opportunistic", failure="validation-failure",
           verify_error="TLS negotiation failed: EOF"), "validation-failure"),
+    (dict(policy="opportunistic", failure="validation-failure",      # the unvalidated retry failed too
+          verify_error="certificate-not-trusted: self-signed certificate"), "validation-failure"),
     (dict(policy="mta-sts", **OK), tlsrpt.SUCCESS),
     (dict(policy="mta-sts", failure="certificate-expired"), "certificate-expired"),
     (dict(policy="mta-sts-testing", version="TLSv1.3", failure="certificate-host-mismatch"),
      "certificate-host-mismatch"),                                     # delivered, and reported
+    (dict(policy="mta-sts-testing", version="TLSv1.3", failure="validation-failure",   # the certificate's
+          verify_error="certificate-expired: certificate has expired"), "certificate-expired"),  # own problem
+    (dict(policy="mta-sts-testing", version="TLSv1.3", failure="validation-failure",
+          verify_error="validation-failure: unsupported certificate purpose"), "validation-failure"),
     (dict(policy="requiretls", **OK, failure="starttls-not-supported",
           verify_error="the next hop does not offer REQUIRETLS"), tlsrpt.SUCCESS),
     (dict(policy="requiretls", failure="certificate-not-trusted"), "certificate-not-trusted"),
