@@ -285,6 +285,51 @@ def outbreaks(as_json: bool) -> None:
 
 
 @main.group()
+def tlsrpt() -> None:
+    """SMTP TLS Reporting (RFC 8460): the daily reports to the domains Bulwark delivers to."""
+
+
+@tlsrpt.command("show")
+@click.option("--day", default=None, help="UTC day, YYYY-MM-DD (default: today, so far)")
+@click.option("--json", "as_json", is_flag=True, help="Each domain's report in RFC 8460 JSON, one a line")
+def tlsrpt_show(day: str | None, as_json: bool) -> None:
+    """Outbound TLS sessions of a day per receiving domain: what its report says."""
+    from datetime import date
+
+    from schemas.events import utcnow
+    from sinks.tlsrpt import render, reports, so_far
+
+    try:
+        when = date.fromisoformat(day) if day else utcnow().date()
+    except ValueError:
+        raise click.BadParameter(f"{day!r} is not a date (YYYY-MM-DD)", param_hint="--day") from None
+    policy = _active_policy()
+    found = _run(so_far(_settings(), policy, when))
+    if as_json:
+        for report in reports(found, policy):
+            click.echo(json.dumps(report))
+        return
+    click.echo(f"TLS sessions on {when.isoformat()} (UTC{', so far' if day is None else ''}), "
+               f"reported by {policy.hostname}"
+               + ("" if policy.tls.tls_reporting.enabled else " (tls.tls_reporting is disabled: nothing is sent)"))
+    click.echo(render(found) or "no TLS sessions to report")
+
+
+def _active_policy():
+    """The policy in force: the last one published, else the file."""
+    from bulwark.policy import PolicyError, from_document, load
+    from bulwark.policy_admin import active
+
+    try:
+        event = _run(active(_settings()))
+        if event is None:
+            return load(_settings().policy_path)
+        return from_document(event.document, "config.policy", version=event.policy_version)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
 def backscatter() -> None:
     """Backscatter Protection keys."""
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import confluent_kafka
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -365,11 +366,29 @@ async def read_topics(
     settings: Settings,
     topics: list[str],
     keys: set[bytes] | None = None,
+    since: datetime | None = None,
 ) -> list[Record]:
     """Every event on these topics up to their current end, optionally only some keys.
 
     Reads without a consumer group, so it disturbs no running component.
     Records that are not Bulwark events are skipped with a warning.
+    """
+    return [record async for record in iter_records(settings, topics, keys, since)]
+
+
+async def iter_records(
+    settings: Settings,
+    topics: list[str],
+    keys: set[bytes] | None = None,
+    since: datetime | None = None,
+    types: set[str] | None = None,
+) -> AsyncIterator[Record]:
+    """The records of ``read_topics`` one at a time, for reads too large to hold at once.
+
+    ``since``: start at each partition's first record stamped at or after
+    that time (records carry their event's time), not at the beginning.
+    ``types``: only these event types, told by the record's type header
+    before anything is decoded.
     """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -384,29 +403,41 @@ async def read_topics(
         # `bulwark topics ensure` checks that the cluster agrees).
         partitions = [TopicPartition(topic, p) for topic in topics for p in range(BY_NAME[topic].partitions)]
         if not partitions:
-            return []
+            return
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         remaining = {tp for tp in partitions if ends[tp] > 0}
-        records: list[Record] = []
+        if since is not None and remaining:
+            starts = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in remaining})
+            for tp in list(remaining):
+                if starts.get(tp) is None:  # nothing stamped at or after `since`
+                    remaining.discard(tp)
+                else:
+                    consumer.seek(tp, starts[tp].offset)
+        wanted = {t.encode() for t in types} if types is not None else None
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=1000)
             for tp, messages in batch.items():
                 for msg in messages:
                     if msg.offset >= ends[tp]:
                         continue
-                    if keys is None or msg.key in keys:
-                        try:
-                            event = codec.decode(msg.value, msg.headers)
-                        except (codec.UnknownEvent, ValueError) as exc:
-                            log.warning("skipping %s[%d]@%d: %s", tp.topic, tp.partition, msg.offset, exc)
+                    if keys is not None and msg.key not in keys:
+                        continue
+                    if wanted is not None:
+                        kind = dict(msg.headers or ()).get(codec.HEADER_TYPE)
+                        if kind is not None and kind not in wanted:
                             continue
-                        records.append(Record(tp.topic, tp.partition, msg.offset, msg.key, event))
+                    try:
+                        event = codec.decode(msg.value, msg.headers)
+                    except (codec.UnknownEvent, ValueError) as exc:
+                        log.warning("skipping %s[%d]@%d: %s", tp.topic, tp.partition, msg.offset, exc)
+                        continue
+                    if types is None or event.TYPE in types:
+                        yield Record(tp.topic, tp.partition, msg.offset, msg.key, event)
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
-        return records
     finally:
         await consumer.stop()
 

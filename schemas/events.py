@@ -348,7 +348,8 @@ class DeliveryQueued(Event):
     # "notification": a message Bulwark itself writes to an administrator
     # (Account Hijack Detection). Added as a new allowed value, like the
     # optional fields added elsewhere: every earlier record still reads.
-    source: Literal["verdict", "release", "dsn", "notification"]
+    # "tlsrpt": a daily TLS report (RFC 8460) to a receiving domain, the same way.
+    source: Literal["verdict", "release", "dsn", "notification", "tlsrpt"]
     recipients: list[str]
 
 

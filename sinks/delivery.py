@@ -626,6 +626,8 @@ def _result(rcpt: str, code: int, message: str) -> ev.RecipientResult:
 
 
 async def serve(settings: Settings) -> None:
+    from sinks.tlsrpt import reporter  # the daily TLS reports (RFC 8460)
+
     configure_logging("delivery")
     policy = PolicyHolder(settings=settings)
     await policy.start()
@@ -645,6 +647,7 @@ async def serve(settings: Settings) -> None:
         await run_until_signalled(
             consume(settings, "bulwark-delivery", [VERDICTS.name, QUARANTINE.name, ACCOUNT_STATE.name], sink.take),
             sink.scheduler(),
+            reporter(settings, sink),
         )
     finally:
         await sink.created_domains.stop()
