@@ -375,9 +375,12 @@ class DeliverySink:
             )
             refused = route_allowed(route, req)
             if refused is not None:
-                tls_tried.append(TlsFailure(refused, f"{route}: {refused.verify_error}",
-                                            permanent=req.requiretls))
-                continue  # not tried: nothing to record but the outcome below
+                # Not connected to, but recorded: TLS reports count it as a failed session.
+                failure = TlsFailure(refused, f"{route}: {refused.verify_error}", permanent=req.requiretls)
+                tls_tried.append(failure)
+                attempts.append(self._attempt(entry, destination, route, refused,
+                                              every("deferred", None, f"4.7.5 {failure}")))
+                continue
             last = route.host
             try:
                 results, tls = await self._send(route, req, mail_from, rcpts, data)

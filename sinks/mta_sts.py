@@ -50,6 +50,8 @@ MAX_POLICY_BYTES = 64 * 1024
 #: RFC 8461 section 3.2: max_age is at most 31557600 (about a year).
 MAX_AGE_LIMIT = 31557600
 FETCH_TIMEOUT_SECONDS = 10.0
+#: How long a failed fetch stands before the policy host is asked again.
+FAILED_FETCH_RETRY = timedelta(minutes=5)
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
@@ -175,6 +177,9 @@ class MtaStsResolver:
             return valid
         if valid is not None and valid.policy_id == policy_id:
             return valid
+        if cached is not None and cached.mode is None and cached.policy_id == policy_id and \
+                utcnow() - cached.occurred_at < FAILED_FETCH_RETRY:
+            return cached  # failed a moment ago: not fetched (and recorded) again for every message
         fetched = await self._fetch(domain, policy_id)
         if fetched.mode is None and valid is not None:
             log.warning("MTA-STS policy of %s could not be refreshed (%s); the cached one stays", domain, fetched.error)

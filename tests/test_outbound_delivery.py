@@ -303,6 +303,8 @@ async def test_mta_sts_enforce_delivers_only_over_validated_tls_to_a_listed_mx(t
     outcome, _, reply = state(entry, f"ned@stsmx.{ZONE}")
     assert outcome == "pending" and "not in the domain's MTA-STS policy" in reply
     assert world.receivers["mx.stsmx"].connections == connections and not world.receivers["mx.stsmx"].messages()
+    [attempt] = sink.publisher.of(ev.DeliveryAttempted, entry["message_id"])  # recorded, for TLS reports
+    assert attempt.tls.failure and attempt.tls.version is None
 
 
 async def test_the_mta_sts_policy_is_cached_until_its_id_changes(tmp_path, world):
@@ -324,7 +326,11 @@ async def test_the_mta_sts_policy_is_cached_until_its_id_changes(tmp_path, world
 
 async def test_an_oversized_policy_is_an_explained_outcome_and_mail_still_flows(tmp_path, world):
     sink = make_sink(tmp_path, world)
+    before = world.policy_host.requests.count(f"mta-sts.stsbig.{ZONE}")
+    await send(sink, [f"rita0@stsbig.{ZONE}"])
     entry = await send(sink, [f"rita@stsbig.{ZONE}"])
+    # A failed fetch stands for a few minutes: not fetched again for every message.
+    assert world.policy_host.requests.count(f"mta-sts.stsbig.{ZONE}") == before + 1
     assert got(world.receivers["mx.stsbig"], entry["message_id"])  # no usable policy: opportunistic
     [policy] = sink.publisher.of(ev.MtaStsPolicyFetched)
     assert policy.mode is None and policy.error == "sts-policy-invalid" and "64 KB" in policy.detail
