@@ -222,9 +222,15 @@ class DeliverySink:
     async def _flush_outbox(self, entry: dict) -> None:
         """Publish the entry's recorded events in order; each leaves the outbox once acknowledged."""
         while entry["outbox"]:
-            await self.publisher.publish(codec.decode(entry["outbox"][0].encode()))
+            head = entry["outbox"][0]
+            await self.publisher.publish(codec.decode(head.encode()))
             entry["outbox"].pop(0)
-            self._update(entry["message_id"], outbox=list(entry["outbox"]))
+            # From the entry as stored now, not this copy: a delivery may have
+            # appended events (and written its outcome) while this publish waited.
+            stored = self.queue.get(entry["message_id"])
+            if stored is not None and stored.get("outbox") and stored["outbox"][0] == head:
+                stored["outbox"].pop(0)
+                self.queue.put(entry["message_id"], stored)
 
     # -- delivering ---------------------------------------------------------
 
@@ -262,11 +268,15 @@ class DeliverySink:
         except Exception as exc:  # the memory of this process still applies
             log.warning("could not record the TLS fallback for %s: %s", event.destination, type(exc).__name__)
 
-    async def _send(self, route: Route, req: TlsRequirement, mail_from: str, rcpts: list[str], data: bytes):
+    async def _send(self, route: Route, req: TlsRequirement, mail_from: str, rcpts: list[str], data: bytes,
+                    record=None):
         """(per-recipient results, TLS outcome) for one SMTP transaction.
 
-        Raises TlsFailure when the TLS policy cannot be met, OSError or
-        SMTPException when the server cannot be reached.
+        ``record(results, tls)`` is called as soon as the server has answered
+        the DATA, before QUIT: a crash after the remote 250 must find the
+        recipient delivered, or it would be sent again. Raises TlsFailure
+        when the TLS policy cannot be met, OSError or SMTPException when the
+        server cannot be reached.
         """
         client, tls = await open_connection(route, req, local_hostname=self.policy.hostname,
                                             timeout=self.policy.delivery.connect_timeout_seconds,
@@ -275,26 +285,31 @@ class DeliverySink:
             await _login(client, route, tls)
         results: dict[str, ev.RecipientResult] = {}
         try:
-            errors, response = await client.sendmail(mail_from, rcpts, data,
-                                                     mail_options=["REQUIRETLS"] if req.requiretls else [])
-            for rcpt in rcpts:
-                if rcpt in errors:
-                    refusal = errors[rcpt]
-                    results[rcpt] = _result(rcpt, refusal.code, refusal.message)
-                else:
-                    results[rcpt] = ev.RecipientResult(recipient=rcpt, outcome="delivered", reply_code=250, reply=response)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            for refused in exc.recipients:
-                results[refused.recipient] = _result(refused.recipient, refused.code, refused.message)
-        except aiosmtplib.SMTPResponseException as exc:  # MAIL or DATA refused: all recipients share it
-            for rcpt in rcpts:
-                results.setdefault(rcpt, _result(rcpt, exc.code, exc.message))
+            try:
+                errors, response = await client.sendmail(mail_from, rcpts, data,
+                                                         mail_options=["REQUIRETLS"] if req.requiretls else [])
+                for rcpt in rcpts:
+                    if rcpt in errors:
+                        refusal = errors[rcpt]
+                        results[rcpt] = _result(rcpt, refusal.code, refusal.message)
+                    else:
+                        results[rcpt] = ev.RecipientResult(recipient=rcpt, outcome="delivered", reply_code=250,
+                                                           reply=response)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                for refused in exc.recipients:
+                    results[refused.recipient] = _result(refused.recipient, refused.code, refused.message)
+            except aiosmtplib.SMTPResponseException as exc:  # MAIL or DATA refused: all recipients share it
+                for rcpt in rcpts:
+                    results.setdefault(rcpt, _result(rcpt, exc.code, exc.message))
+            ordered = [results[r] for r in rcpts]
+            if record is not None:
+                record(ordered, tls)
         finally:
             try:
                 await client.quit()
-            except aiosmtplib.SMTPException:
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 client.close()
-        return [results[r] for r in rcpts], tls
+        return ordered, tls
 
     def _return_path(self, mail_from: str, rcpt_domain: str) -> str:
         """Backscatter Protection: mail leaving for other domains carries a
@@ -324,7 +339,6 @@ class DeliverySink:
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
 
         outcomes: list[ev.RecipientResult] = []
-        attempts: list[ev.DeliveryAttempted] = []
         last_remote = None
         ignore_policies = tls_required_no(raw)
         for domain, rcpts in by_domain.items():
@@ -332,17 +346,16 @@ class DeliverySink:
             mail_from = self._return_path(entry["envelope"]["mail_from"], domain)
             slots = self._destination_slots.setdefault(domain, asyncio.Semaphore(DESTINATION_CONCURRENCY))
             async with slots:
-                results, tried, remote = await self._deliver_to(entry, envelope, domain, rcpts, mail_from, data,
-                                                                ignore_policies)
-            attempts += tried
+                results, remote = await self._deliver_to(entry, envelope, domain, rcpts, mail_from, data,
+                                                         ignore_policies)
             last_remote = remote or last_remote
             outcomes += results
 
-        await self._settle(entry, envelope, outcomes, last_remote, raw, attempts)
+        await self._settle(entry, envelope, outcomes, last_remote, raw)
 
     async def _deliver_to(self, entry: dict, envelope: ev.Envelope, domain: str, rcpts: list[str],
                           mail_from: str, data: bytes, ignore_policies: bool):
-        """(results, attempt events, last server) for one domain's recipients.
+        """(results, last server) for one domain's recipients; each attempt recorded as it ends.
 
         Every route is tried before deferring (RFC 5321 5.1); the next one
         only when this one could not be reached or could not meet the TLS
@@ -357,13 +370,12 @@ class DeliverySink:
         except RouteError as exc:
             if exc.permanent:
                 # RFC 7505 section 4.1: 556 for a null MX.
-                return every("bounced", 556 if exc.status == "5.1.10" else 550, str(exc)), [], None
-            return every("deferred", None, str(exc)), [], None
+                return every("bounced", 556 if exc.status == "5.1.10" else 550, str(exc)), None
+            return every("deferred", None, str(exc)), None
         sts = None
         if destination.kind == "mx" and self.policy.tls.mta_sts.enabled and (envelope.requiretls or not ignore_policies):
             sts = await self.mta_sts.policy(domain)
         tls_tried: list[TlsFailure] = []
-        attempts: list[ev.DeliveryAttempted] = []
         results: list[ev.RecipientResult] = []
         last = None
         for route in destination.routes:
@@ -378,40 +390,58 @@ class DeliverySink:
                 # Not connected to, but recorded: TLS reports count it as a failed session.
                 failure = TlsFailure(refused, f"{route}: {refused.verify_error}", permanent=req.requiretls)
                 tls_tried.append(failure)
-                attempts.append(self._attempt(entry, destination, route, refused,
-                                              every("deferred", None, f"4.7.5 {failure}")))
+                self._record(entry, self._attempt(entry, destination, route, refused,
+                                                  every("deferred", None, f"4.7.5 {failure}")))
                 continue
             last = route.host
+            recorded = []
+
+            def record(results, tls, route=route, req=req):
+                recorded.append(True)
+                self._record(entry, self._attempt(entry, destination, route, testing_failure(route, req, tls),
+                                                  results))
+
             try:
-                results, tls = await self._send(route, req, mail_from, rcpts, data)
+                results, tls = await self._send(route, req, mail_from, rcpts, data, record)
             except TlsFailure as exc:
                 tls_tried.append(exc)
                 if exc.negotiation and not req.strict:
                     await self._remember_cleartext(route, str(exc))
                 results = every("deferred", None, f"4.7.5 {exc}")
-                attempts.append(self._attempt(entry, destination, route, exc.outcome, results))
+                self._record(entry, self._attempt(entry, destination, route, exc.outcome, results))
                 continue
             except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
+                if recorded:  # answered, then the connection failed at QUIT: the answer stands
+                    return results, last
                 results = every("deferred", None, f"4.4.1 {route}: {exc}")
-                attempts.append(self._attempt(entry, destination, route, None, results))
+                self._record(entry, self._attempt(entry, destination, route, None, results))
                 continue
-            if req.policy == "mta-sts-testing" and tls.failure is None:
-                # RFC 8461 5: testing delivers anyway; what enforce would have refused is reported.
-                if not mx_matches(route.host, list(req.mx_patterns or ())):
-                    tls = tls.model_copy(update={"failure": "certificate-host-mismatch"})
-                elif not tls.verified:
-                    tls = tls.model_copy(update={"failure": "validation-failure" if tls.version else
-                                                 "starttls-not-supported"})
-            attempts.append(self._attempt(entry, destination, route, tls, results))
-            return results, attempts, last
+            if not recorded:
+                record(results, tls)
+            return results, last
         if tls_tried and all(f.permanent for f in tls_tried) and envelope.requiretls:
             reasons = "; ".join(str(f) for f in tls_tried)
-            return every("bounced", 550, f"5.7.30 REQUIRETLS support required: {reasons}"), attempts, last
+            return every("bounced", 550, f"5.7.30 REQUIRETLS support required: {reasons}"), last
         if tls_tried and len(tls_tried) == len(destination.routes):
             reasons = "; ".join(str(f) for f in tls_tried)
             return every("deferred", None, f"4.7.5 the TLS policy ({tls_tried[0].outcome.policy}) "
-                                           f"could not be met: {reasons}"), attempts, last
-        return results or every("deferred", None, "4.4.1 no server could be reached"), attempts, last
+                                           f"could not be met: {reasons}"), last
+        return results or every("deferred", None, "4.4.1 no server could be reached"), last
+
+    def _record(self, entry: dict, attempt: ev.DeliveryAttempted) -> None:
+        """One attempt on disk before anything else happens: its delivered
+        recipients are done (never sent again, whatever crashes next) and its
+        event waits in the outbox. No await between read and write."""
+        message_id = entry["message_id"]
+        stored = self.queue.get(message_id) or entry
+        for result in attempt.recipients:
+            if result.outcome == "delivered":
+                for copy in (stored, entry):
+                    copy["recipients"][result.recipient].update(state="delivered", reply_code=result.reply_code,
+                                                                reply=result.reply)
+        stored["outbox"] = [*stored.get("outbox", []), codec.encode(attempt)[0].decode()]
+        self.queue.put(message_id, stored)
+        self._unpublished.add(message_id)
 
     def _attempt(self, entry: dict, destination: Destination, route: Route, tls: ev.TlsOutcome | None,
                  results: list[ev.RecipientResult]) -> ev.DeliveryAttempted:
@@ -434,13 +464,13 @@ class DeliverySink:
         return utcnow() + timedelta(seconds=wait)
 
     async def _settle(self, entry: dict, envelope: ev.Envelope, outcomes: list[ev.RecipientResult],
-                      remote: str | None, raw: bytes, attempts: list[ev.DeliveryAttempted]) -> None:
-        """Record the outcome in the queue first (one synced write), then publish it.
+                      remote: str | None, raw: bytes) -> None:
+        """Record what is left to do in the queue (one synced write), then publish.
 
-        The queue is what says a recipient was delivered: once the remote
-        server said 250, nothing (a broker outage, a crash) may make the
-        message due again. Its events wait in the entry's outbox until Kafka
-        has them.
+        The queue is what says a recipient was delivered (each attempt wrote
+        its own outcome already: ``_record``): once the remote server said
+        250, nothing (a broker outage, a crash) may make the message due
+        again. Its events wait in the entry's outbox until Kafka has them.
         """
         first = datetime.fromisoformat(entry["first_queued_at"])
         expired = utcnow() - first >= timedelta(seconds=self.policy.delivery.give_up_after_seconds)
@@ -459,12 +489,16 @@ class DeliverySink:
                 state["state"] = "pending"
         entry["done"] = not still_pending
         entry["next_attempt_at"] = self._next_attempt(entry).isoformat() if still_pending else None
-        events: list[ev.Event] = list(attempts)
+        events: list[ev.Event] = []
         dsn_entry = None
         if bounced:
             dsn_entry, bounce = await self._bounce(entry, envelope, bounced, remote, raw)
             events.append(bounce)
-        entry["outbox"] = [*entry.get("outbox", []), *(codec.encode(e)[0].decode() for e in events)]
+        # The outbox and the announcement flag as stored now: publishing
+        # changes them while deliveries run; this copy's are stale.
+        stored = self.queue.get(entry["message_id"]) or entry
+        entry["outbox"] = [*stored.get("outbox", []), *(codec.encode(e)[0].decode() for e in events)]
+        entry["queued_event_sent"] = stored.get("queued_event_sent", entry["queued_event_sent"])
         self.queue.put(entry["message_id"], entry)
         self._schedule(entry)
         if dsn_entry is not None:
@@ -546,7 +580,9 @@ class DeliverySink:
                     if not entry["queued_event_sent"]:
                         await self._announce(entry)
                     self._schedule(entry)
-                self._unpublished.discard(message_id)
+                stored = self.queue.get(message_id)
+                if stored is None or not stored.get("outbox"):  # else: added while this ran, next round
+                    self._unpublished.discard(message_id)
             finally:
                 self._publishing.discard(message_id)
 
@@ -621,6 +657,17 @@ async def _login(client: aiosmtplib.SMTP, route: Route, tls: ev.TlsOutcome) -> N
         raise
     finally:
         del password
+
+
+def testing_failure(route: Route, req: TlsRequirement, tls: ev.TlsOutcome | None) -> ev.TlsOutcome | None:
+    """Under MTA-STS testing (RFC 8461 section 5) mail goes anyway; what enforce would have refused is reported."""
+    if tls is None or req.policy != "mta-sts-testing" or tls.failure is not None:
+        return tls
+    if not mx_matches(route.host, list(req.mx_patterns or ())):
+        return tls.model_copy(update={"failure": "certificate-host-mismatch"})
+    if not tls.verified:
+        return tls.model_copy(update={"failure": "validation-failure" if tls.version else "starttls-not-supported"})
+    return tls
 
 
 def _result(rcpt: str, code: int, message: str) -> ev.RecipientResult:

@@ -71,7 +71,7 @@ def accepting_server():
     """(the recipients sent to, in order; a send that accepts every recipient)."""
     sent: list[str] = []
 
-    async def send(route, req, mail_from, rcpts, data):
+    async def send(route, req, mail_from, rcpts, data, record=None):
         sent.extend(rcpts)
         return delivered(rcpts)
 
@@ -82,7 +82,7 @@ def accepting_server():
 async def test_each_message_sent_once_and_announced_once_under_concurrent_batches(tmp_path):
     sent: list[str] = []
 
-    async def send(route, req, mail_from, rcpts, data):
+    async def send(route, req, mail_from, rcpts, data, record=None):
         await asyncio.sleep(random.random() * 0.01)
         sent.extend(rcpts)
         return delivered(rcpts)
@@ -111,7 +111,7 @@ async def test_each_message_sent_once_and_announced_once_under_concurrent_batche
 async def test_a_broker_outage_after_the_remote_250_never_sends_again(tmp_path):
     sent: list[str] = []
 
-    async def send(route, req, mail_from, rcpts, data):
+    async def send(route, req, mail_from, rcpts, data, record=None):
         sent.extend(rcpts)
         sink.publisher.down = True  # Kafka goes away right after the remote server said 250
         return delivered(rcpts)
@@ -145,7 +145,7 @@ async def test_a_broker_outage_after_the_remote_250_never_sends_again(tmp_path):
 async def test_a_deferred_recipient_is_retried_and_each_attempt_recorded_once(tmp_path):
     tries: list[str] = []
 
-    async def send(route, req, mail_from, rcpts, data):
+    async def send(route, req, mail_from, rcpts, data, record=None):
         tries.extend(rcpts)
         if len(tries) == 1:
             return [ev.RecipientResult(recipient=r, outcome="deferred", reply_code=451, reply="later")

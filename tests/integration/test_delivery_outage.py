@@ -13,10 +13,10 @@ delivery: it sends a probe message after the broker and the sink are back
 policy's whole retry schedule (conftest.py: retries after 1 and 2 s, given
 up after 6 s; the sink polls every 0.2 s).
 
-The first two pass. The last two kill the sink after the downstream's 250
-but before the sink has written it down, and show that the window is
-wider than it need be (see their docstrings): they are reported xfailed
-until sinks/delivery.py is fixed (``pytest --runxfail`` shows them fail).
+The last two kill the sink after the downstream's 250 but before the
+sink has finished with the message (waiting for the reply to QUIT, or for a
+second domain's transaction): the sink writes each transaction's outcome as
+soon as DATA is answered, so neither is sent again.
 
 They stop Kafka and restart the sink that every other test uses, so they
 leave both running, whatever happens here.
@@ -55,14 +55,6 @@ SECOND_SEND_WINDOW = 10.0
 #: The delivery sink waits this long for any SMTP reply (the test policy's
 #: delivery.connect_timeout_seconds): a held 250 must be released sooner.
 SINK_REPLY_TIMEOUT = 5.0
-
-
-def known_bug(failed: bool, bug: str) -> None:
-    """A failure these tests exist to show, of sinks/delivery.py as of this
-    commit: reported as xfailed, so the suite stays usable, until the fix
-    makes the test pass. ``pytest --runxfail`` shows it failing."""
-    if failed:
-        pytest.xfail(bug)
 
 
 # -- the stack ----------------------------------------------------------------
@@ -274,9 +266,8 @@ def test_sink_killed_right_after_the_250_does_not_send_again(gateway):
     holds its reply to the QUIT that follows, and the sink dies waiting for
     it. The 250 was given, so the message must not be sent again.
 
-    Fails (reported xfailed) with sinks/delivery.py as of this commit: the
-    outcome is written only after ``_send`` has also had the reply to QUIT,
-    so the restarted sink finds the recipient pending and sends it again."""
+    (Before the fix the outcome was written only after the reply to QUIT,
+    so the restarted sink found the recipient pending and sent it again.)"""
     rcpt, subject = f"held-quit@{LOCAL_DOMAIN}", "250 then SIGKILL before QUIT"
     hold = gateway.downstream.hold(rcpt, "QUIT")
     queue_id = gateway.send(gateway.message("xena@partner.test", [rcpt], subject),
@@ -289,9 +280,8 @@ def test_sink_killed_right_after_the_250_does_not_send_again(gateway):
         hold.release()
         gateway.stack.start("delivery", SINK)
         probe_then_wait(gateway, "kill-before-quit")
-        state = before and before["recipients"][rcpt]["state"]
-        known_bug(copies(gateway, subject) == 2 and state == "pending",
-                  "sinks/delivery.py records the outcome only after the reply to QUIT: sent again")
+        # Written down as soon as DATA was answered, before QUIT.
+        assert before and before["recipients"][rcpt]["state"] == "delivered", before
         assert copies(gateway, subject) == 1, (
             f"the downstream received {copies(gateway, subject)} copies; when the sink was killed after "
             f"the 250, its queue entry said {before and before['recipients']}")
@@ -306,9 +296,8 @@ def test_sink_killed_during_a_second_domains_transaction_does_not_resend_the_fir
     (a slow server: the sink waits up to its reply timeout, per route). The
     first domain must not get the message again.
 
-    Fails (reported xfailed) with sinks/delivery.py as of this commit:
-    ``deliver`` settles (writes the queue entry) once, after the
-    transactions of every domain."""
+    (Before the fix ``deliver`` wrote the queue entry once, after the
+    transactions of every domain.)"""
     local, external = f"two-domains@{LOCAL_DOMAIN}", "two-domains@partner.test"
     subject = "two domains, SIGKILL during the second"
     hold = gateway.downstream.hold(external, "DATA")
@@ -321,8 +310,6 @@ def test_sink_killed_during_a_second_domains_transaction_does_not_resend_the_fir
         gateway.stack.start("delivery", SINK)
         probe_then_wait(gateway, "kill-between-domains")
         assert copies(gateway, subject, external) == 1
-        known_bug(copies(gateway, subject, local) == 2, "sinks/delivery.py records an attempt only after every "
-                                                        "domain's transaction: the first domain got it again")
         assert copies(gateway, subject, local) == 1, f"{local} received {copies(gateway, subject, local)} copies"
     finally:
         hold.release()
