@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 
@@ -36,6 +37,7 @@ from schemas import codec
 from schemas import events as ev
 from schemas.events import new_id, utcnow
 from schemas.topics import ACCOUNT_STATE, MTA_STS_POLICIES, QUARANTINE, TLS_FALLBACKS, VERDICTS
+from sinks.connections import ConnectionCache
 from sinks.dsn import build_dsn
 from sinks.mta_sts import MtaStsResolver, mx_matches
 from sinks.notify import queue_notifications
@@ -92,6 +94,8 @@ class DeliverySink:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(16)
         self._destination_slots: dict[str, asyncio.Semaphore] = {}
+        #: Idle connections kept for the next message to the same server.
+        self.connections = ConnectionCache()
         self.resolver = resolver_for(settings.dns_resolver)
         #: MTA-STS policies (the shared cache is the delivery.mta-sts topic, set by serve()).
         self.mta_sts = MtaStsResolver(self.resolver, client_context(settings.outbound_ca_file, True, True),
@@ -278,12 +282,20 @@ class DeliverySink:
         when the TLS policy cannot be met, OSError or SMTPException when the
         server cannot be reached.
         """
-        client, tls = await open_connection(route, req, local_hostname=self.policy.hostname,
-                                            timeout=self.policy.delivery.connect_timeout_seconds,
-                                            ca_file=self.settings.outbound_ca_file)
-        if route.auth is not None:
-            await _login(client, route, tls)
+        # Reused only for the same server, name, credentials and TLS requirement.
+        key = (str(route), route.host, route.auth.username if route.auth else None, route.pin_sha256, req)
+        cached = await self.connections.take(key)
+        if cached is not None:
+            client, tls, opened = cached
+        else:
+            opened = time.monotonic()
+            client, tls = await open_connection(route, req, local_hostname=self.policy.hostname,
+                                                timeout=self.policy.delivery.connect_timeout_seconds,
+                                                ca_file=self.settings.outbound_ca_file)
+            if route.auth is not None:
+                await _login(client, route, tls)
         results: dict[str, ev.RecipientResult] = {}
+        keep = False
         try:
             try:
                 errors, response = await client.sendmail(mail_from, rcpts, data,
@@ -304,11 +316,14 @@ class DeliverySink:
             ordered = [results[r] for r in rcpts]
             if record is not None:
                 record(ordered, tls)
+            # A clean transaction leaves the session ready for the next MAIL.
+            keep = all(r.outcome == "delivered" for r in ordered)
         finally:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                client.close()
+            if not (keep and self.connections.give(key, client, tls, opened)):
+                try:
+                    await client.quit()
+                except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    client.close()
         return ordered, tls
 
     def _return_path(self, mail_from: str, rcpt_domain: str) -> str:
@@ -620,6 +635,7 @@ class DeliverySink:
                 await self.prune()
             if self._unpublished:
                 await self._republish()
+            await self.connections.sweep()
             for entry in self.due():
                 self._in_flight.add(entry["message_id"])
                 asyncio.create_task(self._deliver_guarded(entry))
@@ -700,6 +716,7 @@ async def serve(settings: Settings) -> None:
             reporter(settings, sink),
         )
     finally:
+        await sink.connections.close()
         await sink.created_domains.stop()
         await sink.tls_fallbacks.stop()
         await sink.mta_sts.view.stop()

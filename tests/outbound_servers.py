@@ -234,8 +234,10 @@ class _ReceiverSMTP(SMTP):
         return result
 
     def connection_made(self, transport):
-        with self.event_handler.lock:
-            self.event_handler.connections += 1
+        # Called again with the TLS transport after STARTTLS: one connection, counted once.
+        if transport.get_extra_info("ssl_object") is None:
+            with self.event_handler.lock:
+                self.event_handler.connections += 1
         super().connection_made(transport)
 
     async def smtp_STARTTLS(self, arg):

@@ -418,3 +418,22 @@ async def test_no_password_leaks_into_events_or_replies(tmp_path, world):
     text = " ".join(e.model_dump_json() for e in sink.publisher.events) + str(entry)
     assert "s3cret-relay" not in text
 
+
+
+async def test_one_connection_carries_consecutive_messages_to_a_server(tmp_path, world):
+    sink = make_sink(tmp_path, world)
+    receiver = world.receivers["mx.tls"]
+    before = receiver.connections
+    entries = [await send(sink, [f"reuse{i}@tls.{ZONE}"]) for i in range(4)]
+    assert all(got(receiver, e["message_id"]) for e in entries)
+    assert receiver.connections == before + 1  # TLS and EHLO once, four messages
+    attempts = [a for e in entries for a in sink.publisher.of(ev.DeliveryAttempted, e["message_id"])]
+    assert all(a.tls.verified and a.tls.version for a in attempts)  # the TLS it was opened with
+
+    # The server drops the idle connection: the next message opens a new one, nothing is lost.
+    receiver.stop()
+    receiver.start()
+    before = receiver.connections  # (the server's own start-up check connects once)
+    entry = await send(sink, [f"after-restart@tls.{ZONE}"])
+    assert got(receiver, entry["message_id"]) and receiver.connections == before + 1
+    await sink.connections.close()
