@@ -72,6 +72,9 @@ class Settings:
     outbound_ca_file: Path | None = None
     #: The HTTPS port of MTA-STS policy hosts: 443 (RFC 8461 section 3.3).
     mta_sts_https_port: int = 443
+    #: How long the delivery sink keeps a clean connection for the next
+    #: message to the same server (Postfix's smtp_connection_cache_time_limit); 0: never.
+    delivery_connection_cache_seconds: float = 2.0
     #: Where ingest serves the local domains' MTA-STS policy over HTTPS
     #: (443 on a real gateway, or behind a proxy that forwards
     #: mta-sts.DOMAIN to it); 0 serves none.
@@ -112,6 +115,7 @@ class Settings:
             outbound_ca_file=Path(ca) if (ca := _env("BULWARK_OUTBOUND_CA_FILE", "")) else None,
             mta_sts_https_port=int(_env("BULWARK_MTA_STS_HTTPS_PORT", "443")),
             mta_sts_port=int(_env("BULWARK_MTA_STS_PORT", "8443")),
+            delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -95,7 +95,7 @@ class DeliverySink:
         self._slots = asyncio.Semaphore(16)
         self._destination_slots: dict[str, asyncio.Semaphore] = {}
         #: Idle connections kept for the next message to the same server.
-        self.connections = ConnectionCache()
+        self.connections = ConnectionCache(settings.delivery_connection_cache_seconds)
         self.resolver = resolver_for(settings.dns_resolver)
         #: MTA-STS policies (the shared cache is the delivery.mta-sts topic, set by serve()).
         self.mta_sts = MtaStsResolver(self.resolver, client_context(settings.outbound_ca_file, True, True),
@@ -319,7 +319,7 @@ class DeliverySink:
             # A clean transaction leaves the session ready for the next MAIL.
             keep = all(r.outcome == "delivered" for r in ordered)
         finally:
-            if not (keep and self.connections.give(key, client, tls, opened)):
+            if not (keep and self.connections.idle_seconds > 0 and self.connections.give(key, client, tls, opened)):
                 try:
                     await client.quit()
                 except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
