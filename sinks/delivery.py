@@ -99,7 +99,7 @@ class DeliverySink:
         self.resolver = resolver_for(settings.dns_resolver)
         #: MTA-STS policies (the shared cache is the delivery.mta-sts topic, set by serve()).
         self.mta_sts = MtaStsResolver(self.resolver, client_context(settings.outbound_ca_file, True, True),
-                                      settings.mta_sts_https_port, publish=publisher.publish)
+                                      settings.mta_sts_https_port, publish=lambda e: self.publisher.publish(e))
         #: Destinations given cleartext after a failed TLS negotiation: the
         #: delivery.tls-fallbacks view (serve()) and this process's own.
         self.tls_fallbacks = None

@@ -340,7 +340,8 @@ delivery: {smarthost: "relay.example.net:587"}
 """)
     sink = DeliverySink(Settings.from_env().with_(blob_dir=tmp_path), p, None, None)
     sink.created_domains.add("newco.test")
-    [route] = run(sink._routes("newco.test"))
-    assert (route.host, route.port) == ("mail.example.com", 2525)  # not out by MX, back to ourselves
-    [route] = run(sink._routes("elsewhere.test"))
-    assert route.host == "relay.example.net"
+    destination = run(sink._destination("newco.test"))
+    [route] = destination.routes
+    assert (destination.kind, route.host, route.port) == ("local", "mail.example.com", 2525)  # not out by MX
+    destination = run(sink._destination("elsewhere.test"))
+    assert (destination.kind, destination.routes[0].host) == ("smarthost", "relay.example.net")
