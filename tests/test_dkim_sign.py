@@ -1,4 +1,4 @@
-"""Outbound DKIM signing: the policy section, key files, what is signed and when.
+"""Outbound DKIM signing: the policy section, key files, what is signed and when, and `bulwark dkim`.
 
 Signatures are checked with dkimpy against the keys' own DNS records
 (served from memory here; tests/test_outbound_delivery.py serves them from
@@ -14,8 +14,10 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
+from bulwark.cli import main
 from bulwark.policy import PolicyError, parse
 from bulwark.policy_dkim import DkimKey
 from bulwark.policy_runtime import PolicyHolder
@@ -337,3 +339,63 @@ async def test_a_key_file_replaced_in_place_is_read_again(keys, tmp_path):
         assert verify_all(await _sign(signer, authenticated), keys.dnsfunc) == [True]
     finally:
         del keys.records["live"]
+
+
+# -- bulwark dkim ----------------------------------------------------------------------------
+
+
+def test_keygen_writes_the_key_and_prints_its_record_and_policy_entry(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["dkim", "keygen", "Example.com", "s2026", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "example.com.s2026.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    lines = result.output.splitlines()
+    [record] = [line for line in lines if "._domainkey." in line]
+    assert record.startswith('s2026._domainkey.example.com. IN TXT "v=DKIM1; k=rsa; p=')
+    strings = record.split(" IN TXT ", 1)[1].strip('"').split('" "')
+    assert all(len(s) <= 255 for s in strings)
+    assert "".join(strings) == record_value(read_private_key(path, "rsa-sha256"))
+    # The printed policy entry is one the policy accepts as it is.
+    snippet = result.output[result.output.index("dkim_signing:"):]
+    policy = parse(BASE + snippet)
+    assert policy.dkim_signing.keys[0].key_file == path and policy.dkim_signing.keys[0].selector == "s2026"
+
+    result = runner.invoke(main, ["dkim", "keygen", "example.com", "ed", "--algorithm", "ed25519", "--tlsrpt",
+                                  "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert 'ed._domainkey.example.com. IN TXT "v=DKIM1; k=ed25519; s=tlsrpt; p=' in result.output
+    assert "algorithm: ed25519-sha256" in result.output and "use: tlsrpt" in result.output
+
+    # A selector in use is never overwritten; a bad selector is refused.
+    before = path.read_bytes()
+    again = runner.invoke(main, ["dkim", "keygen", "example.com", "s2026", "--dir", str(tmp_path)])
+    assert again.exit_code != 0 and "exists" in again.output and path.read_bytes() == before
+    bad = runner.invoke(main, ["dkim", "keygen", "example.com", "no_good!", "--dir", str(tmp_path)])
+    assert bad.exit_code != 0 and "is not a selector" in bad.output
+
+
+def test_check_reads_each_key_and_compares_the_published_record(tmp_path, keys, monkeypatch):
+    from bulwark import dkim_cli
+
+    broken = {"domain": "gw.example.com", "selector": "gone", "key_file": str(tmp_path / "gone.key")}
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(BASE + "dkim_signing:\n  keys:\n" + "".join(
+        f"    - {json.dumps(k)}\n" for k in [*keys.policy()["keys"], broken]))
+    published = {f"{keys.rsa_selector}._domainkey.{DOMAIN}.": [keys.records[keys.rsa_selector]],
+                 f"{keys.ed_selector}._domainkey.{DOMAIN}.": []}
+
+    async def lookup(settings, name):
+        return published[name]
+
+    monkeypatch.setattr(dkim_cli, "_published", lookup)
+    result = CliRunner().invoke(main, ["dkim", "check", str(policy)])
+    assert result.exit_code == 1, result.output
+    out = result.output
+    assert f"[OK] {keys.rsa_selector}._domainkey.{DOMAIN} (rsa-sha256" in out
+    assert f"[FAIL] {keys.ed_selector}._domainkey.{DOMAIN} (ed25519-sha256" in out and "no record is published" in out
+    assert f"publish: {keys.ed_selector}._domainkey.{DOMAIN}. IN TXT \"v=DKIM1; k=ed25519; p=" in out
+    assert "[FAIL] gone._domainkey.gw.example.com (rsa-sha256): cannot read the key file" in out
+
+    offline = CliRunner().invoke(main, ["dkim", "check", "--no-dns", str(policy)])
+    assert offline.exit_code == 1 and offline.output.count("[OK]") == 2
