@@ -57,6 +57,7 @@ import binascii
 import ipaddress
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -221,7 +222,9 @@ def signing_key(key: DkimKey) -> SigningKey:
 
 
 def _headers(message: bytes) -> list[tuple[bytes, bytes]]:
-    headers, _ = dkim.rfc822_parse(message)
+    # The header section only: dkimpy's parser splits every line of what it is given.
+    end = re.search(rb"\r?\n\r?\n", message)
+    headers, _ = dkim.rfc822_parse(message[:end.end()] if end else message)
     return headers
 
 
@@ -338,16 +341,19 @@ class OutboundSigner:
         Raises SigningFailed when it should be signed and cannot be.
         """
         policy = self.sink.policy.current
-        if not policy.dkim_signing.enabled or not policy.dkim_signing.keys:
+        tlsrpt = entry["source"] == "tlsrpt"
+        if not (policy.dkim_signing.keys or tlsrpt):
             return data
         if policy.is_local_domain(rcpt_domain) or rcpt_domain in self.sink.created_domains:
             return data
         if not sent_by_organisation(policy, entry["source"], envelope):
             return data
         author = author_domain(data)
-        tlsrpt = entry["source"] == "tlsrpt"
         keys = keys_for(policy, author, tlsrpt) if author else []
         if not keys:
+            if tlsrpt:
+                log.warning("TLS report %s to %s leaves unsigned: no DKIM key for %s (RFC 8460 section 3: "
+                            "receivers ignore unsigned reports)", entry["message_id"], rcpt_domain, author)
             return data
         # Off the event loop: canonicalising and hashing a large message takes a while.
         return await asyncio.to_thread(self._sign_sync, data, author, keys, tlsrpt)
