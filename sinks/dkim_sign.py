@@ -274,10 +274,14 @@ def _in_networks(ip: str, networks: list[str]) -> bool:
 
 def sent_by_organisation(policy: "Policy", source: str, envelope: ev.Envelope) -> bool:
     """Was this message sent by the organisation (what relay control lets send out), or by the gateway?"""
-    if source in OWN_SOURCES:
+    if source in OWN_SOURCES or envelope.authenticated_user:
         return True
-    return bool(envelope.authenticated_user) or policy.is_domain_mail_server(envelope.client_ip) \
-        or _in_networks(envelope.client_ip, policy.relay_control.exceptions.relay_for_addresses)
+    if _in_networks(envelope.client_ip, policy.relay_control.exceptions.relay_for_addresses):
+        return True
+    try:
+        return policy.is_domain_mail_server(envelope.client_ip)
+    except ValueError:  # not an address: not one of ours
+        return False
 
 
 def keys_for(policy: "Policy", domain: str, tlsrpt: bool) -> list[DkimKey]:
@@ -319,7 +323,7 @@ class OutboundSigner:
             self._logged[ident] = now
             log.error("DKIM key %s (%s) cannot sign: %s", ident[0], key.algorithm, problem)
 
-    def _sign_sync(self, data: bytes, domain: str, keys: list[DkimKey], tlsrpt: bool) -> bytes:
+    def _sign_sync(self, data: bytes, keys: list[DkimKey], tlsrpt: bool) -> bytes:
         usable, problems = [], []
         for key in keys:
             try:
@@ -352,11 +356,12 @@ class OutboundSigner:
         keys = keys_for(policy, author, tlsrpt) if author else []
         if not keys:
             if tlsrpt:
-                log.warning("TLS report %s to %s leaves unsigned: no DKIM key for %s (RFC 8460 section 3: "
-                            "receivers ignore unsigned reports)", entry["message_id"], rcpt_domain, author)
+                why = f"no DKIM key for {author}" if policy.dkim_signing.enabled else "dkim_signing is disabled"
+                log.warning("TLS report %s to %s leaves unsigned: %s (RFC 8460 section 3: receivers ignore "
+                            "unsigned reports)", entry["message_id"], rcpt_domain, why)
             return data
         # Off the event loop: canonicalising and hashing a large message takes a while.
-        return await asyncio.to_thread(self._sign_sync, data, author, keys, tlsrpt)
+        return await asyncio.to_thread(self._sign_sync, data, keys, tlsrpt)
 
     def defer(self, entry: dict, domain: str, rcpts: list[str], error: SigningFailed) -> list[ev.RecipientResult]:
         """Every recipient of ``domain`` deferred because no signature could be made; recorded as an attempt."""
