@@ -8,10 +8,10 @@ validate the same policy on hosts that have no key files); a missing or
 unreadable file defers the mail it should sign, and ``bulwark dkim check``
 says so before any mail does.
 
-A domain has at most one key per algorithm and use: RSA and Ed25519 side by
-side (RFC 8463 recommends signing with both), and optionally one more of
-each used only for TLS reports (a record with ``s=tlsrpt``, RFC 8460
-section 3). Rotation replaces an entry with a new selector; two live RSA
+A domain has at most one key per algorithm and use: RSA and Ed25519 side
+by side (a verifier without Ed25519 still has the RSA signature), and
+optionally one more of each used only for TLS reports (a record with
+``s=tlsrpt``, RFC 8460 section 3). Rotation replaces an entry with a new selector; two live RSA
 keys for one domain would only be two signatures that say the same.
 """
 

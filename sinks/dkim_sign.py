@@ -16,7 +16,7 @@ the message exactly as it leaves. A message is signed when
   otherwise leave carrying the organisation's own signature.
 
 With an RSA and an Ed25519 key both configured the message gets both
-signatures (RFC 8463 section 6 recommends it while verifiers catch up), RSA
+signatures (verifiers without Ed25519 still have the RSA one; RFC 8463), RSA
 on top for verifiers that read only the first. A TLS report (RFC 8460
 section 3 requires it signed by the submitter's domain) uses the domain's
 ``use: tlsrpt`` keys when it has them (their record carries ``s=tlsrpt``),
