@@ -466,6 +466,13 @@ from bulwark.dlp_cli import dlp  # noqa: E402  (its own module, like accounts)
 main.add_command(dlp)
 
 
+# -- outbound DKIM signing ----------------------------------------------------------
+
+from bulwark.dkim_cli import dkim  # noqa: E402  (its own module, like accounts)
+
+main.add_command(dkim)
+
+
 # -- Dynamic Screening and the windowed tables ------------------------------------
 
 from bulwark.screening_cli import screening, tables  # noqa: E402  (its own module, like accounts)

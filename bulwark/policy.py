@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from bulwark.backscatter import BackscatterSettings
+from bulwark.policy_dkim import DkimSigning, dkim_problems
 from bulwark.policy_sections import (
     AllowList, BlockList, IPShielding, LocationScreening, RelayControl, SessionLimits, SmtpCredentials,
     allow_list_problems,
@@ -304,6 +305,8 @@ class Policy(_Strict):
     # The guide's user verification sources (bulwark/policy_verification.py).
     verification_sources: list[VerificationSource] = Field(default_factory=list)
     user_verification: UserVerification = Field(default_factory=UserVerification)
+    # Outbound DKIM signing (bulwark/policy_dkim.py); keys are files, never in here.
+    dkim_signing: DkimSigning = Field(default_factory=DkimSigning)
 
     @field_validator("local_domains")
     @classmethod
@@ -435,6 +438,7 @@ def _validate(data: dict, root: yaml.Node | None, path: Path | str) -> Policy:
         (_line_of(root, loc), ".".join(str(p) for p in loc), msg)
         for loc, msg in allow_list_problems(policy.allow_list, policy.local_domains)
     ]
+    problems += [(_line_of(root, loc), ".".join(str(p) for p in loc), msg) for loc, msg in dkim_problems(policy)]
     if problems:
         raise PolicyError(path, problems)
     return policy

@@ -38,6 +38,7 @@ from schemas import events as ev
 from schemas.events import new_id, utcnow
 from schemas.topics import ACCOUNT_STATE, MTA_STS_POLICIES, QUARANTINE, TLS_FALLBACKS, VERDICTS
 from sinks.connections import ConnectionCache
+from sinks.dkim_sign import OutboundSigner, SigningFailed
 from sinks.dsn import build_dsn
 from sinks.mta_sts import MtaStsResolver, mx_matches
 from sinks.notify import queue_notifications
@@ -108,6 +109,8 @@ class DeliverySink:
         self.created_domains = CreatedDomains()
         #: Backscatter Protection keys; None signs nothing (e.g. in unit tests).
         self.keyring: Keyring | None = None
+        #: Outbound DKIM signing (the policy's dkim_signing keys).
+        self.dkim = OutboundSigner(self)
 
     # -- taking work in -----------------------------------------------------
 
@@ -358,6 +361,11 @@ class DeliverySink:
         ignore_policies = tls_required_no(raw)
         for domain, rcpts in by_domain.items():
             data = received_header(self.policy, message_id, envelope, rcpts) + extra + raw
+            try:  # last: the signatures cover every header added above
+                data = await self.dkim.sign(entry, envelope, domain, data)
+            except SigningFailed as exc:
+                outcomes += self.dkim.defer(entry, domain, rcpts, exc)
+                continue
             mail_from = self._return_path(entry["envelope"]["mail_from"], domain)
             slots = self._destination_slots.setdefault(domain, asyncio.Semaphore(DESTINATION_CONCURRENCY))
             async with slots:

@@ -38,8 +38,12 @@ topic, make it one report per domain and day.
 Reports are sent from the null sender with ``TLS-Required: No`` (RFC 8689
 section 5): section 5.3 says a report MUST NOT be held back by the
 domain's MTA-STS policy, since the report may be about exactly that policy
-failing. Section 3 also requires a DKIM signature, which Bulwark does not
-make yet (docs/admin-guide.md, "TLS reports").
+failing. Section 3 also requires a DKIM signature of the reporting domain:
+the delivery sink signs the report as the last step, like the
+organisation's other outbound mail (sinks/dkim_sign.py), with the keys of
+``report_from``'s domain (its ``use: tlsrpt`` keys when it has any). With no
+key for that domain the report goes unsigned, and receivers that follow the
+RFC ignore it (docs/admin-guide.md, "TLS reports").
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from bulwark.settings import Settings
 from schemas import events as ev
 from sinks.delivery import DeliverySink
 from sinks.store import JsonIndex
+from tests.dkim_keys import TestKeys, nsd_dnsfunc, signatures, verify_all
 from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, der_sha256, free_port
 
 ZONE = "out.test"
@@ -437,3 +438,71 @@ async def test_one_connection_carries_consecutive_messages_to_a_server(tmp_path,
     entry = await send(sink, [f"after-restart@tls.{ZONE}"])
     assert got(receiver, entry["message_id"]) and receiver.connections == before + 1
     await sink.connections.close()
+
+
+# -- DKIM signing (sinks/dkim_sign.py) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dkim_dns(tmp_path_factory):
+    """The local domain's RSA and Ed25519 keys, their records served by NSD as a receiver finds them."""
+    keys = TestKeys(tmp_path_factory.mktemp("dkim"), "example.test")
+    nsd = Nsd(tmp_path_factory.mktemp("dkim-nsd"), {"example.test": keys.zone_records()}).start()
+    yield keys, nsd
+    nsd.stop()
+
+
+def signing_sink(tmp_path, world: World, dkim_signing: dict) -> DeliverySink:
+    # 127.0.0.10, where send() says the mail came from, is the domain mail server: the organisation's mail.
+    server = {"name": "mx", "host": "127.0.0.1", "port": 9, "default": True, "trusted_addresses": ["127.0.0.10/32"]}
+    return make_sink(tmp_path, world, mail_servers=[server], dkim_signing=dkim_signing)
+
+
+async def queue_tagged(sink: DeliverySink, rcpt: str, subject: str) -> dict:
+    """A local user's message, marked by DLP's "tag" action: a header and a subject prefix the sink adds."""
+    raw = (f"From: Alice <alice@example.test>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"
+           f"Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <{subject}@example.test>\r\n\r\nHello.\r\n").encode()
+    digest = await sink.blobs.put(raw)
+    envelope = ev.Envelope(mail_from="alice@example.test", rcpt_to=[rcpt], sha256=digest, size=len(raw),
+                           client_ip="127.0.0.10", received_at=datetime.now(timezone.utc))
+    entry = sink._entry(subject, "s1", "verdict", envelope, [rcpt], {"X-Bulwark-Tags": "DLP_IBAN"})
+    entry["subject_prefix"] = "[SENSITIVE]"
+    sink.queue.put(subject, entry)
+    return entry
+
+
+async def test_local_mail_leaves_dkim_signed_and_verifies_at_the_receiver(tmp_path, world, dkim_dns):
+    keys, nsd = dkim_dns
+    sink = signing_sink(tmp_path, world, keys.policy())
+    entry = await queue_tagged(sink, f"dkim1@tls.{ZONE}", "dkim-signed")
+    await sink.deliver(entry)
+    [received] = [m for m in world.receivers["mx.tls"].messages() if b"dkim-signed" in m.content]
+    # Both signatures on top, above the Received header and the tags the sink added, and they
+    # cover the subject as tagged: signed last. The receiver's dkimpy finds the keys in NSD.
+    assert received.content.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+    assert received.content.index(b"a=ed25519-sha256") < received.content.index(b"Received: ")
+    assert b"Subject: [SENSITIVE] dkim-signed" in received.content and b"X-Bulwark-Tags: DLP_IBAN" in received.content
+    assert verify_all(received.content, nsd_dnsfunc(nsd.address)) == [True, True]
+    assert [s[b"d"] for s in signatures(received.content)] == [b"example.test", b"example.test"]
+
+
+async def test_mail_no_key_can_sign_is_deferred_not_sent_unsigned(tmp_path, world, dkim_dns):
+    keys, nsd = dkim_dns
+    missing = tmp_path / "not-yet.key"
+    sink = signing_sink(tmp_path, world, {"keys": [{"domain": "example.test", "selector": keys.rsa_selector,
+                                                    "key_file": str(missing)}]})
+    rcpt = f"dkim2@tls.{ZONE}"
+    entry = await queue_tagged(sink, rcpt, "dkim-deferred")
+    await sink.deliver(entry)
+    outcome, code, reply = state(sink.queue.get(entry["message_id"]), rcpt)
+    assert outcome == "pending" and code is None
+    assert reply.startswith("4.7.0") and "DKIM" in reply and str(missing) in reply
+    assert not [m for m in world.receivers["mx.tls"].messages() if b"dkim-deferred" in m.content]
+    [attempt] = sink.publisher.of(ev.DeliveryAttempted, entry["message_id"])  # recorded: `bulwark trace` says why
+    assert attempt.tls is None and attempt.next_attempt_at and attempt.recipients[0].reply == reply
+
+    # The key in place: the next attempt goes, signed.
+    missing.write_bytes(keys.files[keys.rsa_selector].read_bytes())
+    await sink.deliver(sink.queue.get(entry["message_id"]))
+    [received] = [m for m in world.receivers["mx.tls"].messages() if b"dkim-deferred" in m.content]
+    assert verify_all(received.content, nsd_dnsfunc(nsd.address)) == [True]

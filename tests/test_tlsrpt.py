@@ -25,6 +25,7 @@ from schemas import events as ev
 from sinks import tlsrpt
 from sinks.delivery import DeliverySink
 from sinks.store import JsonIndex
+from tests.dkim_keys import TestKeys, nsd_dnsfunc, signatures, verify_all
 from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, free_port
 
 DAY = date(2026, 11, 30)
@@ -473,6 +474,50 @@ async def test_nothing_is_sent_when_tls_reporting_is_off(tmp_path, world):
     sink = make_sink(tmp_path, world)
     sink.policy = type(sink.policy).of(policy(tls={"tls_reporting": {"enabled": False}}))
     assert await tlsrpt.send_reports(sink.settings, sink, DAY) == []
+
+
+@pytest.fixture(scope="module")
+def submitter_keys(tmp_path_factory):
+    """The submitter's (example.test) DKIM keys, and one for its TLS reports alone, served by NSD."""
+    keys = TestKeys(tmp_path_factory.mktemp("dkim"), "example.test")
+    keys.add("reports2026", "rsa-sha256", use="tlsrpt")
+    nsd = Nsd(tmp_path_factory.mktemp("dkim-nsd"), {"example.test": keys.zone_records()}).start()
+    yield keys, nsd_dnsfunc(nsd.address)
+    nsd.stop()
+
+
+async def test_the_report_is_dkim_signed_by_the_submitters_domain(tmp_path, world, submitter_keys, caplog):
+    # Section 3: a report without a valid signature of the reporting domain MUST be ignored.
+    keys, dnsfunc = submitter_keys
+    signed_policy = dict(delivery={"retry_schedule_seconds": [60], "give_up_after_seconds": 3600,
+                                   "connect_timeout_seconds": 5},
+                         tls={"tls_reporting": {"report_from": "tlsrpt@example.test"}})
+
+    async def deliver_report(dkim_signing, directory):
+        sink = make_sink(tmp_path / directory, world)
+        sink.policy = type(sink.policy).of(policy(**signed_policy, dkim_signing=dkim_signing))
+        before = len(world.receiver.messages())
+        [outcome] = await tlsrpt.queue_reports(sink, day_of_sessions("sts"))
+        await sink.deliver(sink.queue.get(outcome.message_id))
+        [received] = world.receiver.messages()[before:]
+        assert b"TLS-Report-Submitter: example.test" in received.content
+        return received.content
+
+    # The domain's own keys: both signatures, d= the submitter's domain, no l=.
+    content = await deliver_report(keys.policy(), "domain-keys")
+    assert verify_all(content, dnsfunc, tlsrpt=True) == [True, True]
+    assert all(s[b"d"] == b"example.test" and b"l" not in s for s in signatures(content))
+    # A key for TLS reports (its record says s=tlsrpt): that one alone, and it passes
+    # the strict reading (RFC 8460 section 3's "SHOULD contain s=tlsrpt").
+    content = await deliver_report({"keys": [*keys.policy()["keys"], keys.policy_key(
+        "reports2026", "rsa-sha256", use="tlsrpt")]}, "report-key")
+    assert [s[b"s"] for s in signatures(content)] == [b"reports2026"]
+    assert verify_all(content, dnsfunc, tlsrpt="strict") == [True]
+    # No key for the submitter's domain: the report still goes (the mail is the organisation's
+    # own, nothing to forge), unsigned, and the log says receivers will ignore it.
+    content = await deliver_report({"keys": []}, "no-keys")
+    assert signatures(content) == []
+    assert any("leaves unsigned: no DKIM key for example.test" in r.getMessage() for r in caplog.records)
 
 
 def test_the_table_shows_each_domain_with_its_failures_by_result_type():
