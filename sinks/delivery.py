@@ -58,7 +58,9 @@ PRUNE_EVERY_SECONDS = 3600
 #: Connections at once to one destination domain (Postfix's
 #: default_destination_concurrency_limit is 20; a receiving domain that
 #: rate-limits by connection sees fewer).
-DESTINATION_CONCURRENCY = 10
+DESTINATION_CONCURRENCY = 20
+#: Deliveries at once in all (Postfix's default_process_limit is 100).
+MAX_CONCURRENT_DELIVERIES = 64
 
 
 def received_header(policy: Policy, message_id: str, envelope: ev.Envelope, recipients: list[str]) -> bytes:
@@ -93,7 +95,8 @@ class DeliverySink:
         self._unpublished: set[str] = set()
         self._publishing: set[str] = set()
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(16)
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
+        self._publisher_task: asyncio.Task | None = None
         self._destination_slots: dict[str, asyncio.Semaphore] = {}
         #: Idle connections kept for the next message to the same server.
         self.connections = ConnectionCache(settings.delivery_connection_cache_seconds)
@@ -527,7 +530,10 @@ class DeliverySink:
         if dsn_entry is not None:
             self._unpublished.add(dsn_entry["message_id"])
         self._unpublished.add(entry["message_id"])
-        await self._republish()
+        # Published by the scheduler, not here: a delivery slot is not held
+        # for the broker's acknowledgement (that bounded deliveries at 16 per
+        # publish round trip).
+        self._wake.set()
 
     async def _bounce(self, entry: dict, envelope: ev.Envelope, bounced: list[ev.RecipientResult],
                       remote: str | None, raw: bytes) -> tuple[dict | None, ev.DeliveryBounced]:
@@ -641,8 +647,9 @@ class DeliverySink:
             if asyncio.get_running_loop().time() - self._pruned_at > PRUNE_EVERY_SECONDS:
                 self._pruned_at = asyncio.get_running_loop().time()
                 await self.prune()
-            if self._unpublished:
-                await self._republish()
+            if self._unpublished and (self._publisher_task is None or self._publisher_task.done()):
+                # In the background: new deliveries start while events are acknowledged.
+                self._publisher_task = asyncio.create_task(self._republish())
             await self.connections.sweep()
             for entry in self.due():
                 self._in_flight.add(entry["message_id"])

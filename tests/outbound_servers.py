@@ -372,3 +372,9 @@ class PolicyHost:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+async def deliver_and_publish(sink, entry: dict) -> None:
+    """One delivery attempt, then its events published, as the sink's scheduler does."""
+    await sink.deliver(entry)
+    await sink._republish()

@@ -21,7 +21,7 @@ from schemas import events as ev
 from sinks.delivery import DeliverySink
 from sinks.store import JsonIndex
 from tests.dkim_keys import TestKeys, nsd_dnsfunc, signatures, verify_all
-from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, der_sha256, free_port
+from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, deliver_and_publish, der_sha256, free_port
 
 ZONE = "out.test"
 POLICY_HOST_IP = "127.0.1.20"
@@ -150,7 +150,7 @@ async def send(sink: DeliverySink, rcpts: list[str], requiretls: bool = False, h
                            client_ip="127.0.0.10", received_at=datetime.now(timezone.utc), requiretls=requiretls)
     entry = sink._entry(message_id, "s1", "verdict", envelope, rcpts)
     sink.queue.put(message_id, entry)
-    await sink.deliver(entry)
+    await deliver_and_publish(sink, entry)
     return sink.queue.get(message_id)
 
 
@@ -270,7 +270,7 @@ async def test_a_failed_negotiation_defers_then_that_destination_goes_cleartext_
     minutes = (fallback.until - fallback.occurred_at).total_seconds() / 60
     assert 59.9 < minutes <= 60.1
     # The next attempt goes without TLS, and says so.
-    await sink.deliver(sink.queue.get(entry["message_id"]))
+    await deliver_and_publish(sink, sink.queue.get(entry["message_id"]))
     [received] = got(world.receivers["mx.broken"], entry["message_id"])
     assert received.tls is None
     attempts = sink.publisher.of(ev.DeliveryAttempted, entry["message_id"])
@@ -475,7 +475,7 @@ async def test_local_mail_leaves_dkim_signed_and_verifies_at_the_receiver(tmp_pa
     keys, nsd = dkim_dns
     sink = signing_sink(tmp_path, world, keys.policy())
     entry = await queue_tagged(sink, f"dkim1@tls.{ZONE}", "dkim-signed")
-    await sink.deliver(entry)
+    await deliver_and_publish(sink, entry)
     [received] = [m for m in world.receivers["mx.tls"].messages() if b"dkim-signed" in m.content]
     # Both signatures on top, above the Received header and the tags the sink added, and they
     # cover the subject as tagged: signed last. The receiver's dkimpy finds the keys in NSD.
@@ -493,7 +493,7 @@ async def test_mail_no_key_can_sign_is_deferred_not_sent_unsigned(tmp_path, worl
                                                     "key_file": str(missing)}]})
     rcpt = f"dkim2@tls.{ZONE}"
     entry = await queue_tagged(sink, rcpt, "dkim-deferred")
-    await sink.deliver(entry)
+    await deliver_and_publish(sink, entry)
     outcome, code, reply = state(sink.queue.get(entry["message_id"]), rcpt)
     assert outcome == "pending" and code is None
     assert reply.startswith("4.7.0") and "DKIM" in reply and str(missing) in reply
@@ -503,6 +503,6 @@ async def test_mail_no_key_can_sign_is_deferred_not_sent_unsigned(tmp_path, worl
 
     # The key in place: the next attempt goes, signed.
     missing.write_bytes(keys.files[keys.rsa_selector].read_bytes())
-    await sink.deliver(sink.queue.get(entry["message_id"]))
+    await deliver_and_publish(sink, sink.queue.get(entry["message_id"]))
     [received] = [m for m in world.receivers["mx.tls"].messages() if b"dkim-deferred" in m.content]
     assert verify_all(received.content, nsd_dnsfunc(nsd.address)) == [True]

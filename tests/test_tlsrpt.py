@@ -26,7 +26,7 @@ from sinks import tlsrpt
 from sinks.delivery import DeliverySink
 from sinks.store import JsonIndex
 from tests.dkim_keys import TestKeys, nsd_dnsfunc, signatures, verify_all
-from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, free_port
+from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, deliver_and_publish, free_port
 
 DAY = date(2026, 11, 30)
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
@@ -409,7 +409,7 @@ async def test_a_report_is_queued_to_the_rua_and_delivered_despite_the_domains_m
     assert [(e.message_id, e.source) for e in queued] == [(outcome.message_id, "tlsrpt")]
 
     entry = sink.queue.get(outcome.message_id)
-    await sink.deliver(entry)
+    await deliver_and_publish(sink, entry)
     assert sink.queue.get(outcome.message_id)["done"]
     [received] = [m for m in world.receiver.messages() if b"TLS-Report-Domain: sts.rpt.test" in m.content]
     assert received.mail_from == "" and received.rcpt_to == [f"tls-reports@sts.{ZONE}"]
@@ -498,7 +498,7 @@ async def test_the_report_is_dkim_signed_by_the_submitters_domain(tmp_path, worl
         sink.policy = type(sink.policy).of(policy(**signed_policy, dkim_signing=dkim_signing))
         before = len(world.receiver.messages())
         [outcome] = await tlsrpt.queue_reports(sink, day_of_sessions("sts"))
-        await sink.deliver(sink.queue.get(outcome.message_id))
+        await deliver_and_publish(sink, sink.queue.get(outcome.message_id))
         [received] = world.receiver.messages()[before:]
         assert b"TLS-Report-Submitter: example.test" in received.content
         return received.content

@@ -29,7 +29,7 @@ from schemas.events import utcnow
 from sinks import tlsrpt
 from sinks.delivery import DeliverySink
 from sinks.store import JsonIndex
-from tests.outbound_servers import Nsd
+from tests.outbound_servers import Nsd, deliver_and_publish
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ async def _run_job(settings, directory, day):
         outcomes = await tlsrpt.send_reports(sink.settings, sink, day)
         for outcome in outcomes:
             if outcome.outcome == "queued":
-                await sink.deliver(sink.queue.get(outcome.message_id))
+                await deliver_and_publish(sink, sink.queue.get(outcome.message_id))
         return outcomes, sink
     finally:
         await publisher.stop()
