@@ -367,7 +367,8 @@ def _verify_signature(raw: bytes, index: int, value: bytes, resolver: dns.resolv
             return DkimResult("fail", str(exc), **found)
         return DkimResult("permerror", str(exc), **found)
     except Exception as exc:
-        return DkimResult("permerror", f"could not be verified: {type(exc).__name__}: {exc}", **found)
+        mismatch = _key_mismatch(algorithm, lookup.found)
+        return DkimResult("permerror", mismatch or f"could not be verified: {type(exc).__name__}: {exc}", **found)
     if valid:
         return DkimResult("pass", "signature verified", **found, key_bits=getattr(verifier, "keysize", None))
     if lookup.temperror:
@@ -382,7 +383,20 @@ def _verify_signature(raw: bytes, index: int, value: bytes, resolver: dns.resolv
             dkim.evaluate_pk(lookup.names[-1], lookup.found)
         except Exception as exc:
             return DkimResult("permerror", f"unusable key: {exc}", **found)
+        mismatch = _key_mismatch(algorithm, lookup.found)
+        if mismatch:
+            return DkimResult("permerror", mismatch, **found)
     return DkimResult("fail", "signature did not verify", **found)
+
+
+def _key_mismatch(algorithm: str | None, key: bytes | None) -> str | None:
+    """RFC 6376 3.6.1: a key of another algorithm than the signature's (k= against a=)."""
+    if key is None or not algorithm:
+        return None
+    kind = dict(_key_tags(key)).get(b"k", b"rsa").decode("ascii", "replace").strip().lower()
+    if not algorithm.lower().startswith(kind + "-"):
+        return f"the key is k={kind}, the signature a={algorithm}"
+    return None
 
 
 def _key_tags(text: bytes):

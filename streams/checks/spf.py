@@ -58,7 +58,7 @@ def actions(settings: Settings) -> dict[str, str]:
 
 def _clause(r: sender_auth.SpfResult) -> str:
     prop = ("smtp.mailfrom", r.subject) if r.identity == "mailfrom" else ("smtp.helo", r.subject)
-    return resinfo("spf", r.result, [prop], reason=r.explanation or None)
+    return resinfo("spf", r.result, [prop], reason=None if r.result == "pass" else r.explanation or None)
 
 
 async def check(message: Message, settings: Settings) -> list[CheckResult]:
