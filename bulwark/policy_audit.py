@@ -405,6 +405,43 @@ def macro_detection(policy: Policy) -> Finding:
     return r.finding(f"Office macros are detected; {macros.FOUND}: {action}")
 
 
+@rule
+def sender_authentication(policy: Policy) -> Finding:
+    # Not in the guide, which predates DMARC's wide use; the large mailbox
+    # providers now expect it of every receiver (issue 14).
+    from streams.checks import dmarc, local_spoofing
+    from streams.checks._sender_auth import ACTION
+
+    r = _Rule("Authenticate senders (SPF, DKIM, DMARC, ARC) and refuse spoofed local domains")
+    for name in ("spf", "dkim", "dmarc", "local_spoofing"):
+        if not _check(name).settings(policy).enabled:
+            r.problem(f"checks.{name} is off", f"turn the {name} check on", _at(f"checks.{name}.enabled", True))
+    wanted = [
+        (dmarc, dmarc.FAIL_REJECT, "when_reject", "refuse", "mail failing DMARC under its domain's p=reject"),
+        (dmarc, dmarc.FAIL_QUARANTINE, "when_quarantine", "quarantine",
+         "mail failing DMARC under its domain's p=quarantine"),
+        (local_spoofing, local_spoofing.SPOOFED, "when_spoofed", "refuse",
+         "Internet mail forging a local domain in its From:"),
+        (local_spoofing, local_spoofing.UNVERIFIED, None, "quarantine",
+         "Internet mail with a local From: whose DMARC record could not be read"),
+    ]
+    actions = {}
+    for module, result, setting, secure, what in wanted:
+        action = actions[result] = _action(policy, _check(module.NAME), result)
+        if action in HELD:
+            continue
+        # Changed where it was changed: an actions: entry, or the check's setting.
+        fix = ({"actions": {result: ACTION[secure]}} if result in policy.actions or setting is None
+               else _at(f"checks.{module.NAME}.{setting}", secure))
+        r.problem(f"{what} ({result}) gets '{action}'", f"{secure} it", fix)
+    forwarders = _check("arc").settings(policy).trusted_forwarders
+    people = _check("impersonation").settings(policy).people
+    return r.finding(f"SPF, DKIM, DMARC and ARC checked; p=reject failures: {actions[dmarc.FAIL_REJECT]}, "
+                     f"p=quarantine failures: {actions[dmarc.FAIL_QUARANTINE]}; spoofed local domains: "
+                     f"{actions[local_spoofing.SPOOFED]}; {len(forwarders)} trusted forwarder(s); "
+                     f"{len(people)} people protected from display-name impersonation")
+
+
 def audit(policy: Policy) -> list[Finding]:
     return [check(policy) for check in RULES]
 

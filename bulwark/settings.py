@@ -62,7 +62,8 @@ class Settings:
     clamd_scan_timeout_seconds: float
     clamd_max_concurrent_scans: int
     #: The DNS resolver delivery asks (MX, A/AAAA, MTA-STS and TLS-RPT
-    #: records), "address" or "address:port"; unset: the system's resolvers.
+    #: records) and the sender authentication checks ask (SPF, DKIM, DMARC,
+    #: ARC), "address" or "address:port"; unset: the system's resolvers.
     dns_resolver: str | None = None
     #: The port of mail servers found by MX lookup: 25 (RFC 5321). Only a
     #: test network has its MX hosts elsewhere.

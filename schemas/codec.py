@@ -62,11 +62,17 @@ def _delivery_attempted_v1_to_v2(data: dict) -> dict:
     return {**data, "tls": tls, "destination": None, "mx_host": None, "version": 2}
 
 
+def _verdict_v1_to_v2(data: dict) -> dict:
+    # v2 carries the Authentication-Results header value; v1 gateways checked no sender authentication.
+    return {**data, "authentication_results": None, "version": 2}
+
+
 #: (type, version it reads) -> function returning the next version's dict.
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("message.received", 1): _message_received_v1_to_v2,
     ("session.refused", 1): _session_refused_v1_to_v2,
     ("delivery.attempted", 1): _delivery_attempted_v1_to_v2,
+    ("message.verdict", 1): _verdict_v1_to_v2,
 }
 
 

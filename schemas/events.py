@@ -307,8 +307,14 @@ Action = Literal["deliver", "quarantine", "reject", "redirect"]
 
 
 class Verdict(Event):
+    """What the content stage decided for one message, and every result that led to it.
+
+    Version 2 added ``authentication_results`` (v1 records read with none;
+    see ``schemas.codec``).
+    """
+
     TYPE: ClassVar[str] = "message.verdict"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     action: Action
     reasons: list[str] = Field(default_factory=list, description="Result names that decided the action")
     redirect_to: str | None = None
@@ -321,6 +327,11 @@ class Verdict(Event):
     tags: list[str] = Field(
         default_factory=list, description="Result names whose action is 'tag': delivered marked with them"
     )
+    authentication_results: str | None = Field(
+        default=None,
+        description="Value of the Authentication-Results header (RFC 8601) the delivery adds for the downstream: "
+        "the sender authentication checks' results, the gateway's hostname as authserv-id, folded as written; "
+        "null when none ran (outbound mail, or the checks off)")
 
 
 class MessageRefused(Event):

@@ -24,6 +24,7 @@ from email.utils import format_datetime
 
 import aiosmtplib
 
+from bulwark import auth_results
 from bulwark.backscatter import Keyring, sign
 from bulwark.blobstore import BlobStore
 from bulwark.created_domains import CreatedDomains
@@ -141,7 +142,7 @@ class DeliverySink:
 
     def _work_from(self, event: ev.Event) -> dict | None:
         if isinstance(event, ev.Verdict):
-            return self._mark_tags(event, self._verdict_entry(event))
+            return self._mark_tags(event, self._authenticated(event, self._verdict_entry(event)))
         elif isinstance(event, ev.QuarantineReleased):
             return self._entry(event.message_id, event.session_id, "release", event.envelope, event.envelope.rcpt_to)
         return None
@@ -155,6 +156,13 @@ class DeliverySink:
                 {"X-Bulwark-Redirected-For": ", ".join(event.envelope.rcpt_to)},
             )
         return None
+
+    def _authenticated(self, event: ev.Verdict, entry: dict | None) -> dict | None:
+        # Sender authentication (RFC 8601): the verdict's Authentication-Results
+        # header, first of the headers this sink adds.
+        if entry is not None and event.authentication_results:
+            entry["extra_headers"] = {auth_results.FIELD: event.authentication_results, **entry["extra_headers"]}
+        return entry
 
     def _mark_tags(self, event: ev.Verdict, entry: dict | None) -> dict | None:
         # The "tag" action (DLP): deliver, but say what was found, in a header
@@ -351,6 +359,8 @@ class DeliverySink:
         pending = [r for r, s in entry["recipients"].items() if s["state"] == "pending"]
         entry["attempts"] += 1
         raw = await self.blobs.get(envelope.sha256)
+        # RFC 8601 section 5: no Authentication-Results claiming this gateway's name gets past it.
+        raw = auth_results.without_own(raw, self.policy.hostname)
         if entry.get("subject_prefix"):
             raw = tag_subject(raw, entry["subject_prefix"])
         extra = "".join(f"{k}: {v}\r\n" for k, v in entry["extra_headers"].items()).encode()

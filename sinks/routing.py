@@ -28,7 +28,12 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from bulwark import dns as shared_dns
 from bulwark.policy_sections import SmtpCredentials
+
+#: The resolver delivery asks. It lives in bulwark.dns, shared with the
+#: stream worker's sender authentication checks; this name stays for delivery.
+resolver_for = shared_dns.resolver_for
 
 
 @dataclass(frozen=True)
@@ -75,25 +80,6 @@ class RouteError(Exception):
     @property
     def permanent(self) -> bool:
         return self.status.startswith("5")
-
-
-def resolver_for(address: str | None, timeout: float = 10.0) -> dns.asyncresolver.Resolver:
-    """A resolver asking ``address`` ("ip" or "ip:port"), or the system's."""
-    if not address:
-        resolver = dns.asyncresolver.Resolver()
-    else:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        host, port = address, 53
-        if address.count(":") == 1:  # "127.0.0.1:5353"; a bare IPv6 address has more colons
-            host, _, text = address.partition(":")
-            port = int(text)
-        elif address.startswith("[") and "]:" in address:
-            host, _, text = address[1:].partition("]:")
-            port = int(text)
-        resolver.nameservers = [host]
-        resolver.port = port
-    resolver.lifetime = timeout
-    return resolver
 
 
 async def addresses(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:

@@ -35,6 +35,10 @@ class Message:
     #: Work one check starts that another reuses while this message is judged
     #: (the clamd scan, read by both antivirus and macros), keyed by its owner.
     shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: What the sender authentication checks found, as RFC 8601 result
+    #: clauses by method ("spf", "dkim", "dmarc", "arc"): the verdict's
+    #: Authentication-Results header is made of them.
+    authentication_results: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def mime(self) -> EmailMessage:

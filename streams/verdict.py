@@ -10,6 +10,7 @@ decision can be explained from the topic alone months later.
 
 from __future__ import annotations
 
+from bulwark import auth_results
 from bulwark.policy import Policy
 from schemas.events import CheckResult, Verdict
 from streams.checks import CHECKS
@@ -56,6 +57,7 @@ def decide(message: Message, results: list[CheckResult], policy: Policy) -> Verd
         else:  # nowhere to redirect to: hold it for a person rather than deliver
             action = "quarantine"
             reasons.append("REDIRECT_ADDRESS_MISSING")
+    clauses = [c for method in auth_results.METHODS for c in message.authentication_results.get(method, [])]
     return Verdict(
         session_id=message.session_id,
         message_id=message.message_id,
@@ -67,4 +69,6 @@ def decide(message: Message, results: list[CheckResult], policy: Policy) -> Verd
         envelope=message.envelope,
         direction=message.direction,
         tags=tags,
+        # Sender authentication for the downstream (RFC 8601), under the gateway's name.
+        authentication_results=auth_results.header_value(policy.hostname, clauses) if clauses else None,
     )

@@ -91,7 +91,7 @@ def test_every_event_validates_against_its_published_json_schema():
                        results=[ev.CheckResult(check="attachment_type", name="ATTACHMENT_TYPE_BLOCKED",
                                                outcome="hit", evidence=["x.exe"])],
                        policy_version="abc", envelope=_envelope(), direction="inbound")
-    schema = json.loads((JSON_DIR / "message.verdict.v1.json").read_text())
+    schema = json.loads((JSON_DIR / "message.verdict.v2.json").read_text())
     jsonschema.validate(json.loads(codec.encode(event)[0]), schema)
     other = json.loads(codec.encode(ev.SessionRset(client_ip="192.0.2.1"))[0])
     with pytest.raises(jsonschema.ValidationError):
@@ -131,6 +131,15 @@ def test_a_v1_delivery_attempt_is_upcast_with_an_unvalidated_opportunistic_tls()
     assert isinstance(event, ev.DeliveryAttempted) and event.version == 2
     assert (event.tls.policy, event.tls.version, event.tls.verified) == ("opportunistic", "TLSv1.3", False)
     assert event.recipients[0].outcome == "delivered" and event.destination is None
+
+
+def test_a_v1_verdict_is_upcast_with_no_authentication_results():
+    raw = (FIXTURES / "message.verdict.v1.json").read_bytes()
+    event = codec.decode(raw, [(codec.HEADER_TYPE, b"message.verdict"), (codec.HEADER_VERSION, b"1")])
+    assert isinstance(event, ev.Verdict) and event.version == 2
+    assert (event.action, event.reasons, event.authentication_results) == (
+        "quarantine", ["ATTACHMENT_TYPE_BLOCKED"], None)
+    assert event.results[1].version == "ClamAV 1.4.3/27830" and event.envelope.client_helo == "mail.partner.test"
 
 
 def test_bytes_that_are_not_utf8_are_recorded_escaped_not_lost():

@@ -85,7 +85,7 @@ def printed_changes(output: str) -> list[dict]:
 def test_the_defaults_meet_the_dialogue_recommendations():
     for words in ("Prevent unauthorized mail relaying", "Require SMTP authentication", "IP Shielding",
                   "Don't allow-list local", "default mail server", "TLS", "malware", "macro detection",
-                  "Outbreak", "data leaks", "Dynamic Screening", "strong passwords"):
+                  "Outbreak", "data leaks", "Dynamic Screening", "strong passwords", "Authenticate senders"):
         assert finding(BASE, words).met, words
 
 
@@ -158,7 +158,7 @@ def test_applying_the_printed_changes_makes_the_audit_pass(which, tmp_path, coun
     assert not_met(load(after)) == []  # load(): the validation `bulwark policy apply` runs
     result = CliRunner().invoke(main, ["policy", "audit", str(after)])
     assert result.exit_code == 0, result.output
-    assert "NOT MET" not in result.output and "16 of 16 recommendations met" in result.output
+    assert "NOT MET" not in result.output and "17 of 17 recommendations met" in result.output
 
 
 def test_apply_fixes_merges_every_not_met_finding(country_db):
@@ -226,6 +226,22 @@ BROKEN = {
     "no default mail server": ({"mail_servers": [{"name": "mx", "host": "10.0.0.5", "domains": ["example.com"]}]},
                                ["default mail server"], "no mail server is marked default"),
     "no mail server": ({"mail_servers": []}, ["default mail server"], "no mail server is defined"),
+    "spf off": ({"checks": {"spf": {"enabled": False}}}, ["Authenticate senders"], "checks.spf is off"),
+    "dkim and dmarc off": ({"checks": {"dkim": {"enabled": False}, "dmarc": {"enabled": False}}},
+                           ["Authenticate senders"], "checks.dkim is off; checks.dmarc is off"),
+    "local spoofing off": ({"checks": {"local_spoofing": {"enabled": False}}}, ["Authenticate senders"],
+                           "checks.local_spoofing is off"),
+    "dmarc reject delivered": ({"checks": {"dmarc": {"when_reject": "deliver"}}}, ["Authenticate senders"],
+                               "p=reject (DMARC_FAIL_REJECT) gets 'deliver'"),
+    "dmarc quarantine tagged": ({"actions": {"DMARC_FAIL_QUARANTINE": "tag"}}, ["Authenticate senders"],
+                                "p=quarantine (DMARC_FAIL_QUARANTINE) gets 'tag'"),
+    "dmarc reject tagged, setting kept": ({"checks": {"dmarc": {"when_reject": "tag"}},
+                                           "actions": {"DMARC_FAIL_REJECT": "deliver"}},
+                                          ["Authenticate senders"], "gets 'deliver'"),
+    "spoofed local domain delivered": ({"actions": {"LOCAL_DOMAIN_SPOOFED": "deliver"}}, ["Authenticate senders"],
+                                       "forging a local domain"),
+    "unverified local domain delivered": ({"actions": {"LOCAL_DOMAIN_UNVERIFIED": "deliver"}},
+                                          ["Authenticate senders"], "could not be read"),
 }
 
 

@@ -27,6 +27,7 @@ from schemas.topics import ALL_TOPICS
 
 from tests.outbound_servers import Nsd
 from tests.outbound_servers import free_port as free_dual_port
+from tests.sender_auth_keys import ARC_TRUSTED, ED25519, RSA, txt
 
 from .downstream import Downstream, start_downstream
 from .verification_servers import VerificationServers, start_verification_servers
@@ -41,11 +42,42 @@ REMOTE_DOMAIN = "partner-mx.test"
 REMOTE_MX = {"mx1": "127.0.1.50", "mx2": "127.0.1.51"}
 
 
+#: Sender authentication (test_sender_auth.py): a domain with SPF, DKIM
+#: (RSA and Ed25519) and DMARC p=reject whose mail server is 127.0.2.201, a
+#: mailing list the policy trusts for ARC at 127.0.2.203, and the local
+#: domain's own DMARC record (p=none: the gateway protects it anyway).
+AUTH_DOMAIN = "auth-test.test"
+AUTH_SENDER_IP = "127.0.2.201"
+FORWARDER_DOMAIN = "fwd-test.test"
+FORWARDER_IP = "127.0.2.203"
+
+
 def remote_zone() -> dict[str, list[str]]:
     return {REMOTE_DOMAIN: [
         "@ MX 10 mx1", "@ MX 20 mx2", *(f"{name} A {ip}" for name, ip in REMOTE_MX.items()),
         "null MX 0 .",  # RFC 7505: a domain that accepts no mail
-    ]}
+    ], **sender_auth_zones()}
+
+
+def sender_auth_zones() -> dict[str, list[str]]:
+    # The keys are made when tests.sender_auth_keys is imported: the test
+    # module that signs imports the same module in this process.
+    return {
+        AUTH_DOMAIN: [
+            txt("@", f"v=spf1 ip4:{AUTH_SENDER_IP} -all"),
+            f"mail A {AUTH_SENDER_IP}", txt("mail", "v=spf1 a -all"),
+            txt("rsa._domainkey", RSA.record()), txt("ed._domainkey", ED25519.record()),
+            txt("_dmarc", "v=DMARC1; p=reject"),
+            txt("q", "v=spf1 -all"), txt("_dmarc.q", "v=DMARC1; p=quarantine"),
+        ],
+        FORWARDER_DOMAIN: [txt("@", f"v=spf1 ip4:{FORWARDER_IP} -all"), txt("arc._domainkey", ARC_TRUSTED.record())],
+        LOCAL_DOMAIN: [txt("@", f"v=spf1 ip4:{TRUSTED_SERVER_IP} -all"), txt("_dmarc", "v=DMARC1; p=none")],
+        # The domain most tests send from and the name their clients give in
+        # HELO: authorised on loopback, so their mail authenticates as a
+        # legitimate sender's does (test_pipeline.py: every check passes).
+        "partner.test": [txt("@", "v=spf1 ip4:127.0.0.0/8 -all")],
+        "client.test": [txt("@", "v=spf1 ip4:127.0.0.0/8 -all")],
+    }
 
 
 
@@ -83,6 +115,12 @@ checks:
     rules:
       US_SSN: {{action: redirect, redirect_to: compliance@{LOCAL_DOMAIN}}}
       BIC: {{action: tag}}
+  # Sender authentication (test_sender_auth.py): the mailing list whose ARC
+  # sets may vouch for mail DMARC fails, and a person no outsider may name.
+  arc:
+    trusted_forwarders: [{FORWARDER_DOMAIN}]
+  impersonation:
+    people: [Cora Chief]
 tag_subject_prefix: "[SENSITIVE]"
 # Backscatter Protection (test_backscatter.py) refuses forged returns here;
 # no other test sends from the null sender.
