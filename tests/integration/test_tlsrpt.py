@@ -107,7 +107,10 @@ def test_the_days_sessions_are_shown_and_reported_once(gateway, dns, tmp_path):
     settings = gateway.settings.with_(dns_resolver=dns.address)
     day = now.date()
     outcomes, sink = asyncio.run(_run_job(settings, tmp_path / "one", day))
-    [outcome] = outcomes
+    # Other tests' mail to MX-routed domains is in the day too; the DNS here
+    # knows none of them, so nothing else is queued.
+    [outcome] = [o for o in outcomes if o.domain == DOMAIN]
+    assert [o for o in outcomes if o.outcome == "queued"] == [outcome]
     assert (outcome.domain, outcome.outcome, outcome.rua) == (DOMAIN, "queued", (RUA,))
 
     [delivered] = gateway.downstream.wait_for(lambda d: d.rcpt_to == [RUA], what="the TLS report")
@@ -125,4 +128,5 @@ def test_the_days_sessions_are_shown_and_reported_once(gateway, dns, tmp_path):
 
     # Another delivery process (its own queue) runs the job too: nothing is queued twice.
     again, _ = asyncio.run(_run_job(settings, tmp_path / "two", day))
-    assert [(o.domain, o.outcome) for o in again] == [(DOMAIN, "already-queued")]
+    assert [(o.domain, o.outcome) for o in again if o.domain == DOMAIN] == [(DOMAIN, "already-queued")]
+    assert not [o for o in again if o.outcome == "queued"]
