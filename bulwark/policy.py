@@ -25,6 +25,7 @@ from pydantic import (
 
 from bulwark.backscatter import BackscatterSettings
 from bulwark.policy_dkim import DkimSigning, dkim_problems
+from bulwark.policy_dmarc import DmarcReports, dmarc_report_problems
 from bulwark.policy_sections import (
     AllowList, BlockList, IPShielding, LocationScreening, RelayControl, SessionLimits, SmtpCredentials,
     allow_list_problems,
@@ -307,6 +308,8 @@ class Policy(_Strict):
     user_verification: UserVerification = Field(default_factory=UserVerification)
     # Outbound DKIM signing (bulwark/policy_dkim.py); keys are files, never in here.
     dkim_signing: DkimSigning = Field(default_factory=DkimSigning)
+    # DMARC aggregate reports received for the local domains (bulwark/policy_dmarc.py).
+    dmarc_reports: DmarcReports = Field(default_factory=DmarcReports)
 
     @field_validator("local_domains")
     @classmethod
@@ -439,6 +442,8 @@ def _validate(data: dict, root: yaml.Node | None, path: Path | str) -> Policy:
         for loc, msg in allow_list_problems(policy.allow_list, policy.local_domains)
     ]
     problems += [(_line_of(root, loc), ".".join(str(p) for p in loc), msg) for loc, msg in dkim_problems(policy)]
+    problems += [(_line_of(root, loc), ".".join(str(p) for p in loc), msg)
+                 for loc, msg in dmarc_report_problems(policy)]
     if problems:
         raise PolicyError(path, problems)
     return policy
