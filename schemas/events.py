@@ -632,6 +632,104 @@ class OutbreakDetected(Event):
     example_message_id: str
 
 
+# --------------------------------------------------------------------------
+# DMARC aggregate reports received for the local domains (RFC 7489 section 7.2).
+# --------------------------------------------------------------------------
+
+
+class DmarcPolicyPublished(EventModel):
+    """The DMARC record the reporter found for the domain (``policy_published``)."""
+
+    domain: str
+    adkim: str | None = Field(default=None, description="r (relaxed) or s (strict); null when not reported")
+    aspf: str | None = None
+    p: str = Field(description="none, quarantine or reject")
+    sp: str | None = None
+    pct: int | None = None
+    fo: str | None = None
+
+
+class DmarcDkimResult(EventModel):
+    domain: str = Field(description="The signature's d=")
+    selector: str | None = None
+    result: str = Field(description="none, pass, fail, policy, neutral, temperror or permerror")
+    human_result: str | None = None
+
+
+class DmarcSpfResult(EventModel):
+    domain: str
+    scope: str | None = Field(default=None, description="mfrom or helo")
+    result: str = Field(description="none, neutral, pass, fail, softfail, temperror or permerror")
+
+
+class DmarcReportRow(EventModel):
+    """One ``record`` of a report: messages from one address that were judged alike."""
+
+    source_ip: str
+    count: int = Field(ge=0, description="Messages this row stands for")
+    disposition: str = Field(description="What the reporter did: none, quarantine or reject")
+    dkim: str = Field(description="DKIM aligned with the From: domain: pass or fail (policy_evaluated)")
+    spf: str = Field(description="SPF aligned with the From: domain: pass or fail (policy_evaluated)")
+    reasons: list[str] = Field(
+        default_factory=list, description="Why the policy was not applied as published (type, then ': comment')")
+    header_from: str = Field(description="The messages' From: domain")
+    envelope_from: str | None = None
+    envelope_to: str | None = None
+    dkim_results: list[DmarcDkimResult] = Field(default_factory=list, description="Every DKIM signature checked")
+    spf_results: list[DmarcSpfResult] = Field(default_factory=list)
+
+
+class DmarcReportMessage(EventModel):
+    """The mail a report came in: who sent it, and how its own authentication went."""
+
+    mail_from: str
+    from_header: str | None = Field(default=None, description="Its From: field")
+    client_ip: str
+    dmarc: str | None = Field(
+        default=None, description="The message's own DMARC result on its verdict (DMARC_PASS...): whether the "
+        "reporter's domain vouches for it; null when it was not judged (or came out of the quarantine)")
+    attachment: str | None = Field(default=None, description="File name of the report's MIME part")
+    content_type: str | None = None
+
+
+class DmarcReportReceived(Event):
+    """An aggregate report about one of the local domains, as the reporter wrote it.
+
+    A report too large for one Kafka record is published in parts (``part``
+    of ``parts``), each with some of its rows and the same key.
+    """
+
+    TYPE: ClassVar[str] = "dmarc.report_received"
+    VERSION: ClassVar[int] = 1
+    report_key: str = Field(description="org_name!report_id: the same report sent twice has the same key")
+    org_name: str = Field(description="The reporting organisation")
+    email: str = Field(description="Its contact address")
+    extra_contact_info: str | None = None
+    report_id: str
+    date_begin: datetime = Field(description="Start of the period the report covers (UTC)")
+    date_end: datetime
+    report_errors: list[str] = Field(default_factory=list, description="Errors the reporter noted in the report")
+    policy_published: DmarcPolicyPublished
+    records: list[DmarcReportRow]
+    part: int = Field(default=1, ge=1)
+    parts: int = Field(default=1, ge=1)
+    received: DmarcReportMessage
+
+
+class DmarcReportUnreadable(Event):
+    """Mail to a report address whose report could not be read: the reason, never a crash.
+
+    The message itself is delivered as its verdict says.
+    """
+
+    TYPE: ClassVar[str] = "dmarc.report_unreadable"
+    VERSION: ClassVar[int] = 1
+    report_key: str = Field(description="MESSAGE_ID#N: the message and which of its MIME parts (0: none found)")
+    error: str
+    size: int | None = Field(default=None, description="Bytes of the part as received (before decompression)")
+    received: DmarcReportMessage
+
+
 # Every concrete event, for the codec and the JSON Schema generator.
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
@@ -668,6 +766,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         MessageRefused,
         BackscatterKeyRotated,
         SessionFlagged,
+        DmarcReportReceived,
+        DmarcReportUnreadable,
     )
 }
 

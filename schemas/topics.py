@@ -217,9 +217,22 @@ MTA_STS_POLICIES = TopicSpec(
     purpose="Receiving domains' MTA-STS policies as last fetched: the cache every delivery process shares",
 )
 
+DMARC_REPORTS = TopicSpec(
+    name="dmarc.reports",
+    # One report's parts share a key, so they stay on one partition, in order.
+    key="report (org_name!report_id; an unreadable one: message id#part)",
+    key_field="report_key",
+    kind="audit",
+    partitions=1,
+    carries=(ev.DmarcReportReceived, ev.DmarcReportUnreadable),
+    purpose="DMARC aggregate reports other organisations sent about the local domains, parsed; and those that "
+            "could not be read, with the reason",
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, DOMAINS, ACCOUNT_STATE, BANS, HIJACK_LIMITS,
     OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS, BACKSCATTER_KEYS, TLS_FALLBACKS, MTA_STS_POLICIES,
+    DMARC_REPORTS,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}
