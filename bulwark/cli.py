@@ -75,6 +75,14 @@ def sinks_quarantine() -> None:
     _run(serve(_settings()))
 
 
+@sinks.command("dmarc-reports")
+def sinks_dmarc_reports() -> None:
+    """Run the DMARC reports sink: aggregate reports mailed to dmarc_reports.addresses become events."""
+    from sinks.dmarc_reports import serve
+
+    _run(serve(_settings()))
+
+
 @main.command("demo-mailbox")
 def demo_mailbox() -> None:
     """Run the demo downstream mail server (writes a Maildir)."""

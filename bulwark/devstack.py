@@ -1,7 +1,7 @@
 """Starting the whole gateway on one machine: `make run` and the test suite.
 
 Each Bulwark component runs as its own process, as it would in production
-(and in docker-compose.yml): the broker, ingest, the Faust worker, the two
+(and in docker-compose.yml): the broker, ingest, the Faust worker, the
 sinks and the demo mailbox. This module starts them in order, waits for each
 to be ready, and stops them all, in reverse order, on Ctrl-C.
 """
@@ -28,6 +28,7 @@ COMPONENTS = [
     ("mailbox", ["demo-mailbox"]),
     ("quarantine", ["sinks", "quarantine"]),
     ("delivery", ["sinks", "delivery"]),
+    ("dmarc-reports", ["sinks", "dmarc-reports"]),
     ("streams", ["streams", "worker"]),
     ("ingest", ["ingest"]),
 ]
