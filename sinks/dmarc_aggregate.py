@@ -206,12 +206,13 @@ def _row(record: Element) -> ev.DmarcReportRow:
     dkim, spf = [], []
     if auth is not None:
         for item in auth.findall("dkim")[:MAX_AUTH_RESULTS]:
-            dkim.append(ev.DmarcDkimResult(domain=_lower(_text(item, "domain")), selector=_text(item, "selector", False),
-                                           result=_lower(_text(item, "result")),
-                                           human_result=_text(item, "human_result", False)))
+            dkim.append(ev.DmarcDkimResult(
+                domain=_lower(_text(item, "domain")), selector=_text(item, "selector", False),
+                result=_lower(_text(item, "result")), human_result=_text(item, "human_result", False)))
         for item in auth.findall("spf")[:MAX_AUTH_RESULTS]:
-            spf.append(ev.DmarcSpfResult(domain=_lower(_text(item, "domain")), scope=_lower(_text(item, "scope", False)),
-                                         result=_lower(_text(item, "result"))))
+            spf.append(ev.DmarcSpfResult(
+                domain=_lower(_text(item, "domain")), scope=_lower(_text(item, "scope", False)),
+                result=_lower(_text(item, "result"))))
     return ev.DmarcReportRow(
         source_ip=source_ip,
         count=_int(row, "count"),
