@@ -481,6 +481,13 @@ from bulwark.dkim_cli import dkim  # noqa: E402  (its own module, like accounts)
 main.add_command(dkim)
 
 
+# -- DMARC aggregate reports received --------------------------------------------------
+
+from bulwark.dmarc_cli import dmarc  # noqa: E402  (its own module, like accounts)
+
+main.add_command(dmarc)
+
+
 # -- Dynamic Screening and the windowed tables ------------------------------------
 
 from bulwark.screening_cli import screening, tables  # noqa: E402  (its own module, like accounts)

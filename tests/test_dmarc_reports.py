@@ -1,4 +1,4 @@
-"""DMARC aggregate reports received: the policy's report addresses, reading a report mail, the events, the sink.
+"""DMARC aggregate reports received: the report addresses, reading a report mail, the events, the sink, the command.
 
 The reports are tests/dmarc_samples.py's, in each form section 7.2.1.1
 allows (gzip, zip, plain XML), and broken ones: malformed XML, a DTD with
@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 import jsonschema
 import pytest
 
+from bulwark.dmarc_cli import summarise
 from bulwark.policy import Policy, PolicyError, parse
 from bulwark.settings import Settings
 from schemas import codec
@@ -99,8 +100,8 @@ def test_each_form_section_7_2_1_1_allows_is_read_from_the_mail(kind):
     assert found.fields["report_id"] == "5717107811868587391" and len(found.rows) == 3
     expected = {"gzip": "application/gzip", "zip": "application/zip", "xml": "text/xml"}[kind]
     assert found.content_type == expected
-    assert found.attachment == ("report.xml" if kind == "zip" else
-                                f"google.com!example.test!1795996800!1796083199{'.xml.gz' if kind == 'gzip' else '.xml'}")
+    suffix = {"gzip": ".xml.gz", "zip": None, "xml": ".xml"}[kind]
+    assert found.attachment == (f"google.com!example.test!1795996800!1796083199{suffix}" if suffix else "report.xml")
 
 
 def test_the_form_is_told_by_the_bytes_not_by_the_label():
@@ -143,7 +144,8 @@ def test_a_malformed_report_is_unreadable_with_the_reason(xml, error):
 def test_entities_are_never_expanded():
     laughs = (b'<?xml version="1.0"?><!DOCTYPE feedback [<!ENTITY a "aaaaaaaaaa">'
               b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><feedback>&b;</feedback>')
-    external = b'<?xml version="1.0"?><!DOCTYPE feedback [<!ENTITY x SYSTEM "file:///etc/passwd">]><feedback>&x;</feedback>'
+    external = (b'<?xml version="1.0"?><!DOCTYPE feedback [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+                b'<feedback>&x;</feedback>')
     for xml in (laughs, external):
         found = only(read_reports(raw(report_mail(xml, "xml")), MIB))
         assert isinstance(found, Unreadable) and "DTDForbidden" in found.error
@@ -333,3 +335,108 @@ async def test_a_missing_blob_is_recorded_not_raised(sink):
     event = only(sink.publisher.events)
     assert isinstance(event, ev.DmarcReportUnreadable) and event.report_key == "m1#0"
     assert "not in the blob store" in event.error
+
+
+# -- bulwark dmarc report ---------------------------------------------------------------
+
+
+def _report(xml: bytes, message_id: str = "m1", at: datetime | None = None, **fields) -> ev.DmarcReportReceived:
+    parsed, rows = parse_report(xml)
+    return ev.DmarcReportReceived(message_id=message_id, **{**parsed, **fields}, records=rows, received=_received(),
+                                  **({"occurred_at": at} if at else {}))
+
+
+def _topic() -> list[ev.Event]:
+    yahoo_day1 = report_xml(report_id="y1", rows=[row_xml("198.51.100.7", 40), row_xml("203.0.113.66", 9,
+                                                                                         "quarantine", "fail", "fail")])
+    yahoo_day2 = report_xml(report_id="y2", begin=1796083200, end=1796169599,
+                            rows=[row_xml("198.51.100.7", 60), row_xml("198.51.100.8", 1, dkim="fail")])
+    other_domain = report_xml(report_id="y3", domain="other.test", rows=[row_xml("192.0.2.1", 2)])
+    return [
+        _report(GOOGLE_XML),
+        _report(GOOGLE_XML, message_id="m1-again"),  # the reporter sent it twice
+        _report(yahoo_day1, message_id="m2"),
+        _report(yahoo_day2, message_id="m3"),
+        _report(other_domain, message_id="m4"),
+        ev.DmarcReportUnreadable(message_id="m5", report_key="m5#1", error="not well-formed XML: syntax error",
+                                 size=10, received=_received(), occurred_at=datetime(2026, 12, 2, tzinfo=timezone.utc)),
+    ]
+
+
+def test_the_summary_counts_each_report_once_per_organisation_and_domain():
+    summaries, unreadable = summarise(_topic())
+    assert [(s.domain, s.org_name) for s in summaries] == [
+        ("example.test", "google.com"), ("example.test", "Yahoo"), ("other.test", "Yahoo")]
+    google, yahoo, _ = summaries
+    assert (len(google.reports), google.messages) == (1, 20)  # the copy is not counted again
+    assert google.dmarc == {"pass": 15, "fail": 5} and google.dkim == {"pass": 15, "fail": 5}
+    assert google.spf == {"pass": 12, "fail": 8} and google.dispositions == {"none": 20}
+    assert google.top_sources()[0] == {"ip": "192.0.2.10", "messages": 12, "dmarc_fail": 0}
+    assert {"ip": "203.0.113.66", "messages": 5, "dmarc_fail": 5} in google.top_sources()
+    assert (len(yahoo.reports), yahoo.messages) == (2, 110)
+    assert yahoo.dispositions == {"none": 101, "quarantine": 9} and yahoo.dmarc == {"pass": 101, "fail": 9}
+    assert yahoo.begin == datetime(2026, 11, 30, tzinfo=timezone.utc)
+    assert yahoo.end == datetime(2026, 12, 1, 23, 59, 59, tzinfo=timezone.utc)
+    assert yahoo.top_sources(1) == [{"ip": "198.51.100.7", "messages": 100, "dmarc_fail": 0}]
+    assert [u.message_id for u in unreadable] == ["m5"]
+
+
+def test_the_summary_is_filtered_by_domain_and_by_the_end_of_the_period():
+    summaries, unreadable = summarise(_topic(), domain="other.test")
+    assert [(s.org_name, s.messages) for s in summaries] == [("Yahoo", 2)] and unreadable == []
+    summaries, unreadable = summarise(_topic(), since=datetime(2026, 12, 1, tzinfo=timezone.utc))
+    assert [(s.org_name, len(s.reports), s.messages) for s in summaries] == [("Yahoo", 1, 61)]
+    assert len(unreadable) == 1
+
+
+def test_parts_of_one_report_are_summed_as_one_report():
+    xml = report_xml(rows=[row_xml("10.0.0.1", 1), row_xml("10.0.0.2", 2)])
+    parsed, rows = parse_report(xml)
+    parts = [ev.DmarcReportReceived(message_id="m", **parsed, records=[row], part=i, parts=2, received=_received())
+             for i, row in enumerate(rows, 1)]
+    (summary,), _ = summarise(parts + parts)
+    assert (len(summary.reports), summary.messages) == (1, 3)
+
+
+def test_bulwark_dmarc_report_prints_the_summary_and_json(monkeypatch):
+    from click.testing import CliRunner
+
+    from bulwark import dmarc_cli
+    from bulwark.cli import main
+
+    async def topic(settings):
+        return _topic()
+
+    monkeypatch.setattr(dmarc_cli, "read_reports", topic)
+    runner = CliRunner()
+    result = runner.invoke(main, ["dmarc", "report"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == ("example.test reported by google.com (p=none sp=none pct=100): 1 report, "
+                        "2026-11-30 00:00 to 2026-11-30 23:59 UTC")
+    assert lines[1:7] == [
+        "  messages      20",
+        "  DMARC         pass 15, fail 5",
+        "  DKIM aligned  pass 15, fail 5",
+        "  SPF aligned   pass 12, fail 8",
+        "  dispositions  none 20",
+        "  top source IPs (messages, of which DMARC fail):",
+    ]
+    assert lines[7].split() == ["192.0.2.10", "12", "0"] and lines[8].split() == ["203.0.113.66", "5", "5"]
+    assert "example.test reported by Yahoo (p=quarantine pct=100): 2 reports" in result.output
+    assert "unreadable reports: 1" in result.output
+    assert "m5  from noreply-dmarc-support@google.com [192.0.2.99]: not well-formed XML: syntax error" in result.output
+
+    result = runner.invoke(main, ["dmarc", "report", "--domain", "Example.Test.", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [(r["kind"], r["org_name"], r["messages"]) for r in rows] == [
+        ("summary", "google.com", 20), ("summary", "Yahoo", 110)]
+    assert rows[0]["dmarc"] == {"pass": 15, "fail": 5} and rows[0]["spf_aligned"] == {"pass": 12, "fail": 8}
+    assert rows[0]["policy_published"]["p"] == "none" and rows[0]["begin"] == "2026-11-30T00:00:00+00:00"
+    assert rows[0]["top_source_ips"][0] == {"ip": "192.0.2.10", "messages": 12, "dmarc_fail": 0}
+
+    result = runner.invoke(main, ["dmarc", "report", "--since", "2027-01-01"])
+    assert result.exit_code == 0 and result.output.startswith("no DMARC aggregate reports ending after 2027-01-01")
+    result = runner.invoke(main, ["dmarc", "report", "--since", "yesterday"])
+    assert result.exit_code == 2 and "'yesterday' is not a date" in result.output
