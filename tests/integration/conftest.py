@@ -122,6 +122,9 @@ checks:
   impersonation:
     people: [Cora Chief]
 tag_subject_prefix: "[SENSITIVE]"
+# DMARC aggregate reports (test_dmarc_reports.py) are read from mail to this address.
+dmarc_reports:
+  addresses: [dmarc-reports@{LOCAL_DOMAIN}]
 # Backscatter Protection (test_backscatter.py) refuses forged returns here;
 # no other test sends from the null sender.
 backscatter:
