@@ -262,6 +262,7 @@ Bulwark is running.
 
   Trace a message   .venv/bin/bulwark trace <queue id from the 250 reply>
   Quarantine        .venv/bin/bulwark quarantine list
+  DMARC reports     .venv/bin/bulwark dmarc report   (mailed to dmarc_reports.addresses)
 
 Ctrl-C stops everything.""",
         flush=True,
