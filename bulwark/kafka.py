@@ -124,11 +124,19 @@ class EventPublisher:
     they were emitted and their failures are logged.
     """
 
-    def __init__(self, producer: LoopProducer):
+    def __init__(self, producer: LoopProducer, backlog_limit: int = 20000):
         self.producer = producer
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._drainer: asyncio.Task | None = None
         self.emit_failures = 0
+        #: Audit events emitted and not yet acknowledged by the broker. During
+        #: a broker outage it grows; at ``backlog_limit`` ingest stops taking
+        #: new sessions and mail (``backlogged``: 421 / 451) so memory stays
+        #: bounded; at twice the limit (what sessions already under way may
+        #: still add) further events are dropped and counted, never held.
+        self.backlog = 0
+        self.backlog_limit = backlog_limit
+        self.dropped = 0
 
     async def start(self) -> None:
         await self.producer.start()
@@ -152,7 +160,17 @@ class EventPublisher:
         future = await self._send(event)
         return await future
 
+    @property
+    def backlogged(self) -> bool:
+        return self.backlog >= self.backlog_limit
+
     def emit(self, event: Event) -> None:
+        if self.backlog >= 2 * self.backlog_limit:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("audit events dropped: %d (the broker has not acknowledged %d)", self.dropped, self.backlog)
+            return
+        self.backlog += 1
         self._queue.put_nowait(event)
 
     async def _drain(self) -> None:
@@ -160,14 +178,16 @@ class EventPublisher:
             event = await self._queue.get()
             try:
                 future = await self._send(event)
-                future.add_done_callback(self._log_failure)
+                future.add_done_callback(self._acknowledged)
             except Exception:
+                self.backlog -= 1
                 self.emit_failures += 1
                 log.exception("could not publish %s", event.TYPE)
             finally:
                 self._queue.task_done()
 
-    def _log_failure(self, future: asyncio.Future) -> None:
+    def _acknowledged(self, future: asyncio.Future) -> None:
+        self.backlog -= 1
         if not future.cancelled() and future.exception() is not None:
             self.emit_failures += 1
             log.warning("audit event lost: %s", future.exception())
@@ -481,7 +501,7 @@ async def consume(
 async def start_publisher(settings: Settings, client_id: str) -> EventPublisher:
     """A started publisher; waits for the broker rather than failing at start-up."""
     while True:
-        publisher = EventPublisher(make_producer(settings, client_id))
+        publisher = EventPublisher(make_producer(settings, client_id), settings.audit_backlog_limit)
         try:
             await publisher.start()
             return publisher

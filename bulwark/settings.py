@@ -73,6 +73,10 @@ class Settings:
     outbound_ca_file: Path | None = None
     #: The HTTPS port of MTA-STS policy hosts: 443 (RFC 8461 section 3.3).
     mta_sts_https_port: int = 443
+    #: Audit events a process may hold unacknowledged (a broker outage):
+    #: at this many ingest answers new sessions 421 and MAIL 451, so memory
+    #: stays bounded; at twice as many, events are dropped and counted.
+    audit_backlog_limit: int = 20000
     #: How long the delivery sink keeps a clean connection for the next
     #: message to the same server (Postfix's smtp_connection_cache_time_limit); 0: never.
     delivery_connection_cache_seconds: float = 2.0
@@ -116,6 +120,7 @@ class Settings:
             outbound_ca_file=Path(ca) if (ca := _env("BULWARK_OUTBOUND_CA_FILE", "")) else None,
             mta_sts_https_port=int(_env("BULWARK_MTA_STS_HTTPS_PORT", "443")),
             mta_sts_port=int(_env("BULWARK_MTA_STS_PORT", "8443")),
+            audit_backlog_limit=int(_env("BULWARK_AUDIT_BACKLOG_LIMIT", "20000")),
             delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
         )
 

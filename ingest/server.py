@@ -35,6 +35,7 @@ from ingest.guards.lists import ListsGuard
 from ingest.enforcement import start_abuse_guards
 from ingest.guards.location import LocationGuard
 from bulwark.backscatter import Keyring
+from ingest.guards.backlog import EventBacklogGuard
 from ingest.guards.backscatter import BackscatterGuard
 from ingest.verdicts import VerdictWaiter
 from ingest.guards.relay import RelayGuard, may_relay, raw_path_refusal, take_sender_note
@@ -588,6 +589,8 @@ async def serve(settings: Settings) -> None:
     keyring = Keyring(settings)
     await keyring.start()
     handler.guards.append(BackscatterGuard(lambda: policy.current, keyring, publisher))
+    # First of all: nothing new while the event log cannot keep up.
+    handler.guards.insert(0, EventBacklogGuard(publisher))
 
     def smtp_factory(handler: IngestHandler, implicit_tls: bool):
         def make() -> GatewaySMTP:
