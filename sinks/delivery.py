@@ -41,6 +41,7 @@ from schemas.topics import ACCOUNT_STATE, MTA_STS_POLICIES, QUARANTINE, TLS_FALL
 from sinks.connections import ConnectionCache
 from sinks.dkim_sign import OutboundSigner, SigningFailed
 from sinks.dsn import build_dsn
+from sinks.first_verdict import FirstVerdicts
 from sinks.mta_sts import MtaStsResolver, mx_matches
 from sinks.notify import queue_notifications
 from sinks.outbound_tls import (TlsFailure, TlsRequirement, client_context, open_connection, requirement,
@@ -99,6 +100,8 @@ class DeliverySink:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
         self._publisher_task: asyncio.Task | None = None
         self._destination_slots: dict[str, asyncio.Semaphore] = {}
+        #: The first verdict per message (sinks/first_verdict.py); None: every verdict counts.
+        self.first_verdicts: FirstVerdicts | None = None
         #: Idle connections kept for the next message to the same server.
         self.connections = ConnectionCache(settings.delivery_connection_cache_seconds)
         self.resolver = resolver_for(settings.dns_resolver)
@@ -175,6 +178,8 @@ class DeliverySink:
     async def take(self, events: list[ev.Event]) -> None:
         """Queue the work these events ask for; idempotent on message id."""
         await queue_notifications(self, events)  # administrators told of disabled accounts
+        if self.first_verdicts is not None:
+            events = self.first_verdicts.admit(events)
         new: dict[str, dict] = {}
         too_old = utcnow() - self.retention
         for event in events:
@@ -647,6 +652,8 @@ class DeliverySink:
         """Forget finished deliveries older than the retention, so the queue does
         not grow for ever. On a thread: it reads the whole queue (once an hour)."""
         pruned = await asyncio.to_thread(self._prune_sync)
+        if self.first_verdicts is not None:
+            await asyncio.to_thread(self.first_verdicts.prune)
         if pruned:
             log.info("forgot %d finished deliveries older than %s", pruned, self.retention)
         return pruned
@@ -725,6 +732,8 @@ async def serve(settings: Settings) -> None:
     queue = JsonIndex(settings.data_dir / "delivery" / "queue")
     publisher = await start_publisher(settings, "bulwark-delivery")
     sink = DeliverySink(settings, policy, publisher, queue)
+    first_verdicts = JsonIndex(settings.data_dir / "delivery" / "first-verdicts")
+    sink.first_verdicts = FirstVerdicts(first_verdicts, sink.retention)
     # The TLS fallbacks and MTA-STS policies every delivery process shares.
     sink.tls_fallbacks = StateView(settings, TLS_FALLBACKS)
     sink.mta_sts.view = StateView(settings, MTA_STS_POLICIES)
@@ -747,3 +756,4 @@ async def serve(settings: Settings) -> None:
         await sink.mta_sts.view.stop()
         await publisher.stop()
         queue.close()
+        first_verdicts.close()

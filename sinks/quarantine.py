@@ -13,7 +13,9 @@ ever dropped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 from bulwark.kafka import EventPublisher, consume, start_publisher
@@ -22,6 +24,7 @@ from bulwark.settings import Settings
 from schemas import events as ev
 from schemas.events import utcnow
 from schemas.topics import QUARANTINE, VERDICTS
+from sinks.first_verdict import FirstVerdicts
 from sinks.store import JsonIndex
 
 log = logging.getLogger(__name__)
@@ -33,12 +36,20 @@ def index_path(settings: Settings) -> Path:
     return settings.data_dir / "quarantine" / "index"
 
 
+#: How often the first-verdict index forgets entries past the retention.
+PRUNE_EVERY_SECONDS = 3600
+
+
 class QuarantineSink:
-    def __init__(self, publisher: EventPublisher, index: JsonIndex):
+    def __init__(self, publisher: EventPublisher, index: JsonIndex, first_verdicts: FirstVerdicts | None = None):
         self.publisher = publisher
         self.index = index
+        #: The first verdict per message (sinks/first_verdict.py); None: every verdict counts.
+        self.first_verdicts = first_verdicts
 
     async def take(self, events: list[ev.Event]) -> None:
+        if self.first_verdicts is not None:
+            events = self.first_verdicts.admit(events)
         for event in events:
             if isinstance(event, ev.Verdict) and event.action in HOLD_ACTIONS:
                 await self._hold(event)
@@ -97,9 +108,18 @@ async def serve(settings: Settings) -> None:
     configure_logging("quarantine")
     index = JsonIndex(index_path(settings))
     publisher = await start_publisher(settings, "bulwark-quarantine")
-    sink = QuarantineSink(publisher, index)
+    first = JsonIndex(settings.data_dir / "quarantine" / "first-verdicts")
+    sink = QuarantineSink(publisher, index, FirstVerdicts(first, timedelta(days=settings.delivery_retention_days)))
+
+    async def prune_hourly() -> None:
+        while True:
+            await asyncio.to_thread(sink.first_verdicts.prune)
+            await asyncio.sleep(PRUNE_EVERY_SECONDS)
+
     try:
-        await run_until_signalled(consume(settings, "bulwark-quarantine", [VERDICTS.name, QUARANTINE.name], sink.take))
+        await run_until_signalled(consume(settings, "bulwark-quarantine", [VERDICTS.name, QUARANTINE.name], sink.take),
+                                  prune_hourly())
     finally:
         await publisher.stop()
         index.close()
+        first.close()
