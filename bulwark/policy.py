@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from bulwark.backscatter import BackscatterSettings
+from bulwark.networks import checked_networks
 from bulwark.policy_dkim import DkimSigning, dkim_problems
 from bulwark.policy_dmarc import DmarcReports, dmarc_report_problems
 from bulwark.policy_sections import (
@@ -76,12 +77,7 @@ class MailServer(_Strict):
     @field_validator("trusted_addresses")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
-        return value
+        return checked_networks(value)
 
 
 class Delivery(_Strict):

@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
+from bulwark.networks import in_networks
 import logging
 import os
 import re
@@ -264,19 +264,11 @@ def sign_message(message: bytes, keys: list[SigningKey], tlsrpt: bool = False) -
 # -- the delivery sink's side ----------------------------------------------------------
 
 
-def _in_networks(ip: str, networks: list[str]) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in networks)
-
-
 def sent_by_organisation(policy: "Policy", source: str, envelope: ev.Envelope) -> bool:
     """Was this message sent by the organisation (what relay control lets send out), or by the gateway?"""
     if source in OWN_SOURCES or envelope.authenticated_user:
         return True
-    if _in_networks(envelope.client_ip, policy.relay_control.exceptions.relay_for_addresses):
+    if in_networks(envelope.client_ip, policy.relay_control.exceptions.relay_for_addresses):
         return True
     try:
         return policy.is_domain_mail_server(envelope.client_ip)

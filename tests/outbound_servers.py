@@ -378,3 +378,16 @@ async def deliver_and_publish(sink, entry: dict) -> None:
     """One delivery attempt, then its events published, as the sink's scheduler does."""
     await sink.deliver(entry)
     await sink._republish()
+
+
+class Recorder:
+    """Stands in for the delivery sink's publisher: keeps every event it is given."""
+
+    def __init__(self):
+        self.events: list = []
+
+    async def publish(self, event):
+        self.events.append(event)
+
+    def of(self, cls, message_id=None):
+        return [e for e in self.events if isinstance(e, cls) and (message_id is None or e.message_id == message_id)]

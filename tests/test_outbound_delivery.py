@@ -21,7 +21,8 @@ from schemas import events as ev
 from sinks.delivery import DeliverySink
 from sinks.store import JsonIndex
 from tests.dkim_keys import TestKeys, nsd_dnsfunc, signatures, verify_all
-from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, deliver_and_publish, der_sha256, free_port
+from tests.outbound_servers import (Authority, Nsd, PolicyHost, Receiver, Recorder, deliver_and_publish, der_sha256,
+                                    free_port)
 
 ZONE = "out.test"
 POLICY_HOST_IP = "127.0.1.20"
@@ -109,17 +110,6 @@ def world(tmp_path_factory):
     w = World(tmp_path_factory.mktemp("outbound"))
     yield w
     w.stop()
-
-
-class Recorder:
-    def __init__(self):
-        self.events: list[ev.Event] = []
-
-    async def publish(self, event):
-        self.events.append(event)
-
-    def of(self, cls, message_id=None):
-        return [e for e in self.events if isinstance(e, cls) and (message_id is None or e.message_id == message_id)]
 
 
 def make_sink(tmp_path, world: World, **policy) -> DeliverySink:

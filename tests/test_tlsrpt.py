@@ -26,7 +26,7 @@ from sinks import tlsrpt
 from sinks.delivery import DeliverySink
 from sinks.store import JsonIndex
 from tests.dkim_keys import TestKeys, nsd_dnsfunc, signatures, verify_all
-from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, deliver_and_publish, free_port
+from tests.outbound_servers import Authority, Nsd, PolicyHost, Receiver, Recorder, deliver_and_publish, free_port
 
 DAY = date(2026, 11, 30)
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
@@ -371,14 +371,6 @@ def world(tmp_path_factory):
     w = World(tmp_path_factory.mktemp("tlsrpt"))
     yield w
     w.stop()
-
-
-class Recorder:
-    def __init__(self):
-        self.events: list[ev.Event] = []
-
-    async def publish(self, event):
-        self.events.append(event)
 
 
 def make_sink(tmp_path, world: World) -> DeliverySink:

@@ -26,7 +26,7 @@ and a reason naming the form.
 
 from __future__ import annotations
 
-import ipaddress
+from bulwark.networks import in_networks
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,28 +42,20 @@ if TYPE_CHECKING:
 RELAY_DENIED = Refusal("554 5.7.1 Relay access denied", "relay denied")
 
 
-def _in_networks(ip: str, networks: list[str]) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in networks)
-
-
 def may_relay(policy: Policy, session: "GatewaySession") -> bool:
     """May this session send to non-local domains? AUTH or a domain mail server
     (or an address the relay exceptions list, which the guide advises against)."""
     return (
         bool(session.authenticated)
         or policy.is_domain_mail_server(session.client_ip)
-        or _in_networks(session.client_ip, policy.relay_control.exceptions.relay_for_addresses)
+        or in_networks(session.client_ip, policy.relay_control.exceptions.relay_for_addresses)
     )
 
 
 def is_domain_mail_server_for(policy: Policy, client_ip: str, domain: str) -> bool:
     """Is the client one of the mail servers configured for this local domain
     (its own, else the default ones, as delivery chooses them)?"""
-    return any(_in_networks(client_ip, s.trusted_addresses) for s in policy.servers_for_domain(domain))
+    return any(in_networks(client_ip, s.trusted_addresses) for s in policy.servers_for_domain(domain))
 
 
 def _unquoted_ats(path: str) -> int:

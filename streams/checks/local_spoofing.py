@@ -18,11 +18,11 @@ that cannot sign for it). No result when the From: names no local domain.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
 from pydantic import Field, field_validator
 
+from bulwark.networks import checked_networks, in_networks
 from schemas.events import CheckResult
 from streams import sender_auth
 from streams.checks import CheckSettings
@@ -49,12 +49,7 @@ class Settings(CheckSettings):
     @field_validator("exempt_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
-        return value
+        return checked_networks(value)
 
 
 DEFAULT_ACTIONS = {SPOOFED: "reject", UNVERIFIED: "quarantine"}
@@ -69,11 +64,7 @@ def _local(domain: str, local_domains: list[str]) -> bool:
 
 
 def _exempt(client_ip: str, networks: list[str]) -> bool:
-    try:
-        ip = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return False
-    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
+    return in_networks(client_ip, networks)
 
 
 async def check(message: Message, settings: Settings) -> list[CheckResult]:
