@@ -97,8 +97,10 @@ def describe(event: ev.Event) -> str:
             return f"queued for delivery ({event.source}) to {', '.join(event.recipients)}"
         case ev.DeliveryAttempted():
             parts = [f"{r.recipient} {r.outcome} {r.reply_code or ''}".rstrip() for r in event.recipients]
-            tls = f" over {event.tls}" if event.tls else ""
-            return f"attempt {event.attempt} to {event.server}{tls}: {'; '.join(parts)}"
+            t = event.tls
+            over = (f" over {t.version} ({t.policy}{', verified' if t.verified else ''})" if t and t.version
+                    else f" in cleartext ({t.policy})" if t else "")
+            return f"attempt {event.attempt} to {event.server}{over}: {'; '.join(parts)}"
         case ev.DeliveryBounced():
             dsn = f", DSN {event.dsn_message_id}" if event.dsn_message_id else ", no DSN (null sender)"
             return f"bounced {', '.join(r.recipient for r in event.recipients)}{dsn}"
