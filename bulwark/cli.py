@@ -83,6 +83,46 @@ def sinks_dmarc_reports() -> None:
     _run(serve(_settings()))
 
 
+@sinks.command("export")
+@click.option("--name", help="Names the consumer group bulwark-export-NAME (default siem; $BULWARK_EXPORT_NAME)")
+@click.option("--format", "fmt", type=click.Choice(["ecs", "cef", "syslog"]),
+              help="ECS JSON lines, CEF, or RFC 5424 syslog (default ecs; $BULWARK_EXPORT_FORMAT)")
+@click.option("--to", help="A file, tls://HOST[:PORT] (syslog over TLS, RFC 5425) or - (default; $BULWARK_EXPORT_TO)")
+@click.option("--topic", "topics", multiple=True,
+              help="A topic to export, repeatable (default: every audit topic; $BULWARK_EXPORT_TOPICS)")
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="Trust anchors for the collector (PEM)")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Client certificate for the collector (PEM)")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (PEM)")
+@click.option("--tls-server-name", help="Name the collector's certificate must carry (default: the host in --to)")
+@click.option("--hostname", help="HOSTNAME in syslog and observer.hostname (default: this host's name)")
+@click.option("--facility", help="Syslog facility name (default local0)")
+@click.option("--enterprise-number", type=int, help="IANA enterprise number of the syslog SD-IDs (default 32473)")
+@click.option("--start", type=click.Choice(["earliest", "latest"]),
+              help="Where a new export starts (default earliest: all history kept)")
+def sinks_export(fmt, topics, **flags) -> None:
+    """Export the audit topics to a SIEM, at least once and in order per key (docs/operations.md)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from bulwark.settings import ExportSettings
+    from sinks.export import serve, validate
+
+    changes = {k: v for k, v in flags.items() if v is not None}
+    for name in ("ca_file", "tls_cert", "tls_key"):
+        if name in changes:
+            changes[name] = Path(changes[name])
+    if fmt:
+        changes["format"] = fmt
+    if topics:
+        changes["topics"] = tuple(topics)
+    export = replace(ExportSettings.from_env(), **changes)
+    try:
+        validate(export)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    serve(_settings(), export)
+
+
 @main.command("demo-mailbox")
 def demo_mailbox() -> None:
     """Run the demo downstream mail server (writes a Maildir)."""

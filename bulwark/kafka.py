@@ -52,6 +52,21 @@ def producer_config(settings: Settings, client_id: str, **extra) -> dict:
     }
 
 
+def consumer_config(settings: Settings, group_id: str, **extra) -> dict:
+    """A librdkafka consumer in a group that commits only the offsets its owner says are done."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group_id,
+        "client.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        # Never see an aborted transaction (a 451ed message's mail.received).
+        "isolation.level": "read_committed",
+        **extra,
+    }
+
+
 class LoopProducer:
     """A librdkafka producer whose delivery reports resolve asyncio futures.
 

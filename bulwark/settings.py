@@ -126,3 +126,61 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """One SIEM export (``bulwark sinks export``): what it reads and where it writes.
+
+    Each export is its own process with its own consumer group, so these are
+    per process; ``bulwark sinks export`` flags override them.
+    """
+
+    #: Names the consumer group, ``bulwark-export-NAME``: the committed
+    #: offsets a restarted export resumes from. A new name exports from the start.
+    name: str = "siem"
+    #: ecs (JSON lines in the Elastic Common Schema), cef (ArcSight CEF) or
+    #: syslog (RFC 5424 with structured data).
+    format: str = "ecs"
+    #: A file path (appended, fsync'd), ``tls://HOST:PORT`` (syslog over TLS,
+    #: RFC 5425) or ``-`` (standard output).
+    to: str = "-"
+    #: Comma-separated topics; empty: every audit topic.
+    topics: tuple[str, ...] = ()
+    #: PEM trust anchors the collector's certificate must chain to; unset:
+    #: the system's. The collector's name is always checked.
+    ca_file: Path | None = None
+    #: A client certificate and key (PEM) for collectors that authenticate
+    #: their senders (RFC 5425 section 5.2).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: The name the collector's certificate must carry, when not the host in ``to``.
+    tls_server_name: str | None = None
+    #: HOSTNAME in syslog messages and ``observer.hostname``; empty: this host's name.
+    hostname: str = ""
+    #: The syslog facility (RFC 5424 section 6.2.1), by name: local0 to local7, or another of its names.
+    facility: str = "local0"
+    #: The IANA enterprise number in syslog SD-IDs (bulwark@N, kafka@N); 32473
+    #: is RFC 5612's example number, for organisations without their own.
+    enterprise_number: int = 32473
+    #: Where a new export (a name with no committed offsets) starts:
+    #: ``earliest`` exports the whole history kept, ``latest`` only what comes next.
+    start: str = "earliest"
+
+    @classmethod
+    def from_env(cls) -> "ExportSettings":
+        topics = _env("BULWARK_EXPORT_TOPICS", "")
+        return cls(
+            name=_env("BULWARK_EXPORT_NAME", "siem"),
+            format=_env("BULWARK_EXPORT_FORMAT", "ecs"),
+            to=_env("BULWARK_EXPORT_TO", "-"),
+            topics=tuple(t.strip() for t in topics.split(",") if t.strip()),
+            ca_file=Path(v) if (v := _env("BULWARK_EXPORT_CA_FILE", "")) else None,
+            tls_cert=Path(v) if (v := _env("BULWARK_EXPORT_TLS_CERT", "")) else None,
+            tls_key=Path(v) if (v := _env("BULWARK_EXPORT_TLS_KEY", "")) else None,
+            tls_server_name=_env("BULWARK_EXPORT_TLS_SERVER_NAME", "") or None,
+            hostname=_env("BULWARK_EXPORT_HOSTNAME", ""),
+            facility=_env("BULWARK_EXPORT_FACILITY", "local0"),
+            enterprise_number=int(_env("BULWARK_EXPORT_ENTERPRISE_NUMBER", "32473")),
+            start=_env("BULWARK_EXPORT_START", "earliest"),
+        )
