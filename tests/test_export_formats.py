@@ -315,6 +315,12 @@ def test_syslog_header_fields_are_printable_ascii():
     assert syslog.header_field("x" * 40, 32) == "x" * 32
 
 
+def test_sd_names_are_printable_ascii_without_equals_space_bracket_or_quote():
+    assert all(syslog._SD_NAME.match(n) for n in ("envelope.mail_from", "results.0.name", "x" * 32))
+    assert not any(syslog._SD_NAME.match(n) for n in ("a=b", "a b", "a]b", 'a"b', "x" * 33, "é", ""))
+    assert syslog.element("x@1", [("a=b", "dropped"), ("ok", "kept")]) == '[x@1 ok="kept"]'
+
+
 def test_every_field_of_an_audit_event_fits_an_sd_name():
     for record in records():
         if record.topic in AUDIT:
