@@ -176,7 +176,7 @@ class Exporter:
         for message in consumer.consume(num_messages=BATCH, timeout=1.0):
             error = message.error()
             if error is not None:
-                if error.fatal():  # e.g. fenced by another export of the same name
+                if _fatal(error):  # e.g. fenced by another export of the same name
                     raise confluent_kafka.KafkaException(error)
                 log.warning("%s", error)
                 continue
@@ -221,9 +221,21 @@ class Exporter:
             consumer.commit(offsets=[confluent_kafka.TopicPartition(topic, partition, offset)
                                      for (topic, partition), offset in ends.items()], asynchronous=False)
         except confluent_kafka.KafkaException as exc:
+            if _fatal(exc.args[0]):
+                raise
             # Written but not committed (a rebalance, the broker away): these
             # records are exported again by whoever reads these partitions next.
             log.warning("offsets not committed (%s); the batch will be exported again", exc)
+
+
+def _fatal(error: confluent_kafka.KafkaError) -> bool:
+    """An error this consumer cannot recover from; FENCED_INSTANCE_ID: another export took this name.
+
+    librdkafka reports a fatal error to the application as a message whose
+    code is _FATAL, with the fatal flag not always set on that copy.
+    """
+    return error.fatal() or error.code() in (confluent_kafka.KafkaError._FATAL,
+                                             confluent_kafka.KafkaError.FENCED_INSTANCE_ID)
 
 
 def serve(settings: Settings, export: ExportSettings) -> None:
@@ -234,4 +246,8 @@ def serve(settings: Settings, export: ExportSettings) -> None:
         signal.signal(sig, lambda *_: stop.set())
     output = open_output(export)
     hostname = export.hostname or socket.getfqdn()
-    Exporter(settings, export, output, renderer(export, hostname), stop).run()
+    try:
+        Exporter(settings, export, output, renderer(export, hostname), stop).run()
+    except confluent_kafka.KafkaException as exc:
+        log.error("stopped: %s", exc.args[0].str())
+        raise SystemExit(1) from None

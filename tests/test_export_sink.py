@@ -130,6 +130,23 @@ def test_a_dropped_connection_is_made_again_and_nothing_is_lost(authority, colle
     assert got[0] == b"before" and collector.connections == 2
 
 
+def test_a_batch_the_collector_has_not_acknowledged_is_not_written(authority):
+    """Flushed into the socket is not enough: a stalled collector's TCP acknowledges nothing more."""
+    stalled = Collector(authority.context("127.0.0.1"), receive_buffer=4096).start()
+    out = SyslogTlsOutput("127.0.0.1", stalled.port, tls_context(authority.ca_file), timeout=1)
+    try:
+        out.write([b"first"])
+        stalled.wait_for(lambda m: m == [b"first"])
+        stalled.pause()
+        # More than the collector's buffers take, less than the sender's: the TLS write is flushed at once.
+        with pytest.raises(OutputError, match="bytes not acknowledged"):
+            out.write([b"x" * 1000] * 100)
+        stalled.resume()
+    finally:
+        out.close()
+        stalled.stop()
+
+
 # -- settings -----------------------------------------------------------------------------------
 
 
@@ -283,3 +300,36 @@ def test_stopping_while_the_destination_is_away_commits_nothing():
     exporter.stop.wait = lambda delay: True  # told to stop during the back-off
     exporter.run()
     assert log == [("failed", 1), ("close",)]
+
+
+def test_an_export_fenced_by_another_of_the_same_name_stops():
+    log = []
+    exporter, _ = _exporter([[FakeMessage(records()[0])]], 0, log)
+    consumer = FakeConsumer([[FakeMessage(records()[0])]], exporter.stop, log)
+
+    def fenced(offsets, asynchronous):
+        raise confluent_kafka.KafkaException(confluent_kafka.KafkaError(confluent_kafka.KafkaError.FENCED_INSTANCE_ID))
+
+    consumer.commit = fenced
+    exporter.consumer = lambda: consumer
+    with pytest.raises(confluent_kafka.KafkaException):
+        exporter.run()
+    assert log == [("written", 1), ("close",)]
+
+
+def test_a_commit_lost_to_a_rebalance_is_logged_and_the_export_goes_on():
+    log = []
+    exporter, _ = _exporter([[FakeMessage(records()[0])], [FakeMessage(records()[6])]], 0, log)
+    consumer = FakeConsumer(exporter.consumer().batches, exporter.stop, log)
+    commits = []
+
+    def rebalanced(offsets, asynchronous):
+        commits.append(offsets)
+        if len(commits) == 1:
+            raise confluent_kafka.KafkaException(confluent_kafka.KafkaError(
+                confluent_kafka.KafkaError.REBALANCE_IN_PROGRESS))
+
+    consumer.commit = rebalanced
+    exporter.consumer = lambda: consumer
+    exporter.run()
+    assert len(commits) == 2 and exporter.exported == 2
