@@ -1,95 +1,152 @@
 """A syslog collector for the export tests: RFC 5425 (TLS) with octet-counted frames (RFC 6587).
 
-An asyncio TLS server on its own thread that keeps every complete message
-in arrival order. A frame cut short by a dying sender is counted in
-``torn`` and dropped, as a real collector does.
+A thread per connection, blocking sockets, every complete message kept in
+arrival order. A frame cut short by a dying sender is counted in ``torn``
+and dropped, as a real collector does.
+
+``pause()`` stops reading, as a collector that stalls does: with a small
+receive buffer (``receive_buffer``), the sender's TCP soon stops being
+acknowledged, which is how the tests catch an exporter holding a written
+but unacknowledged, so uncommitted, batch.
 """
 
 from __future__ import annotations
 
-import asyncio
+import socket
 import ssl
+import struct
 import threading
 import time
 
 
 class Collector:
-    def __init__(self, context: ssl.SSLContext, host: str = "127.0.0.1"):
+    def __init__(self, context: ssl.SSLContext, host: str = "127.0.0.1", receive_buffer: int | None = None):
         self.context = context
         self.host = host
+        self.receive_buffer = receive_buffer
         self.port = 0
         self.messages: list[bytes] = []
         self.connections = 0
         self.torn = 0
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._thread: threading.Thread | None = None
+        self._reading = threading.Event()
+        self._reading.set()
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._open: dict[threading.Thread, socket.socket] = {}
+        self._acceptor: threading.Thread | None = None
 
     def start(self) -> "Collector":
-        ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main(ready)), name="syslog-collector",
-                                        daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the collector did not start")
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.receive_buffer:  # before listen(): accepted sockets inherit it
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        listener.bind((self.host, 0))
+        listener.listen(8)
+        listener.settimeout(0.2)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, name="syslog-collector", daemon=True)
+        self._acceptor.start()
         return self
 
-    async def _main(self, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._serve, self.host, 0, ssl=self.context)
-        self.port = server.sockets[0].getsockname()[1]
-        ready.set()
-        await self._stopping.wait()
-        server.close()
-        self._abort_all()
-        await server.wait_closed()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        await asyncio.wait(tasks, timeout=5) if tasks else None
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(raw,), name="syslog-connection", daemon=True)
+            with self._lock:
+                self.connections += 1
+                self._open[thread] = raw
+            thread.start()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with self._lock:
-            self.connections += 1
-        self._writers.add(writer)
+    def _serve(self, raw: socket.socket) -> None:
+        buffer = b""
+        sock = raw
         try:
-            while True:
+            raw.settimeout(30)
+            sock = conn = self.context.wrap_socket(raw, server_side=True)  # raw is detached: its fd is conn's
+            with self._lock:
+                self._open[threading.current_thread()] = conn
+            conn.settimeout(0.2)
+            while not self._stopping.is_set():
+                if not self._reading.wait(0.2):
+                    continue
                 try:
-                    length = await reader.readuntil(b" ")
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial:
-                        self.torn += 1
-                    return
-                try:
-                    message = await reader.readexactly(int(length[:-1]))
-                except asyncio.IncompleteReadError:
-                    self.torn += 1
-                    return
-                with self._lock:
-                    self.messages.append(message)
-        except (ConnectionError, ssl.SSLError, ValueError):
-            return
+                    data = conn.recv(4096)
+                except (TimeoutError, socket.timeout):
+                    continue
+                if not data:
+                    break
+                buffer += data
+                while True:
+                    length, space, rest = buffer.partition(b" ")
+                    if not space or not length.isdigit() or len(rest) < int(length):
+                        break
+                    with self._lock:
+                        self.messages.append(rest[:int(length)])
+                    buffer = rest[int(length):]
+        except (OSError, ssl.SSLError):
+            pass
         finally:
-            self._writers.discard(writer)
-            writer.close()
+            if buffer:
+                with self._lock:
+                    self.torn += 1
+            sock.close()
+            with self._lock:
+                self._open.pop(threading.current_thread(), None)
 
     def received(self) -> list[bytes]:
         with self._lock:
             return list(self.messages)
 
-    def _abort_all(self) -> None:
-        for writer in list(self._writers):
-            writer.transport.abort()
+    def pause(self) -> None:
+        self._reading.clear()
+
+    def resume(self) -> None:
+        self._reading.set()
+
+    def pending_bytes(self) -> int:
+        """Bytes waiting in the kernel's receive queues of the open connections (read by no one yet)."""
+        import fcntl
+        import termios
+
+        total = 0
+        with self._lock:
+            sockets = list(self._open.values())
+        for raw in sockets:
+            try:
+                total += struct.unpack("i", fcntl.ioctl(raw.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:
+                pass
+        return total
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until every connection has ended (its sender closed it, or died and its kernel closed it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                open_now = list(self._open)
+            if not open_now:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(open_now)} connection(s) still open after {timeout:g}s")
+            time.sleep(0.05)
 
     def drop_connections(self) -> None:
         """Reset every open connection, as a collector restarting would; return once they are gone."""
-        async def drop():
-            self._abort_all()
-            while self._writers:
-                await asyncio.sleep(0.01)
-
-        asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
+        with self._lock:
+            sockets = list(self._open.values())
+        for raw in sockets:
+            try:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.wait_idle(10)
 
     def wait_for(self, predicate, timeout: float = 10, what: str = "messages") -> list[bytes]:
         deadline = time.monotonic() + timeout
@@ -102,6 +159,13 @@ class Collector:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-            self._thread.join(10)
+        self._stopping.set()
+        self._reading.set()
+        if self._acceptor is not None:
+            self._acceptor.join(5)
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            threads = list(self._open)
+        for thread in threads:
+            thread.join(5)
