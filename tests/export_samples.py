@@ -101,6 +101,25 @@ def events() -> list[ev.Event]:
         ev.OutbreakDetected(fingerprint="ab12" * 16, kind="attachment", distinct_senders=25, distinct_client_ips=19,
                             window_seconds=3600, example_message_id=MESSAGE),
         ev.BackscatterKeyRotated(key_number=3, by="admin"),
+        ev.DmarcReportReceived(
+            report_key="google.com!1234567890", org_name="google.com", email="noreply-dmarc-support@google.com",
+            report_id="1234567890", date_begin=T0 - timedelta(days=1), date_end=T0,
+            policy_published=ev.DmarcPolicyPublished(domain="example.test", adkim="r", aspf="r", p="reject"),
+            records=[
+                ev.DmarcReportRow(source_ip="192.0.2.25", count=40, disposition="none", dkim="pass", spf="pass",
+                                  header_from="example.test", envelope_from="example.test",
+                                  dkim_results=[ev.DmarcDkimResult(domain="example.test", selector="s2026a",
+                                                                   result="pass", human_result="ok")],
+                                  spf_results=[ev.DmarcSpfResult(domain="example.test", scope="mfrom",
+                                                                 result="pass")]),
+                ev.DmarcReportRow(source_ip="203.0.113.9", count=3, disposition="reject", dkim="fail", spf="fail",
+                                  header_from="example.test"),
+            ],
+            received=ev.DmarcReportMessage(mail_from="noreply-dmarc-support@google.com", client_ip=IP,
+                                           dmarc="DMARC_PASS", attachment="google.com!example.test!1.xml.gz",
+                                           content_type="application/gzip")),
+        ev.DmarcReportUnreadable(report_key=f"{MESSAGE}#1", error="not gzip: bad magic number", size=2048,
+                                 received=ev.DmarcReportMessage(mail_from="dmarc@partner.test", client_ip=IP)),
     ]
 
 

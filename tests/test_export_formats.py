@@ -321,11 +321,21 @@ def test_sd_names_are_printable_ascii_without_equals_space_bracket_or_quote():
     assert syslog.element("x@1", [("a=b", "dropped"), ("ok", "kept")]) == '[x@1 ok="kept"]'
 
 
-def test_every_field_of_an_audit_event_fits_an_sd_name():
+def test_every_field_of_every_event_reaches_the_structured_data():
     for record in records():
-        if record.topic in AUDIT:
-            names = [name for name, _ in syslog.flatten(record.event.model_dump(mode="json"))]
-            assert all(syslog._SD_NAME.match(n) for n in names), record.event_type
+        pairs = syslog.flatten(record.event.model_dump(mode="json"))
+        assert all(syslog._SD_NAME.match(name) for name, _ in pairs), record.event_type
+
+
+def test_parts_too_deep_for_sd_names_travel_as_json_under_their_own_name():
+    [report] = [r for r in records() if r.event_type == "dmarc.report_received"]
+    params = syslog.flatten(report.event.model_dump(mode="json"))
+    names = [name for name, _ in params]
+    assert "records.0.source_ip" in names  # what fits stays a parameter of its own
+    # records.0.dkim_results.0.human_result would be 37 characters: the object goes whole.
+    assert json.loads(dict(params)["records.0.dkim_results.0"]) == {
+        "domain": "example.test", "selector": "s2026a", "result": "pass", "human_result": "ok"}
+    assert syslog.flatten({"counters": {"failed rcpt": 3}}) == [("counters", '{"failed rcpt":3}')]
 
 
 def test_severity_follows_the_event():

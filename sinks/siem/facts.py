@@ -283,6 +283,16 @@ def _facts(event: ev.Event, summary: str) -> Facts:
         case ev.OutbreakObserved():
             return Facts(name="Message fingerprint", categories=("email",), types=("info",), outcome="success",
                          severity=0, sender=event.sender, client_ip=event.client_ip, **common)
+        case ev.DmarcReportReceived():
+            rows = event.records
+            failing = sum(r.count for r in rows if r.dkim != "pass" and r.spf != "pass")
+            return Facts(name="DMARC aggregate report", categories=("email",), types=("info",), outcome="success",
+                         severity=4 if failing else 1, sender=event.received.mail_from,
+                         client_ip=event.received.client_ip, **common)
+        case ev.DmarcReportUnreadable():
+            return Facts(name="DMARC report unreadable", categories=("email",), types=("error",), outcome="failure",
+                         severity=3, reason=event.error, sender=event.received.mail_from,
+                         client_ip=event.received.client_ip, size=event.size, **common)
         # -- state topics (exported only when an export is given them) --------
         case ev.OutbreakDetected():
             return Facts(name="Outbreak detected", categories=("email", "intrusion_detection"), types=("indicator",),
@@ -356,4 +366,13 @@ def _summary(event: ev.Event) -> str:
             return f"{event.destination} gets cleartext until {event.until:%H:%M:%S}Z: {event.reason}"
         case ev.MtaStsPolicyFetched():
             return f"MTA-STS policy of {event.domain}: {event.mode or event.error}"
+        case ev.DmarcReportReceived():
+            total = sum(r.count for r in event.records)
+            failing = sum(r.count for r in event.records if r.dkim != "pass" and r.spf != "pass")
+            part = f" (part {event.part} of {event.parts})" if event.parts > 1 else ""
+            return (f"DMARC report {event.report_id} from {event.org_name} on {event.policy_published.domain}"
+                    f"{part}: {total} messages, {failing} failing DMARC, "
+                    f"{event.date_begin:%Y-%m-%d %H:%M} to {event.date_end:%Y-%m-%d %H:%M}Z")
+        case ev.DmarcReportUnreadable():
+            return f"unreadable DMARC report {event.report_key} from <{event.received.mail_from}>: {event.error}"
     return event.TYPE

@@ -7,9 +7,10 @@
 - The ``bulwark@32473`` element holds the event's fields: nested objects
   flattened with dots (``envelope.mail_from``), lists as the same name
   repeated (RFC 5424 allows it), lists of objects by index
-  (``results.0.name``). A name longer than an SD-NAME's 32 characters is
-  left out (only a policy document's nested keys are that long; the ECS
-  export carries everything). 32473 is the example enterprise number of
+  (``results.0.name``). A part whose names would not fit an SD-NAME (32
+  printable characters, no '=', space, ']' or '"': a DMARC report's rows, a
+  policy document) is given as JSON under its own name (``records.0.dkim_results.0``).
+  32473 is the example enterprise number of
   RFC 5612: an organisation with its own number sets ``--enterprise-number``.
 - The ``kafka@32473`` element says where the record was read (topic,
   partition, offset, key): with the event id, what a collector deduplicates by.
@@ -25,6 +26,7 @@ Over TLS each message is sent octet-counted, ``LENGTH SP MESSAGE`` (RFC
 
 from __future__ import annotations
 
+import json
 import re
 
 from .ecs import timestamp
@@ -76,16 +78,23 @@ def header_field(value: str | None, limit: int) -> str:
 
 
 def flatten(value, prefix: str = "") -> list[tuple[str, str]]:
-    """(name, value) pairs of an event's JSON: dotted names, lists repeated, nulls left out."""
-    if isinstance(value, dict):
+    """(name, value) pairs of an event's JSON: dotted names, lists repeated, nulls left out.
+
+    A part whose names would not all be SD-NAMEs (over 32 characters, or a
+    key with a space or '=') is given whole, as JSON, under its own name:
+    nothing is dropped.
+    """
+    if isinstance(value, (dict, list)):
         pairs = []
-        for key, item in value.items():
-            pairs += flatten(item, f"{prefix}.{key}" if prefix else str(key))
-        return pairs
-    if isinstance(value, list):
-        pairs = []
-        for index, item in enumerate(value):
-            pairs += flatten(item, f"{prefix}.{index}") if isinstance(item, (dict, list)) else flatten(item, prefix)
+        items = value.items() if isinstance(value, dict) else ((None, item) for item in value)
+        for index, (key, item) in enumerate(items):
+            if key is not None:
+                name = f"{prefix}.{key}" if prefix else str(key)
+            else:  # a list: scalars repeat the name, objects are numbered
+                name = f"{prefix}.{index}" if isinstance(item, (dict, list)) else prefix
+            pairs += flatten(item, name)
+        if prefix and not all(_SD_NAME.match(name) for name, _ in pairs):
+            return [(prefix, json.dumps(value, ensure_ascii=False, separators=(",", ":")))]
         return pairs
     if value is None:
         return []
