@@ -84,6 +84,10 @@ class Settings:
     #: (443 on a real gateway, or behind a proxy that forwards
     #: mta-sts.DOMAIN to it); 0 serves none.
     mta_sts_port: int = 0
+    #: The administrator's web console (``bulwark console``, HTTPS on the
+    #: gateway's certificate). 127.0.0.1 on a host; 0.0.0.0 in a container.
+    console_host: str = "127.0.0.1"
+    console_port: int = 8445
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -122,6 +126,8 @@ class Settings:
             mta_sts_port=int(_env("BULWARK_MTA_STS_PORT", "8443")),
             audit_backlog_limit=int(_env("BULWARK_AUDIT_BACKLOG_LIMIT", "20000")),
             delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
+            console_host=_env("BULWARK_CONSOLE_HOST", "127.0.0.1"),
+            console_port=int(_env("BULWARK_CONSOLE_PORT", "8445")),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -482,6 +482,19 @@ class QuarantineDeleted(Event):
     by: str
 
 
+class ConsoleLoginFailed(Event):
+    """A refused login to the administrator's web console: who was tried, from where.
+
+    Never the password, nor whether the name exists (both would help a guesser
+    reading the topic).
+    """
+
+    TYPE: ClassVar[str] = "console.login_failed"
+    VERSION: ClassVar[int] = 1
+    login: str = Field(description="The name typed in (not necessarily an administrator)")
+    client_ip: str = Field(description="The address the login came from")
+
+
 # --------------------------------------------------------------------------
 # State topics (compacted): the latest event per key is the state.
 # --------------------------------------------------------------------------
@@ -754,6 +767,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         QuarantineAdded,
         QuarantineReleased,
         QuarantineDeleted,
+        ConsoleLoginFailed,
         PolicyPublished,
         AccountRecorded,
         DomainCreated,

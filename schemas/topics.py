@@ -229,10 +229,20 @@ DMARC_REPORTS = TopicSpec(
             "could not be read, with the reason",
 )
 
+CONSOLE_LOGINS = TopicSpec(
+    name="console.logins",
+    key="client IP address",
+    key_field="client_ip",
+    kind="audit",
+    partitions=1,
+    carries=(ev.ConsoleLoginFailed,),
+    purpose="Refused logins to the administrator's web console (the name tried and the address; never a password)",
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, DOMAINS, ACCOUNT_STATE, BANS, HIJACK_LIMITS,
     OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS, BACKSCATTER_KEYS, TLS_FALLBACKS, MTA_STS_POLICIES,
-    DMARC_REPORTS,
+    DMARC_REPORTS, CONSOLE_LOGINS,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}
