@@ -493,6 +493,48 @@ def quarantine_delete(message_id: str, by: str | None) -> None:
     click.echo(f"deleted {message_id}")
 
 
+# -- the administrator's web console ----------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def console(ctx: click.Context) -> None:
+    """The administrator's web console (HTTPS on BULWARK_CONSOLE_PORT); docs/console.md."""
+    if ctx.invoked_subcommand is None:
+        from console.server import serve
+
+        _run(serve(_settings()))
+
+
+@console.command("add-admin")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "helpdesk"]), required=True,
+              help="admin: everything; helpdesk: the quarantine only")
+@click.option("--password-stdin", is_flag=True, help="Read the password from one line of standard input")
+def console_add_admin(name: str, role: str, password_stdin: bool) -> None:
+    """Create (or reset) a console administrator. The password is never an argument."""
+    from console.admins import AdminStore, admins_path
+
+    if password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True)
+    try:
+        AdminStore(admins_path(_settings().data_dir)).add(name, role, password)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"{name} can log in to the console as {role}")
+
+
+@console.command("admins")
+def console_admins() -> None:
+    """List the console's administrators and their roles."""
+    from console.admins import AdminStore, admins_path
+
+    for admin in AdminStore(admins_path(_settings().data_dir)).all():
+        click.echo(f"{admin.name}  {admin.role}")
+
+
 # -- accounts -------------------------------------------------------------------
 
 from bulwark.accounts_cli import accounts  # noqa: E402  (its own module: the group is large)

@@ -1,0 +1,362 @@
+"""The console's web application (aiohttp, Jinja2 templates rendered on the server).
+
+Sessions live in this process's memory, keyed by a random token in a
+``__Host-`` cookie (HttpOnly, Secure, SameSite=Strict, path /): nothing about
+the administrator travels in the cookie, logging out or restarting the
+console ends every session, and no signing key has to be kept. Every form
+carries a CSRF token (the session's; before login, one bound to a login
+cookie) and every POST without the right one is refused with 403.
+
+Roles: ``admin`` may do everything; ``helpdesk`` may use the quarantine (and,
+once built, tracking) and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from console.admins import Admin, AdminStore
+from schemas import events as ev
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
+SESSION_COOKIE = "__Host-bulwark-console"
+LOGIN_COOKIE = "__Host-bulwark-login"
+#: A session ends after this long without a request, and after MAX_AGE in any case.
+IDLE_SECONDS = 30 * 60
+MAX_AGE_SECONDS = 8 * 3600
+#: Text parts longer than this are cut in the message view.
+TEXT_LIMIT = 200_000
+LIST_LIMIT = 500
+
+SECURITY_HEADERS = {
+    # No script at all, no framing, forms only to the console itself.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Strict-Transport-Security": "max-age=31536000",
+}
+
+CONSOLE_KEY = web.AppKey("console", object)
+SESSION_KEY = web.RequestKey("session", object)
+
+
+@dataclass
+class Session:
+    admin: Admin
+    csrf: str
+    created: float = field(default_factory=time.monotonic)
+    seen: float = field(default_factory=time.monotonic)
+
+    def expired(self, now: float) -> bool:
+        return now - self.seen > IDLE_SECONDS or now - self.created > MAX_AGE_SECONDS
+
+
+class Quarantine:
+    """What the console reads the quarantine through (the sink's index, opened per request)."""
+
+    def __init__(self, open_index: Callable[[], Any], read_blob: Callable[[str], bytes]):
+        self._open = open_index
+        self._read_blob = read_blob
+
+    def records(self) -> list[dict]:
+        index = self._open()
+        if index is None:
+            return []
+        try:
+            return [r for _, r in index.items()]
+        finally:
+            index.close()
+
+    def get(self, message_id: str) -> dict | None:
+        index = self._open()
+        if index is None:
+            return None
+        try:
+            return index.get(message_id)
+        finally:
+            index.close()
+
+    def raw(self, record: dict) -> bytes | None:
+        try:
+            return self._read_blob(record["envelope"]["sha256"])
+        except Exception as exc:  # a missing or corrupt blob: say so on the page
+            log.warning("message %s unreadable from the blob store: %s", record.get("message_id"), exc)
+            return None
+
+
+class Console:
+    def __init__(self, admins: AdminStore, quarantine: Quarantine,
+                 publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True):
+        self.admins = admins
+        self.quarantine = quarantine
+        self.publish = publish
+        self.secure_cookies = secure_cookies
+        self.sessions: dict[str, Session] = {}
+
+    # -- sessions and CSRF ---------------------------------------------------------
+
+    def session_of(self, request: web.Request) -> Session | None:
+        token = request.cookies.get(SESSION_COOKIE)
+        session = self.sessions.get(token) if token else None
+        now = time.monotonic()
+        if session is None:
+            return None
+        if session.expired(now):
+            self.sessions.pop(token, None)
+            return None
+        session.seen = now
+        return session
+
+    def _cookie(self, response: web.StreamResponse, name: str, value: str) -> None:
+        response.set_cookie(name, value, path="/", httponly=True, secure=self.secure_cookies, samesite="Strict")
+
+    @staticmethod
+    def _same(a: str | None, b: str | None) -> bool:
+        return bool(a) and bool(b) and hmac.compare_digest(a.encode(), b.encode())
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        if request.path.startswith("/static/"):
+            return await handler(request)
+        session = self.session_of(request)
+        request[SESSION_KEY] = session
+        if request.method == "POST":
+            form = await request.post()
+            sent = form.get("csrf_token")
+            expected = session.csrf if session else request.cookies.get(LOGIN_COOKIE)
+            if request.path == "/login":
+                expected = request.cookies.get(LOGIN_COOKIE)
+            if not self._same(sent if isinstance(sent, str) else None, expected):
+                log.warning("POST %s from %s refused: missing or wrong CSRF token", request.path, request.remote)
+                return self.refuse(request, 403, "This form has expired or did not come from the console. "
+                                                 "Go back, reload the page and try again.")
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own 404 and 405
+            exc.headers.update(SECURITY_HEADERS)
+            raise
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def refuse(self, request: web.Request, status: int, why: str) -> web.Response:
+        response = aiohttp_jinja2.render_template(
+            "error.html", request, {"status": status, "why": why, "session": request.get(SESSION_KEY)},
+            status=status)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def require(self, request: web.Request, *roles: str) -> Session:
+        session = request[SESSION_KEY]
+        if session is None:
+            raise _Redirect("/login")
+        if session.admin.role not in roles:
+            raise _Refused(403, f"Your role ({session.admin.role}) may not open this page.")
+        return session
+
+    def render(self, template: str, request: web.Request, context: dict, status: int = 200) -> web.Response:
+        return aiohttp_jinja2.render_template(template, request, {"session": request[SESSION_KEY], **context},
+                                              status=status)
+
+    # -- login -------------------------------------------------------------------------
+
+    async def login_form(self, request: web.Request, failed: bool = False, name: str = "") -> web.Response:
+        token = secrets.token_urlsafe(32)
+        response = self.render("login.html", request, {"csrf_token": token, "failed": failed, "name": name},
+                               status=401 if failed else 200)
+        self._cookie(response, LOGIN_COOKIE, token)
+        return response
+
+    async def login_page(self, request: web.Request) -> web.Response:
+        if request[SESSION_KEY] is not None:
+            return see_other("/")
+        return await self.login_form(request)
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        name = str(form.get("name", "")).strip()[:64]
+        password = str(form.get("password", ""))
+        admin = await asyncio.to_thread(self.admins.authenticate, name, password)
+        if admin is None:
+            client_ip = request.remote or "unknown"
+            log.warning("console login refused for %r from %s", name, client_ip)
+            try:
+                await self.publish(ev.ConsoleLoginFailed(login=name or "(empty)", client_ip=client_ip))
+            except Exception as exc:  # the refusal stands even when the event cannot be written
+                log.error("could not record the refused login: %s", type(exc).__name__)
+            return await self.login_form(request, failed=True, name=name)
+        token = secrets.token_urlsafe(32)
+        self.sessions[token] = Session(admin, secrets.token_urlsafe(32))
+        log.info("console login: %s (%s) from %s", admin.name, admin.role, request.remote)
+        response = see_other("/")
+        self._cookie(response, SESSION_COOKIE, token)
+        response.del_cookie(LOGIN_COOKIE, path="/")
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+        response = see_other("/login")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    async def home(self, request: web.Request) -> web.Response:
+        self.require(request, "admin", "helpdesk")
+        return see_other("/quarantine")
+
+    # -- quarantine ----------------------------------------------------------------------
+
+    async def quarantine_list(self, request: web.Request) -> web.Response:
+        self.require(request, "admin", "helpdesk")
+        q = {k: request.query.get(k, "").strip() for k in ("sender", "recipient", "reason")}
+        state = request.query.get("state", "quarantined")
+        records = await asyncio.to_thread(self.quarantine.records)
+        rows = [r for r in records if matches(r, state=state, **q)]
+        rows.sort(key=lambda r: r.get("quarantined_at", ""), reverse=True)
+        return self.render("quarantine.html", request, {
+            "rows": rows[:LIST_LIMIT], "more": max(0, len(rows) - LIST_LIMIT), "q": q, "state": state,
+            "reasons": sorted({reason for r in records for reason in r.get("reasons", [])}),
+        })
+
+    async def quarantine_show(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin", "helpdesk")
+        record = await asyncio.to_thread(self.quarantine.get, request.match_info["message_id"])
+        if record is None:
+            raise _Refused(404, "No such message in the quarantine.")
+        raw = await asyncio.to_thread(self.quarantine.raw, record)
+        return self.render("message.html", request, {
+            "r": record, "parsed": describe(raw) if raw is not None else None,
+            "csrf_token": session.csrf, "done": request.query.get("done"),
+        })
+
+    async def quarantine_act(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin", "helpdesk")
+        message_id, action = request.match_info["message_id"], request.match_info["action"]
+        record = await asyncio.to_thread(self.quarantine.get, message_id)
+        if record is None:
+            raise _Refused(404, "No such message in the quarantine.")
+        if record["state"] != "quarantined":
+            raise _Refused(409, f"This message is already {record['state']}.")
+        by = session.admin.name
+        if action == "release":
+            event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
+                                          envelope=ev.Envelope.model_validate(record["envelope"]), by=by)
+        else:
+            event = ev.QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by)
+        await self.publish(event)
+        log.info("%s %s by %s (console)", action, message_id, by)
+        return see_other(f"/quarantine/{message_id}?done={action}")
+
+    # -- administrators (admin only) -------------------------------------------------
+
+    async def admins_page(self, request: web.Request) -> web.Response:
+        self.require(request, "admin")
+        return self.render("admins.html", request, {"admins": await asyncio.to_thread(self.admins.all)})
+
+
+def see_other(location: str) -> web.Response:
+    """303: after a POST the browser GETs the next page (reloading it posts nothing again)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str):
+        super().__init__(location)
+        self.location = location
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, why: str):
+        super().__init__(why)
+        self.status, self.why = status, why
+
+
+def matches(record: dict, state: str, sender: str = "", recipient: str = "", reason: str = "") -> bool:
+    """Whether a quarantine record passes the list's filters (case-insensitive substrings)."""
+    if state != "all" and record.get("state") != state:
+        return False
+    envelope = record.get("envelope", {})
+    if sender and sender.lower() not in (envelope.get("mail_from") or "").lower():
+        return False
+    if recipient and not any(recipient.lower() in r.lower() for r in envelope.get("rcpt_to", [])):
+        return False
+    if reason and not any(reason.lower() in r.lower() for r in record.get("reasons", [])):
+        return False
+    return True
+
+
+def describe(raw: bytes) -> dict:
+    """A message as the view shows it: headers, text parts (as text, HTML too), attachments.
+
+    Nothing here is ever rendered as HTML: the template escapes every string,
+    and attachments are described (name, type, size, SHA-256), never served.
+    """
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    headers = []
+    for name, value in msg.raw_items():
+        headers.append((name, " ".join(str(value).split())))
+    texts, attachments = [], []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename or part.get_content_disposition() == "attachment" or part.get_content_maintype() != "text":
+            attachments.append({
+                "name": filename or "(no name)", "type": part.get_content_type(), "size": len(payload),
+                "sha256": hashlib.sha256(payload).hexdigest(),
+            })
+            continue
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            text = payload.decode(charset, errors="replace")
+        except LookupError:  # an unknown charset name
+            text = payload.decode("utf-8", errors="replace")
+        texts.append({"type": part.get_content_type(), "text": text[:TEXT_LIMIT],
+                      "cut": len(text) > TEXT_LIMIT})
+    return {"headers": headers, "subject": str(msg.get("Subject", "")), "texts": texts,
+            "attachments": attachments}
+
+
+def make_app(console: Console, first: list = ()) -> web.Application:
+    @web.middleware
+    async def refusals(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except _Refused as exc:
+            return console.refuse(request, exc.status, exc.why)
+        except _Redirect as exc:
+            return see_other(exc.location)
+
+    app = web.Application(middlewares=[*first, console.middleware, refusals], client_max_size=64 * 1024)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                         autoescape=jinja2.select_autoescape(default=True))
+    app[CONSOLE_KEY] = console
+    app.router.add_get("/", console.home)
+    app.router.add_get("/login", console.login_page)
+    app.router.add_post("/login", console.login)
+    app.router.add_post("/logout", console.logout)
+    app.router.add_get("/quarantine", console.quarantine_list)
+    app.router.add_get("/quarantine/{message_id}", console.quarantine_show)
+    app.router.add_post("/quarantine/{message_id}/{action:release|delete}", console.quarantine_act)
+    app.router.add_get("/admins", console.admins_page)
+    app.router.add_static("/static/", STATIC)
+    return app

@@ -1,0 +1,65 @@
+"""``bulwark console``: the console's process, HTTPS on the gateway's certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from bulwark.blobstore import BlobStore
+from bulwark.kafka import start_publisher
+from bulwark.policy_runtime import PolicyHolder
+from bulwark.service import configure_logging, run_until_signalled
+from bulwark.settings import Settings
+from console.admins import AdminStore, admins_path
+from console.app import Console, Quarantine, make_app
+
+log = logging.getLogger(__name__)
+
+
+def open_quarantine_index(settings: Settings):
+    """The quarantine sink's index, read-only (as ``bulwark quarantine list`` opens it); None before it exists."""
+    from sinks.quarantine import index_path
+    from sinks.store import JsonIndex
+
+    path = index_path(settings)
+    return JsonIndex(path, read_only=True) if path.exists() else None
+
+
+async def serve(settings: Settings) -> None:
+    from ingest.tls import server_tls
+
+    configure_logging("console")
+    policy = PolicyHolder(settings=settings)
+    await policy.start()
+    tls = server_tls(settings, policy)
+    publisher = await start_publisher(settings, "bulwark-console")
+    blobs = BlobStore(settings.blob_dir)
+    console = Console(
+        AdminStore(admins_path(settings.data_dir)),
+        Quarantine(lambda: open_quarantine_index(settings), blobs.get_sync),
+        publisher.publish,
+    )
+
+    @web.middleware
+    async def renewed_certificate(request, handler):
+        # A renewed certificate goes into the listening context for the next
+        # connections (two stat calls when nothing changed).
+        tls.refresh()
+        return await handler(request)
+
+    app = make_app(console, first=[renewed_certificate])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.console_host, settings.console_port, ssl_context=tls.context)
+    await site.start()
+    log.info("console on https://%s:%d/", settings.console_host, settings.console_port)
+    if not console.admins.all():
+        log.warning("no console administrator yet: bulwark console add-admin NAME --role admin")
+    try:
+        await run_until_signalled(asyncio.Event().wait())
+    finally:
+        await runner.cleanup()
+        await publisher.stop()
+        await policy.stop()

@@ -1,0 +1,249 @@
+"""The web console's logic over HTTP, in-process: logins, CSRF, roles, the quarantine pages.
+
+The browser tests (tests/integration/test_console_browser.py) drive the same
+pages in chromium against the real stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from email.message import EmailMessage
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from console.admins import AdminStore
+from console.app import Console, Quarantine, make_app, matches
+from schemas import events as ev
+
+PASSWORD = "correct horse battery staple"
+
+
+class FakeIndex:
+    def __init__(self, records: dict[str, dict]):
+        self.records = records
+
+    def items(self):
+        return iter(self.records.items())
+
+    def get(self, key):
+        return self.records.get(key)
+
+    def close(self):
+        pass
+
+
+def hostile_message() -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "mallory@partner.test"
+    msg["To"] = "lee@example.test"
+    msg["Subject"] = "<script>alert('subject')</script> invoice"
+    msg.set_content("Pay now <script>alert('body')</script>")
+    msg.add_alternative("<html><body><img src=x onerror=alert(1)><b>bold</b></body></html>", subtype="html")
+    msg.add_attachment(b"MZ\x90\x00fake program", maintype="application", subtype="octet-stream",
+                       filename="invoice.pdf.exe")
+    return msg.as_bytes()
+
+
+def record(message_id: str, sender: str, rcpt: str, reasons: list[str], raw: bytes, state="quarantined") -> dict:
+    return {
+        "message_id": message_id, "session_id": "s-" + message_id, "state": state,
+        "envelope": {"mail_from": sender, "rcpt_to": [rcpt], "sha256": hashlib.sha256(raw).hexdigest(),
+                     "size": len(raw), "client_ip": "192.0.2.7", "received_at": "2026-12-01T10:00:00+00:00"},
+        "direction": "inbound", "action": "quarantine", "reasons": reasons, "results": [],
+        "policy_version": "p1", "quarantined_at": "2026-12-01T10:00:00+00:00", "announced": True,
+    }
+
+
+@pytest.fixture
+def world(tmp_path):
+    raw = hostile_message()
+    blobs = {hashlib.sha256(raw).hexdigest(): raw}
+    records = {
+        "m1": record("m1", "mallory@partner.test", "lee@example.test", ["ATTACHMENT_TYPE_BLOCKED"], raw),
+        "m2": record("m2", "news@list.test", "kim@example.test", ["SPAM_SCORE"], raw),
+        "m3": record("m3", "old@partner.test", "lee@example.test", ["SPAM_SCORE"], raw, state="released"),
+    }
+    admins = AdminStore(tmp_path / "console" / "admins.json")
+    admins.add("root", "admin", PASSWORD)
+    admins.add("desk", "helpdesk", PASSWORD)
+    published: list[ev.Event] = []
+
+    async def publish(event):
+        published.append(event)
+
+    console = Console(admins, Quarantine(lambda: FakeIndex(records), lambda digest: blobs[digest]), publish,
+                      secure_cookies=False)
+    return console, published, records
+
+
+@pytest.fixture
+async def client(world):
+    console, _, _ = world
+    async with TestClient(TestServer(make_app(console))) as client:
+        yield client
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+async def log_in(client, name="root", password=PASSWORD):
+    page = await (await client.get("/login")).text()
+    return await client.post("/login", data={"name": name, "password": password, "csrf_token": csrf_of(page)},
+                             allow_redirects=False)
+
+
+# -- administrators ---------------------------------------------------------------
+
+
+def test_admin_store_keeps_argon2id_verifiers_only_in_a_private_file(tmp_path):
+    store = AdminStore(tmp_path / "admins.json")
+    store.add("alice", "admin", PASSWORD)
+    text = store.path.read_text()
+    assert PASSWORD not in text and "$argon2id$" in text
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    assert store.authenticate("alice", PASSWORD).role == "admin"
+    assert store.authenticate("alice", PASSWORD + "x") is None
+    assert store.authenticate("nobody", PASSWORD) is None
+
+
+@pytest.mark.parametrize("name,role,password,why", [
+    ("alice", "root", PASSWORD, "role"),
+    ("al ice", "admin", PASSWORD, "name"),
+    ("alice", "admin", "short", "shorter"),
+])
+def test_admin_store_refuses_bad_names_roles_and_short_passwords(tmp_path, name, role, password, why):
+    with pytest.raises(ValueError, match=why):
+        AdminStore(tmp_path / "admins.json").add(name, role, password)
+
+
+# -- login, sessions, CSRF ----------------------------------------------------------
+
+
+async def test_pages_need_a_login(client):
+    response = await client.get("/quarantine", allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == "/login"
+
+
+async def test_login_sets_a_strict_httponly_secure_session_cookie(world):
+    console, _, _ = world
+    console.secure_cookies = True
+    async with TestClient(TestServer(make_app(console))) as client:
+        form = await client.get("/login")
+        # (The test client speaks plain HTTP, so it keeps Secure cookies to itself: send it by hand.)
+        login_cookie = form.cookies["__Host-bulwark-login"].value
+        response = await client.post("/login", data={"name": "root", "password": PASSWORD,
+                                                      "csrf_token": csrf_of(await form.text())},
+                                     cookies={"__Host-bulwark-login": login_cookie}, allow_redirects=False)
+    assert response.status == 303
+    for name, headers in (("__Host-bulwark-login", form.headers), ("__Host-bulwark-console", response.headers)):
+        [cookie] = [c for c in headers.getall("Set-Cookie") if c.startswith(name + "=")]
+        assert "HttpOnly" in cookie and "Secure" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+        assert "Domain" not in cookie
+
+
+async def test_a_failed_login_is_an_event_without_the_password(client, world):
+    _, published, _ = world
+    response = await log_in(client, password="wrong password, guessing")
+    assert response.status == 401 and "Wrong name or password" in await response.text()
+    [event] = published
+    assert isinstance(event, ev.ConsoleLoginFailed) and event.login == "root" and event.client_ip == "127.0.0.1"
+    assert "guessing" not in event.model_dump_json()
+    # An unknown name is refused the same way (the page does not say who exists).
+    response = await log_in(client, name="nobody", password="wrong password, guessing")
+    assert response.status == 401 and published[1].login == "nobody"
+
+
+async def test_a_post_without_the_csrf_token_is_refused(client, world):
+    _, published, _ = world
+    await log_in(client)
+    response = await client.post("/quarantine/m1/release", data={})
+    assert response.status == 403
+    response = await client.post("/quarantine/m1/release", data={"csrf_token": "forged"})
+    assert response.status == 403
+    page = await (await client.get("/login", allow_redirects=False)).text()
+    # Even the login form needs its token (login CSRF).
+    response = await client.post("/login", data={"name": "root", "password": PASSWORD})
+    assert response.status == 403 and page is not None
+    assert published == []
+
+
+async def test_logout_ends_the_session(client):
+    await log_in(client)
+    page = await (await client.get("/quarantine")).text()
+    response = await client.post("/logout", data={"csrf_token": csrf_of(page)}, allow_redirects=False)
+    assert response.status == 303
+    assert (await client.get("/quarantine", allow_redirects=False)).status == 303
+
+
+async def test_helpdesk_may_use_the_quarantine_but_not_admin_pages(client):
+    await log_in(client, name="desk")
+    assert (await client.get("/quarantine")).status == 200
+    response = await client.get("/admins")
+    assert response.status == 403 and "helpdesk" in await response.text()
+
+
+async def test_every_page_forbids_scripts_and_framing(client):
+    response = await client.get("/login")
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+# -- quarantine ----------------------------------------------------------------------------
+
+
+def test_filters_are_case_insensitive_substrings():
+    r = record("m", "Mallory@Partner.test", "lee@example.test", ["ATTACHMENT_TYPE_BLOCKED"], b"")
+    assert matches(r, "quarantined", sender="mallory", recipient="LEE@", reason="attachment")
+    assert not matches(r, "quarantined", sender="kim")
+    assert not matches(r, "released") and matches(r, "all")
+
+
+async def test_search_lists_only_matching_held_messages(client):
+    await log_in(client)
+    page = await (await client.get("/quarantine")).text()
+    assert "/quarantine/m1" in page and "/quarantine/m2" in page and "/quarantine/m3" not in page
+    page = await (await client.get("/quarantine", params={"reason": "spam"})).text()
+    assert "/quarantine/m1" not in page and "/quarantine/m2" in page
+    page = await (await client.get("/quarantine", params={"recipient": "lee@", "state": "all"})).text()
+    assert "/quarantine/m1" in page and "/quarantine/m3" in page and "/quarantine/m2" not in page
+
+
+async def test_message_view_escapes_everything_and_lists_attachments(client):
+    await log_in(client)
+    page = await (await client.get("/quarantine/m1")).text()
+    assert "<script>" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(&#39;subject&#39;)&lt;/script&gt; invoice" in page
+    assert "&lt;script&gt;alert(&#39;body&#39;)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "invoice.pdf.exe" in page and "application/octet-stream" in page
+    assert hashlib.sha256(b"MZ\x90\x00fake program").hexdigest() in page
+
+
+async def test_release_and_delete_publish_the_cli_events_as_the_logged_in_admin(client, world):
+    _, published, _ = world
+    await log_in(client, name="desk")
+    page = await (await client.get("/quarantine/m1")).text()
+    response = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page)},
+                                 allow_redirects=False)
+    assert response.status == 303
+    response = await client.post("/quarantine/m2/delete", data={"csrf_token": csrf_of(page)},
+                                 allow_redirects=False)
+    assert response.status == 303
+    released, deleted = published
+    assert isinstance(released, ev.QuarantineReleased) and released.by == "desk"
+    assert released.message_id == "m1" and released.envelope.rcpt_to == ["lee@example.test"]
+    assert isinstance(deleted, ev.QuarantineDeleted) and deleted.by == "desk" and deleted.message_id == "m2"
+
+
+async def test_a_message_no_longer_held_cannot_be_released(client, world):
+    _, published, _ = world
+    await log_in(client)
+    page = await (await client.get("/quarantine")).text()
+    response = await client.post("/quarantine/m3/release", data={"csrf_token": csrf_of(page)})
+    assert response.status == 409 and published == []
