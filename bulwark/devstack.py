@@ -31,6 +31,7 @@ COMPONENTS = [
     ("dmarc-reports", ["sinks", "dmarc-reports"]),
     ("streams", ["streams", "worker"]),
     ("ingest", ["ingest"]),
+    ("console", ["console"]),
 ]
 
 
@@ -68,6 +69,7 @@ def private_environment(root: Path, policy: Path) -> dict[str, str]:
         "BULWARK_MAILBOX_PORT": str(free_port()),
         "BULWARK_STREAMS_WEB_PORT": str(free_port()),
         "BULWARK_MTA_STS_PORT": str(free_port()),
+        "BULWARK_CONSOLE_PORT": str(free_port()),
         # A private clamd with the project's own signature database.
         "BULWARK_CLAMD_PORT": str(free_port()),
         "BULWARK_CLAMD_DIR": str(root / "clamd"),
@@ -217,6 +219,8 @@ class LocalStack:
                 for port in (self.settings.submission_port, self.settings.submissions_port):
                     if port:
                         wait_for_port(self.settings.smtp_host, port, 10, proc)
+            if name == "console":
+                wait_for_port(self.settings.console_host, self.settings.console_port, 60, proc)
 
     def stop_all(self, kafka: bool = True) -> None:
         # Extra processes first (a second worker, say), then the components in reverse order.
@@ -263,6 +267,7 @@ Bulwark is running.
   Trace a message   .venv/bin/bulwark trace <queue id from the 250 reply>
   Quarantine        .venv/bin/bulwark quarantine list
   DMARC reports     .venv/bin/bulwark dmarc report   (mailed to dmarc_reports.addresses)
+  Web console       https://{settings.console_host}:{settings.console_port}/   (first: .venv/bin/bulwark console add-admin NAME --role admin)
 
 Ctrl-C stops everything.""",
         flush=True,

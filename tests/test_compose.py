@@ -117,6 +117,7 @@ def test_compose_loads_the_file_as_a_project_with_every_service_the_stack_needs(
     assert project["name"] == "bulwark"
     assert set(project["services"]) == {
         "kafka", "topics", "ingest", "streams", "delivery", "quarantine", "dmarc-reports", "mailbox", "clamd",
+        "console",
     }
     # The policy the services read is the shipped compose policy, not a
     # directory Docker would create in its place.
@@ -163,13 +164,15 @@ def settings_of(service: dict) -> Settings:
 def listeners(project: dict) -> dict[str, tuple[str, str, int]]:
     """Every listener of the stack: name -> (service, address it listens on in its container, port)."""
     services = project["services"]
-    ingest, mailbox, streams = (settings_of(services[name]) for name in ("ingest", "mailbox", "streams"))
+    ingest, mailbox, streams, console = (settings_of(services[name])
+                                         for name in ("ingest", "mailbox", "streams", "console"))
     found = {
         "inbound SMTP": ("ingest", ingest.smtp_host, ingest.smtp_port),
         "submission (587)": ("ingest", ingest.smtp_host, ingest.submission_port),
         "submissions (465)": ("ingest", ingest.smtp_host, ingest.submissions_port),
         "demo mailbox": ("mailbox", mailbox.mailbox_host, mailbox.mailbox_port),
         "streams worker HTTPS tables": ("streams", streams.streams_web_host, streams.streams_web_port),
+        "web console": ("console", console.console_host, console.console_port),
     }
     kafka = services["kafka"]["environment"]
     host_listener = dict(item.split("://") for item in kafka["KAFKA_LISTENERS"].split(","))["HOST"]
@@ -187,6 +190,7 @@ HOST_PORTS = {
     "submissions (465)": 2465,
     "demo mailbox": 2526,
     "streams worker HTTPS tables": 6066,
+    "web console": 8445,
     "Kafka (host listener)": 29092,
     "clamd (INSTREAM)": 3310,
 }
