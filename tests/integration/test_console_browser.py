@@ -1,0 +1,189 @@
+"""The web console in a real browser (Debian's chromium, headless, through
+chromedriver) against the real stack: the console process `make run` starts,
+the quarantine sink's index, Kafka, the delivery sink and a downstream server.
+
+Screenshots of each step land in the test's tmp directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from bulwark.devstack import wait_for_port
+from schemas import events as ev
+from schemas.topics import CONSOLE_LOGINS, QUARANTINE
+
+from .conftest import LOCAL_DOMAIN
+
+pytestmark = pytest.mark.integration
+
+ADMIN, HELPDESK, PASSWORD = "ops-admin", "desk-lee", "tundra quartz lantern 42"
+HOSTILE_SUBJECT = "<script>document.title='pwned'</script> invoice"
+HOSTILE_BODY = "Please pay.\n<script>document.title='pwned'</script>\n<img src=x onerror=\"document.title='pwned'\">\n"
+
+
+@pytest.fixture(scope="module")
+def console(gateway):
+    """The console's base URL, with an administrator and a help-desk account added through the CLI."""
+    for name, role in ((ADMIN, "admin"), (HELPDESK, "helpdesk")):
+        subprocess.run([sys.executable, "-m", "bulwark.cli", "console", "add-admin", name, "--role", role,
+                        "--password-stdin"], input=PASSWORD + "\n", env=gateway.stack.env, check=True,
+                       capture_output=True, text=True, timeout=60)
+    settings = gateway.settings
+    wait_for_port(settings.console_host, settings.console_port, 60, gateway.stack.procs["console"])
+    return f"https://{settings.console_host}:{settings.console_port}"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "apt-get install chromium chromium-driver (see .ci/run)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    # The stack's certificate is self-signed; the session is still HTTPS, so Secure cookies apply.
+    options.accept_insecure_certs = True
+    # A driver given by path: selenium's manager downloads nothing.
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.implicitly_wait(5)
+    shots = iter(range(1, 100))
+    driver.shot = lambda name: driver.save_screenshot(str(tmp_path / f"{next(shots):02d}-{name}.png"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def log_in(browser, console, name, password=PASSWORD):
+    """Log in with the keyboard only: type, Tab to the password, Enter."""
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(console + "/login")
+    assert label_of(browser, "name") == "Name" and label_of(browser, "password") == "Password"
+    field = browser.switch_to.active_element  # the name field has the focus (autofocus)
+    assert field.get_attribute("id") == "name"
+    field.send_keys(name)
+    field.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.get_attribute("id") == "password"
+    browser.switch_to.active_element.send_keys(password + Keys.ENTER)
+
+
+def label_of(browser, field_id):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.CSS_SELECTOR, f"label[for='{field_id}']").text
+
+
+def quarantine_hostile(gateway, sender):
+    msg = gateway.message(sender, [f"lee@{LOCAL_DOMAIN}"], HOSTILE_SUBJECT, HOSTILE_BODY)
+    msg.add_attachment(b"MZ\x90\x00console program", maintype="application", subtype="octet-stream",
+                       filename="invoice.pdf.exe")
+    queue_id = gateway.send(msg)
+    gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineAdded), [QUARANTINE.name], keys={queue_id},
+                         timeout=60)
+    return queue_id
+
+
+def test_an_admin_finds_views_and_releases_a_quarantined_message(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+
+    queue_id = quarantine_hostile(gateway, "mallory-console@partner.test")
+    log_in(browser, console, ADMIN)
+    assert browser.current_url.endswith("/quarantine")
+    browser.shot("quarantine")
+
+    # Search by sender, through the labelled form.
+    assert label_of(browser, "sender") == "Sender" and label_of(browser, "reason") == "Reason"
+    browser.find_element(By.ID, "sender").send_keys("mallory-console")
+    browser.find_element(By.ID, "reason").send_keys("attachment")
+    browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    links = browser.find_elements(By.CSS_SELECTOR, "tbody a")
+    assert [a.text for a in links] == [queue_id]
+    browser.shot("search")
+
+    # The message view: the hostile subject and body are text, nothing ran.
+    links[0].click()
+    assert browser.find_element(By.ID, "subject").text == HOSTILE_SUBJECT
+    assert "<script>document.title='pwned'</script>" in browser.find_element(By.CSS_SELECTOR, "pre.body").text
+    assert browser.title != "pwned" and browser.find_elements(By.TAG_NAME, "script") == []
+    assert browser.find_elements(By.TAG_NAME, "img") == []
+    attachments = browser.find_element(By.ID, "attachments").text
+    assert "invoice.pdf.exe" in attachments and "application/octet-stream" in attachments
+    assert hashlib.sha256(b"MZ\x90\x00console program").hexdigest() in attachments
+    assert not gateway.downstream.matching(lambda d: "mallory-console@" in d.mail_from)
+    browser.shot("message")
+
+    browser.find_element(By.ID, "release").click()
+    assert "Release requested" in browser.find_element(By.ID, "done").text
+    browser.shot("released")
+    [delivered] = gateway.downstream.wait_for(lambda d: "mallory-console@" in d.mail_from, timeout=60,
+                                              what="the released message")
+    assert delivered.rcpt_to == [f"lee@{LOCAL_DOMAIN}"]
+    released = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
+                                    keys={queue_id})
+    assert released[0].event.by == ADMIN
+
+
+def test_a_failed_login_is_refused_and_recorded(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+
+    log_in(browser, console, ADMIN, password="not the password at all")
+    assert "Wrong name or password" in browser.find_element(By.ID, "login-error").text
+    browser.shot("failed-login")
+    [failed] = gateway.wait_records(
+        lambda r: isinstance(r.event, ev.ConsoleLoginFailed) and r.event.login == ADMIN,
+        [CONSOLE_LOGINS.name], what="the refused login")
+    assert failed.event.client_ip == "127.0.0.1"
+    assert "not the password" not in failed.event.model_dump_json()
+
+
+def test_a_post_without_the_csrf_token_is_refused(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+
+    queue_id = quarantine_hostile(gateway, "csrf-console@partner.test")
+    log_in(browser, console, ADMIN)
+    browser.get(f"{console}/quarantine/{queue_id}")
+    # A forged form: the session cookie goes with it (as it would from
+    # another tab), the token does not.
+    cookie = browser.get_cookie("__Host-bulwark-console")
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    request = urllib.request.Request(f"{console}/quarantine/{queue_id}/release", method="POST",
+                                     data=urllib.parse.urlencode({}).encode(),
+                                     headers={"Cookie": f"{cookie['name']}={cookie['value']}"})
+    unverified = ssl._create_unverified_context()  # the stack's self-signed certificate
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=unverified, timeout=30)
+    assert refused.value.code == 403
+    # And in the browser: the release form with its token removed.
+    browser.execute_script(
+        "document.querySelector(\"form[action$='/release'] input[name=csrf_token]\").remove()")
+    browser.find_element(By.ID, "release").click()
+    assert "did not come from the console" in browser.find_element(By.ID, "refusal").text
+    browser.shot("csrf-refused")
+    assert not [r for r in gateway.records([QUARANTINE.name], keys={queue_id})
+                if isinstance(r.event, ev.QuarantineReleased)]
+
+
+def test_the_help_desk_is_refused_an_admin_page(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+
+    log_in(browser, console, HELPDESK)
+    assert browser.current_url.endswith("/quarantine")
+    assert not browser.find_elements(By.LINK_TEXT, "Administrators")
+    browser.get(console + "/admins")
+    assert "may not open this page" in browser.find_element(By.ID, "refusal").text
+    browser.shot("helpdesk-refused")
