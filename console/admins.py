@@ -18,12 +18,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulwark.passwords import hash_password, verify_password
+from bulwark.passwords import hash_password, verify_password, weaknesses
 
 ROLES = ("admin", "helpdesk")
 #: A login name: letters, digits and . _ @ - (an address is fine).
 NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+#: The guide's "Use Strong Passwords", as for mail accounts (bulwark/passwords.py):
+#: at least this long, and "safely unguessable" (3 of 4) by zxcvbn.
 MIN_PASSWORD_LENGTH = 12
+MIN_STRENGTH = 3
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ class AdminStore:
             raise ValueError("a name is 1 to 64 letters, digits, '.', '_', '@' or '-'")
         if role not in ROLES:
             raise ValueError(f"the role is one of {', '.join(ROLES)}")
-        if len(password) < MIN_PASSWORD_LENGTH:
-            raise ValueError(f"the password is shorter than {MIN_PASSWORD_LENGTH} characters")
+        problems = weaknesses(password, name, MIN_PASSWORD_LENGTH, MIN_STRENGTH)
+        if problems:
+            raise ValueError("the password is too weak: " + "; ".join(problems))
         records = self._read()
         records[name] = {"role": role, "password_hash": hash_password(password)}
         self._write(records)

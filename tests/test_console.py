@@ -115,6 +115,8 @@ def test_admin_store_keeps_argon2id_verifiers_only_in_a_private_file(tmp_path):
     ("alice", "root", PASSWORD, "role"),
     ("al ice", "admin", PASSWORD, "name"),
     ("alice", "admin", "short", "shorter"),
+    ("alice", "admin", "password123456", "too easy to guess"),
+    ("alice", "admin", "alice-rules-the-console", "name|domain"),
 ])
 def test_admin_store_refuses_bad_names_roles_and_short_passwords(tmp_path, name, role, password, why):
     with pytest.raises(ValueError, match=why):
@@ -247,3 +249,25 @@ async def test_a_message_no_longer_held_cannot_be_released(client, world):
     page = await (await client.get("/quarantine")).text()
     response = await client.post("/quarantine/m3/release", data={"csrf_token": csrf_of(page)})
     assert response.status == 409 and published == []
+
+
+# -- bulwark console add-admin -------------------------------------------------------
+
+
+def test_add_admin_reads_the_password_from_stdin_and_never_echoes_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bulwark.cli import main
+    from console.admins import admins_path
+
+    monkeypatch.setenv("BULWARK_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["console", "add-admin", "alice", "--role", "helpdesk", "--password-stdin"],
+                                input=PASSWORD + "\n")
+    assert result.exit_code == 0, result.output
+    assert PASSWORD not in result.output and "alice can log in to the console as helpdesk" in result.output
+    assert AdminStore(admins_path(tmp_path)).authenticate("alice", PASSWORD).role == "helpdesk"
+    listed = CliRunner().invoke(main, ["console", "admins"])
+    assert listed.output.split() == ["alice", "helpdesk"]
+    weak = CliRunner().invoke(main, ["console", "add-admin", "bob", "--role", "admin", "--password-stdin"],
+                              input="short\n")
+    assert weak.exit_code != 0 and "shorter than 12 characters" in weak.output
