@@ -112,6 +112,10 @@ class Console:
         self.publish = publish
         self.secure_cookies = secure_cookies
         self.sessions: dict[str, Session] = {}
+        #: Releases and deletions this process published that the quarantine
+        #: index does not show yet (the sink marks it a moment later): a
+        #: second click in that moment is refused, not published again.
+        self.requested: dict[str, tuple[str, str]] = {}
 
     # -- sessions and CSRF ---------------------------------------------------------
 
@@ -204,6 +208,9 @@ class Console:
             except Exception as exc:  # the refusal stands even when the event cannot be written
                 log.error("could not record the refused login: %s", type(exc).__name__)
             return await self.login_form(request, failed=True, name=name)
+        now = time.monotonic()
+        for stale in [t for t, s in self.sessions.items() if s.expired(now)]:
+            del self.sessions[stale]
         token = secrets.token_urlsafe(32)
         self.sessions[token] = Session(admin, secrets.token_urlsafe(32))
         log.info("console login: %s (%s) from %s", admin.name, admin.role, request.remote)
@@ -245,7 +252,15 @@ class Console:
         return self.render("message.html", request, {
             "r": record, "parsed": describe(raw) if raw is not None else None,
             "csrf_token": session.csrf, "done": request.query.get("done"),
+            "requested": self._requested(record),
         })
+
+    def _requested(self, record: dict) -> tuple[str, str] | None:
+        """(action, by) while this console's release or deletion is not in the index yet."""
+        if record["state"] != "quarantined":
+            self.requested.pop(record["message_id"], None)
+            return None
+        return self.requested.get(record["message_id"])
 
     async def quarantine_act(self, request: web.Request) -> web.Response:
         session = self.require(request, "admin", "helpdesk")
@@ -255,13 +270,20 @@ class Console:
             raise _Refused(404, "No such message in the quarantine.")
         if record["state"] != "quarantined":
             raise _Refused(409, f"This message is already {record['state']}.")
+        if requested := self._requested(record):
+            raise _Refused(409, f"{requested[1]} already asked to {requested[0]} this message.")
         by = session.admin.name
         if action == "release":
             event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
                                           envelope=ev.Envelope.model_validate(record["envelope"]), by=by)
         else:
             event = ev.QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by)
-        await self.publish(event)
+        self.requested[message_id] = (action, by)
+        try:
+            await self.publish(event)
+        except BaseException:
+            self.requested.pop(message_id, None)
+            raise
         log.info("%s %s by %s (console)", action, message_id, by)
         return see_other(f"/quarantine/{message_id}?done={action}")
 

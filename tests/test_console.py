@@ -271,3 +271,17 @@ def test_add_admin_reads_the_password_from_stdin_and_never_echoes_it(tmp_path, m
     weak = CliRunner().invoke(main, ["console", "add-admin", "bob", "--role", "admin", "--password-stdin"],
                               input="short\n")
     assert weak.exit_code != 0 and "shorter than 12 characters" in weak.output
+
+
+async def test_a_second_release_before_the_sinks_act_is_refused(client, world):
+    _, published, _ = world
+    await log_in(client)
+    page = await (await client.get("/quarantine/m1")).text()
+    first = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page)}, allow_redirects=False)
+    assert first.status == 303
+    # The index still says "quarantined" (the sink has not marked it yet).
+    again = await client.post("/quarantine/m1/delete", data={"csrf_token": csrf_of(page)})
+    assert again.status == 409 and "root already asked to release" in await again.text()
+    view = await (await client.get("/quarantine/m1")).text()
+    assert 'id="release"' not in view and "root asked to release this message" in view
+    assert len(published) == 1
