@@ -33,7 +33,7 @@ import sys
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 AUDIT_TOPICS = ["smtp.sessions", "mail.received", "mail.verdicts", "mail.deliveries", "quarantine.events",
-                "outbreak.fingerprints", "dmarc.reports"]
+                "outbreak.fingerprints", "dmarc.reports", "console.logins"]
 
 # The record headers Bulwark sets on every event.
 HEADER_TYPE = "bulwark-type"

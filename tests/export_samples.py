@@ -120,6 +120,7 @@ def events() -> list[ev.Event]:
                                            content_type="application/gzip")),
         ev.DmarcReportUnreadable(report_key=f"{MESSAGE}#1", error="not gzip: bad magic number", size=2048,
                                  received=ev.DmarcReportMessage(mail_from="dmarc@partner.test", client_ip=IP)),
+        ev.ConsoleLoginFailed(login="helpdesk-lee", client_ip=IP),
     ]
 
 

@@ -152,7 +152,7 @@ def test_a_batch_the_collector_has_not_acknowledged_is_not_written(authority):
 
 def test_the_default_export_is_every_audit_topic():
     assert default_topics() == ("smtp.sessions", "mail.received", "mail.verdicts", "mail.deliveries",
-                                "quarantine.events", "outbreak.fingerprints", "dmarc.reports")
+                                "quarantine.events", "outbreak.fingerprints", "dmarc.reports", "console.logins")
 
 
 def test_export_settings_come_from_the_environment(monkeypatch):

@@ -280,6 +280,10 @@ def _facts(event: ev.Event, summary: str) -> Facts:
         case ev.QuarantineDeleted():
             return Facts(name="Quarantined message deleted", categories=("email",), types=("deletion",),
                          outcome="success", severity=3, user=event.by, **common)
+        case ev.ConsoleLoginFailed():
+            return Facts(name="Console login failed", categories=("authentication", "web"), types=("start",),
+                         outcome="failure", severity=5, reason="wrong name or password", client_ip=event.client_ip,
+                         user=event.login, **common)
         case ev.OutbreakObserved():
             return Facts(name="Message fingerprint", categories=("email",), types=("info",), outcome="success",
                          severity=0, sender=event.sender, client_ip=event.client_ip, **common)
@@ -373,6 +377,8 @@ def _summary(event: ev.Event) -> str:
             return (f"DMARC report {event.report_id} from {event.org_name} on {event.policy_published.domain}"
                     f"{part}: {total} messages, {failing} failing DMARC, "
                     f"{event.date_begin:%Y-%m-%d %H:%M} to {event.date_end:%Y-%m-%d %H:%M}Z")
+        case ev.ConsoleLoginFailed():
+            return f"console login as {event.login} from {event.client_ip} refused"
         case ev.DmarcReportUnreadable():
             return f"unreadable DMARC report {event.report_key} from <{event.received.mail_from}>: {event.error}"
     return event.TYPE
