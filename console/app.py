@@ -147,9 +147,10 @@ class Console:
         if request.method == "POST":
             form = await request.post()
             sent = form.get("csrf_token")
-            expected = session.csrf if session else request.cookies.get(LOGIN_COOKIE)
-            if request.path == "/login":
-                expected = request.cookies.get(LOGIN_COOKIE)
+            # The login form's token is bound to its login cookie; every other
+            # form's to the session (no session: nothing can match).
+            expected = request.cookies.get(LOGIN_COOKIE) if request.path == "/login" else \
+                (session.csrf if session else None)
             if not self._same(sent if isinstance(sent, str) else None, expected):
                 log.warning("POST %s from %s refused: missing or wrong CSRF token", request.path, request.remote)
                 return self.refuse(request, 403, "This form has expired or did not come from the console. "

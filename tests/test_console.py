@@ -174,6 +174,13 @@ async def test_a_post_without_the_csrf_token_is_refused(client, world):
     assert published == []
 
 
+async def test_without_a_session_no_token_opens_a_form(client, world):
+    _, published, _ = world
+    form = await client.get("/login")  # a login cookie and its token, but nobody logged in
+    response = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(await form.text())})
+    assert response.status == 403 and published == []
+
+
 async def test_logout_ends_the_session(client):
     await log_in(client)
     page = await (await client.get("/quarantine")).text()
