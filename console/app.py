@@ -19,6 +19,7 @@ import email.policy
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -234,7 +235,10 @@ class Console:
 
     async def quarantine_list(self, request: web.Request) -> web.Response:
         self.require(request, "admin", "helpdesk")
-        q = {k: request.query.get(k, "").strip() for k in ("sender", "recipient", "reason")}
+        q = {k: request.query.get(k, "").strip() for k in ("sender", "recipient", "reason", "since", "until")}
+        for bound in ("since", "until"):
+            if q[bound] and not DATE.match(q[bound]):
+                q[bound] = ""  # not a date (a browser's date field sends YYYY-MM-DD): no bound
         state = request.query.get("state", "quarantined")
         records = await asyncio.to_thread(self.quarantine.records)
         rows = [r for r in records if matches(r, state=state, **q)]
@@ -312,9 +316,17 @@ class _Refused(Exception):
         self.status, self.why = status, why
 
 
-def matches(record: dict, state: str, sender: str = "", recipient: str = "", reason: str = "") -> bool:
-    """Whether a quarantine record passes the list's filters (case-insensitive substrings)."""
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def matches(record: dict, state: str, sender: str = "", recipient: str = "", reason: str = "",
+            since: str = "", until: str = "") -> bool:
+    """Whether a quarantine record passes the list's filters: case-insensitive
+    substrings, and the UTC day it was held on between ``since`` and ``until`` (inclusive)."""
     if state != "all" and record.get("state") != state:
+        return False
+    day = record.get("quarantined_at", "")[:10]
+    if (since and day < since) or (until and day > until):
         return False
     envelope = record.get("envelope", {})
     if sender and sender.lower() not in (envelope.get("mail_from") or "").lower():

@@ -211,6 +211,9 @@ def test_filters_are_case_insensitive_substrings():
     assert matches(r, "quarantined", sender="mallory", recipient="LEE@", reason="attachment")
     assert not matches(r, "quarantined", sender="kim")
     assert not matches(r, "released") and matches(r, "all")
+    # Held on 2026-12-01 (UTC): days are inclusive bounds.
+    assert matches(r, "all", since="2026-12-01", until="2026-12-01")
+    assert not matches(r, "all", since="2026-12-02") and not matches(r, "all", until="2026-11-30")
 
 
 async def test_search_lists_only_matching_held_messages(client):
@@ -221,6 +224,21 @@ async def test_search_lists_only_matching_held_messages(client):
     assert "/quarantine/m1" not in page and "/quarantine/m2" in page
     page = await (await client.get("/quarantine", params={"recipient": "lee@", "state": "all"})).text()
     assert "/quarantine/m1" in page and "/quarantine/m3" in page and "/quarantine/m2" not in page
+    page = await (await client.get("/quarantine", params={"since": "2026-12-02"})).text()
+    assert "/quarantine/m" not in page
+    # Not a date: no bound rather than an error.
+    page = await (await client.get("/quarantine", params={"since": "yesterday"})).text()
+    assert "/quarantine/m1" in page
+
+
+async def test_the_list_is_empty_before_the_quarantine_sink_made_its_index(world):
+    console, _, _ = world
+    console.quarantine = Quarantine(lambda: None, lambda digest: b"")
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client)
+        response = await client.get("/quarantine")
+        assert response.status == 200 and "0 messages" in await response.text()
+        assert (await client.get("/quarantine/m1")).status == 404
 
 
 async def test_message_view_escapes_everything_and_lists_attachments(client):
