@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 kafka:
 	bash infra/kafka/kafka.sh resolve
 
-## Run the gateway locally: Kafka, topics, ingest, Faust worker, sinks, demo mailbox.
+## Run the gateway locally: Kafka, topics, ingest, Faust worker, sinks, demo mailbox, web console.
 run: $(STAMP) kafka
 	$(BIN)/bulwark up
 
