@@ -71,6 +71,7 @@ def browser(tmp_path):
 def log_in(browser, console, name, password=PASSWORD):
     """Log in with the keyboard only: type, Tab to the password, Enter."""
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(console + "/login")
     assert label_of(browser, "name") == "Name" and label_of(browser, "password") == "Password"
@@ -80,6 +81,17 @@ def log_in(browser, console, name, password=PASSWORD):
     field.send_keys(Keys.TAB)
     assert browser.switch_to.active_element.get_attribute("id") == "password"
     browser.switch_to.active_element.send_keys(password + Keys.ENTER)
+    # Either the quarantine (logged in) or the login form again, with its error.
+    WebDriverWait(browser, 15).until(lambda b: b.current_url.endswith("/quarantine")
+                                     or b.find_elements("id", "login-error"))
+
+
+def wait_for_url(browser, part):
+    """Wait until the browser is on the next page: a click only starts the navigation,
+    and elements found before it ends belong to the old page."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 15).until(lambda b: part in b.current_url)
 
 
 def label_of(browser, field_id):
@@ -111,12 +123,14 @@ def test_an_admin_finds_views_and_releases_a_quarantined_message(gateway, consol
     browser.find_element(By.ID, "sender").send_keys("mallory-console")
     browser.find_element(By.ID, "reason").send_keys("attachment")
     browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    wait_for_url(browser, "sender=mallory-console")
     links = browser.find_elements(By.CSS_SELECTOR, "tbody a")
     assert [a.text for a in links] == [queue_id]
     browser.shot("search")
 
     # The message view: the hostile subject and body are text, nothing ran.
     links[0].click()
+    wait_for_url(browser, f"/quarantine/{queue_id}")
     assert browser.find_element(By.ID, "subject").text == HOSTILE_SUBJECT
     assert "<script>document.title='pwned'</script>" in browser.find_element(By.CSS_SELECTOR, "pre.body").text
     assert browser.title != "pwned" and browser.find_elements(By.TAG_NAME, "script") == []
@@ -128,6 +142,7 @@ def test_an_admin_finds_views_and_releases_a_quarantined_message(gateway, consol
     browser.shot("message")
 
     browser.find_element(By.ID, "release").click()
+    wait_for_url(browser, "done=release")
     assert "Release requested" in browser.find_element(By.ID, "done").text
     browser.shot("released")
     [delivered] = gateway.downstream.wait_for(lambda d: "mallory-console@" in d.mail_from, timeout=60,
@@ -172,6 +187,7 @@ def test_a_post_without_the_csrf_token_is_refused(gateway, console, browser):
     browser.execute_script(
         "document.querySelector(\"form[action$='/release'] input[name=csrf_token]\").remove()")
     browser.find_element(By.ID, "release").click()
+    wait_for_url(browser, "/release")
     assert "did not come from the console" in browser.find_element(By.ID, "refusal").text
     browser.shot("csrf-refused")
     assert not [r for r in gateway.records([QUARANTINE.name], keys={queue_id})
@@ -185,5 +201,6 @@ def test_the_help_desk_is_refused_an_admin_page(gateway, console, browser):
     assert browser.current_url.endswith("/quarantine")
     assert not browser.find_elements(By.LINK_TEXT, "Administrators")
     browser.get(console + "/admins")
+    wait_for_url(browser, "/admins")
     assert "may not open this page" in browser.find_element(By.ID, "refusal").text
     browser.shot("helpdesk-refused")
