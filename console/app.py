@@ -55,6 +55,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
     "Strict-Transport-Security": "max-age=31536000",
+    # Not aiohttp's and Python's versions: nothing for a scanner to match.
+    "Server": "Bulwark",
 }
 
 CONSOLE_KEY = web.AppKey("console", object)

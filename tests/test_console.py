@@ -201,6 +201,7 @@ async def test_every_page_forbids_scripts_and_framing(client):
     assert "default-src 'none'" in response.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Server"] == "Bulwark"
 
 
 # -- quarantine ----------------------------------------------------------------------------
