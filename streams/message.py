@@ -6,13 +6,20 @@ import email
 import email.policy
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterator
 
 from schemas.events import Direction, Envelope
 
 if TYPE_CHECKING:
     from bulwark.policy import Policy
+
+
+class UnreadableMessage(ValueError):
+    """A message Python's MIME parser cannot follow (parts nested deeper than its recursion).
+
+    A check that meets it fails by name (``<NAME>_FAIL``), which the policy
+    quarantines: what could not be read was not checked.
+    """
 
 
 @dataclass(frozen=True)
@@ -40,20 +47,40 @@ class Message:
     #: Authentication-Results header is made of them.
     authentication_results: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
 
-    @cached_property
+    _mime: EmailMessage | None = field(default=None, init=False, repr=False, compare=False)
+    _unreadable: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
     def mime(self) -> EmailMessage:
         # email.policy.default never raises on malformed input: it records
-        # defects and does its best, which is what a gateway needs.
-        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
+        # defects and does its best, which is what a gateway needs. Except
+        # for depth: its parser recurses once per nested multipart, so a few
+        # hundred levels (a few kilobytes) exhaust Python's recursion. That
+        # is remembered, so every check fails at once instead of each paying
+        # for the parse again.
+        if self._mime is None:
+            if self._unreadable is not None:
+                raise UnreadableMessage(self._unreadable)
+            try:
+                self._mime = email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[assignment]
+            except RecursionError:
+                self._unreadable = "MIME parts nested too deeply to parse"
+                raise UnreadableMessage(self._unreadable) from None
+        return self._mime  # type: ignore[return-value]
 
     @property
     def subject(self) -> str:
         return str(self.mime.get("Subject", ""))
 
     def parts(self) -> Iterator[Part]:
-        """Every leaf part, decoded from its transfer encoding."""
-        for part in self.mime.walk():
+        """Every leaf part, decoded from its transfer encoding, in the order of the message."""
+        # Walked with a stack rather than EmailMessage.walk(), whose
+        # generators nest one level per MIME level.
+        pending = [self.mime]
+        while pending:
+            part = pending.pop()
             if part.is_multipart():
+                pending.extend(reversed(part.get_payload()))
                 continue
             try:
                 payload = part.get_payload(decode=True) or b""

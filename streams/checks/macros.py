@@ -62,6 +62,9 @@ class Settings(ScanExclusions):
     max_member_bytes: int = Field(
         default=50 * 1024 * 1024, ge=1, description="Largest archive member read, after decompression"
     )
+    max_expanded_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1, description="Bytes read from one message's archives, after decompression"
+    )
 
 
 DEFAULT_ACTIONS = {FOUND: "reject", UNSCANNABLE: "quarantine"}
@@ -79,6 +82,8 @@ class Findings:
     documents: list[str] = field(default_factory=list)
     unscannable: list[str] = field(default_factory=list)
     members_read: int = 0
+    #: Across the message: an archive of archives must not multiply the limits at each level.
+    bytes_read: int = 0
 
 
 def is_ooxml(archive: zipfile.ZipFile) -> bool:
@@ -149,16 +154,23 @@ def inspect(name: str, data: bytes, settings: Settings, found: Findings, depth: 
             if info.file_size > settings.max_member_bytes:
                 found.unscannable.append(f"{member}: larger than {settings.max_member_bytes} bytes")
                 continue
+            if found.bytes_read > settings.max_expanded_bytes:
+                return  # reported where the budget ran out
+            budget = settings.max_expanded_bytes - found.bytes_read
             try:
                 with archive.open(info) as stream:
                     # Read one byte past the limit: the declared size may lie.
-                    content = stream.read(settings.max_member_bytes + 1)
+                    content = stream.read(min(settings.max_member_bytes, budget) + 1)
             except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
                 found.unscannable.append(f"{member}: cannot be read ({exc})")
                 continue
+            found.bytes_read += len(content)
             if len(content) > settings.max_member_bytes:
                 found.unscannable.append(f"{member}: larger than {settings.max_member_bytes} bytes")
                 continue
+            if len(content) > budget:
+                found.unscannable.append(f"{name}: archives expand past {settings.max_expanded_bytes} bytes")
+                return
             inspect(member, content, settings, found, depth + 1)
 
 
