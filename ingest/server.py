@@ -171,7 +171,23 @@ class GatewaySMTP(SMTP):
         else:
             self.handler.on_starttls(self.session)
 
+    def _discard_pipelined_plaintext(self) -> None:
+        """Drop what the client sent after STARTTLS, and let the socket be read again.
+
+        RFC 3207 4.2 says it is discarded, and aiosmtpd does so once the
+        handshake is done. But more than two lines of it (2 x 1001 bytes)
+        have by then paused reading on the socket (asyncio's flow control),
+        and the TLS layer, never resumed, could read neither a ClientHello
+        nor the client hanging up: the session was held for the 60-second
+        handshake timeout (found by tests/test_fuzz_smtp.py).
+        """
+        reader = self._reader
+        reader._buffer.clear()  # type: ignore[attr-defined]
+        reader._maybe_resume_transport()  # type: ignore[attr-defined]
+
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if not arg and self.tls_context:
+            self._discard_pipelined_plaintext()
         try:
             await super().smtp_STARTTLS(arg)
         except TLSSetupException as exc:
