@@ -142,6 +142,16 @@ def encode_body(data: bytes, how: str) -> tuple[bytes, bytes]:
 
 
 @st.composite
+def attachment_parts(draw) -> bytes:
+    name, data = draw(attachments)
+    cte, body = encode_body(data, draw(st.sampled_from(["base64", "base64", "broken-base64", "quoted-printable",
+                                                         "broken-qp", "8bit"])))
+    headers = [b"Content-Type: application/octet-stream", b"Content-Transfer-Encoding: " + cte,
+               b"Content-Disposition: attachment; filename=\"" + name.encode() + b"\""]
+    return b"\r\n".join(headers) + b"\r\n\r\n" + body
+
+
+@st.composite
 def mime_parts(draw, depth: int = 0) -> bytes:
     kind = draw(st.sampled_from(["text", "html", "attachment", "multipart", "message", "junk"])
                 if depth < 4 else st.sampled_from(["text", "attachment", "junk"]))
@@ -159,12 +169,7 @@ def mime_parts(draw, depth: int = 0) -> bytes:
         inner = draw(mime_parts(depth + 1))
         return b"\r\n".join([*headers, b"Content-Type: message/rfc822"]) + b"\r\n\r\n" + inner
     if kind == "attachment":
-        name, data = draw(attachments)
-        cte, body = encode_body(data, draw(st.sampled_from(["base64", "broken-base64", "quoted-printable",
-                                                             "broken-qp", "8bit"])))
-        headers += [b"Content-Type: application/octet-stream", b"Content-Transfer-Encoding: " + cte,
-                    b"Content-Disposition: attachment; filename=\"" + name.encode() + b"\""]
-        return b"\r\n".join(headers) + b"\r\n\r\n" + body
+        return b"\r\n".join([*headers, draw(attachment_parts())])
     if kind == "junk":
         return draw(st.binary(max_size=200))
     text = draw(st.text(max_size=300)).encode("utf-8", "surrogatepass")
@@ -178,7 +183,13 @@ def mime_parts(draw, depth: int = 0) -> bytes:
 @st.composite
 def raw_messages(draw) -> bytes:
     top = [b"From: " + draw(header_values), b"To: frank@example.com", b"Subject: " + draw(header_values)]
-    raw = b"\r\n".join(top) + b"\r\nMIME-Version: 1.0\r\n" + draw(mime_parts())
+    if draw(st.booleans()):
+        body = draw(mime_parts())
+    else:  # the usual shape of mail with files: a text and its attachments
+        parts = [draw(mime_parts(depth=4)), *draw(st.lists(attachment_parts(), min_size=1, max_size=3))]
+        body = b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n" + b"".join(
+            b"--b\r\n" + p + b"\r\n" for p in parts) + b"--b--\r\n"
+    raw = b"\r\n".join(top) + b"\r\nMIME-Version: 1.0\r\n" + body
     if draw(st.booleans()):  # bare CR and LF, as some clients send them
         raw = raw.replace(b"\r\n", draw(st.sampled_from([b"\n", b"\r", b"\r\r\n"])))
     return raw
@@ -343,3 +354,34 @@ def test_a_member_listed_many_times_is_limited_per_message():
     found = macros.Findings()
     macros.inspect("overlap.zip", bomb, macros.Settings(max_expanded_bytes=4 * 1024 * 1024), found)
     assert found.bytes_read <= 4 * 1024 * 1024 + 1 and found.unscannable
+
+
+def corrupt_deflate_zip() -> bytes:
+    """A zip whose member's deflate stream starts with a reserved block type: zlib.error on reading."""
+    good = dlp_samples.zip_of({"doc.bin": b"a" * 4000})
+    name_len = int.from_bytes(good[26:28], "little")
+    extra_len = int.from_bytes(good[28:30], "little")
+    start = 30 + name_len + extra_len
+    return good[:start] + b"\xff" * 8 + good[start + 8:]
+
+
+def negative_offset_zip() -> bytes:
+    """A zip whose end record puts the central directory past where it is: a negative member offset."""
+    good = bytearray(dlp_samples.zip_of({"doc.bin": b"a" * 4000}))
+    eocd = good.rindex(b"PK\x05\x06")
+    offset = int.from_bytes(good[eocd + 16:eocd + 20], "little")
+    good[eocd + 16:eocd + 20] = (offset + 100).to_bytes(4, "little")
+    return bytes(good)
+
+
+@pytest.mark.parametrize("archive", [corrupt_deflate_zip(), negative_offset_zip()], ids=["zlib-error", "negative-seek"])
+def test_damaged_archive_members_are_unscannable_not_a_failed_check(archive):
+    # Found by fuzzing: zlib.error and ValueError escaped the macros check
+    # (MACROS_FAIL for the whole message) where a damaged member should be
+    # reported as what it is.
+    found = macros.Findings()
+    macros.inspect("files.zip", archive, macros.Settings(use_clamav=False), found)
+    assert found.unscannable and "cannot be read" in found.unscannable[0]
+    settings = macros.Settings(use_clamav=False)
+    results = asyncio.run(macros.check(message(with_attachment("files.zip", archive)), settings))
+    assert [r.name for r in results] == [macros.UNSCANNABLE]

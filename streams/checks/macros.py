@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import lzma
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +50,10 @@ WHEN_FOUND = {"refuse": "reject", "quarantine": "quarantine"}
 
 OLE_MAGIC = b"\xD0\xCF\x11\xE0\xA1\xB1\x1A\xE1"
 ZIP_MAGIC = b"PK\x03\x04"
+#: What reading a damaged archive member raises: a corrupt compressed stream
+#: is zlib's or lzma's own error, and a corrupt offset a ValueError (found by tests/test_fuzz_mime.py).
+UNREADABLE_MEMBER = (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, ValueError,
+                     zlib.error, lzma.LZMAError)
 #: At most this many keywords of one kind per document in the evidence.
 MAX_KEYWORDS = 10
 
@@ -161,7 +167,7 @@ def inspect(name: str, data: bytes, settings: Settings, found: Findings, depth: 
                 with archive.open(info) as stream:
                     # Read one byte past the limit: the declared size may lie.
                     content = stream.read(min(settings.max_member_bytes, budget) + 1)
-            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
+            except UNREADABLE_MEMBER as exc:
                 found.unscannable.append(f"{member}: cannot be read ({exc})")
                 continue
             found.bytes_read += len(content)
