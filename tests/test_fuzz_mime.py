@@ -239,19 +239,19 @@ def judged_in_bounded_time(raw: bytes) -> list:
     return results
 
 
-@fuzz_settings(200, deadline_ms=BOUND_SECONDS * 1000)
+@fuzz_settings(120, deadline_ms=BOUND_SECONDS * 1000)
 @given(raw_messages())
 def test_generated_messages_yield_parts_or_a_named_reason(raw):
     parts_or_unreadable(message(raw))
 
 
-@fuzz_settings(150, deadline_ms=BOUND_SECONDS * 1000)
+@fuzz_settings(100, deadline_ms=BOUND_SECONDS * 1000)
 @given(raw_messages())
 def test_content_checks_judge_generated_messages_without_raising(raw):
     judged_in_bounded_time(raw)
 
 
-@fuzz_settings(40, deadline_ms=BOUND_SECONDS * 1000)
+@fuzz_settings(30, deadline_ms=BOUND_SECONDS * 1000)
 @given(raw_messages())
 def test_run_checks_never_raises_and_fails_only_by_name(raw):
     results = asyncio.run(run_checks(message(raw), POLICY))
@@ -385,3 +385,14 @@ def test_damaged_archive_members_are_unscannable_not_a_failed_check(archive):
     settings = macros.Settings(use_clamav=False)
     results = asyncio.run(macros.check(message(with_attachment("files.zip", archive)), settings))
     assert [r.name for r in results] == [macros.UNSCANNABLE]
+
+
+def test_dlp_test_says_why_it_cannot_read_a_deeply_nested_message(tmp_path):
+    from click.testing import CliRunner
+
+    from bulwark.cli import main
+
+    path = tmp_path / "deep.eml"
+    path.write_bytes(nested_multipart(2000))
+    result = CliRunner().invoke(main, ["dlp", "test", str(path)])
+    assert result.exit_code == 1 and "nested too deeply" in result.output and "Traceback" not in result.output
