@@ -135,7 +135,22 @@ class GatewaySMTP(SMTP):
         if rewritten is not None:
             status, phase, reason = rewritten
             self.handler.record_refusal(self.session, phase, Refusal(status, reason))
+        if self.transport is None or self.transport.is_closing():
+            # The connection is going: nobody to answer. (A TLS transport
+            # closed twice raises AttributeError on write, which aiosmtpd
+            # reported as an unexpected error: found by bench/smtp_fuzz.py.)
+            return
         await super().push(status)
+
+    def _getaddr(self, arg: str):
+        # The email package's address parser raises IndexError, not
+        # HeaderParseError, on an unclosed path with an empty domain
+        # ("RCPT TO:<a@"), which aiosmtpd answered 451 as an unexpected error
+        # (found by bench/smtp_fuzz.py). It is a syntax error like the others.
+        try:
+            return super()._getaddr(arg)
+        except IndexError:
+            return None, None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         # Source routes and several @ never reach handle_RCPT intact (aiosmtpd

@@ -277,6 +277,7 @@ def run_session(chunks: list[bytes]) -> tuple[bytes, Recorder, list[str]]:
 @example([b"EHLO a\r\nSTARTTLS\r\nEHLO b\r\n"])  # plaintext where the TLS handshake should be
 @example([b"EHLO a\r\nSTARTTLS\r\nNOOP " + b"x" * 5000 + b"\r\n"])  # ... more than the reader buffers
 @example([b"NOOP " + b"x" * 70_000 + b"\r\n"])  # past the stream reader's limit
+@example([b"EHLO a\r\nMAIL FROM:<a@\r\nMAIL FROM:<>\r\nRCPT TO:<b@\r\n"])  # IndexError in the address parser
 @example([b"EHLO a\rMAIL FROM:<a@b>\rRCPT TO:<c@example.com>\rDATA\r", b"\nbare CR\n.\n"])
 def test_hostile_sessions_get_replies_events_and_an_end(chunks):
     received, recorder, errors = run_session(chunks)
@@ -319,3 +320,39 @@ def test_a_tls_handshake_after_pipelined_plaintext_is_read():
 
     events = asyncio.run(main())
     assert any(e.TYPE == "session.starttls" and e.outcome == "success" for e in events)
+
+
+def test_an_unclosed_path_with_no_domain_is_a_syntax_error():
+    # Regression, found by bench/smtp_fuzz.py: "MAIL FROM:<a@" made the email
+    # package's parser raise IndexError, answered 451 as an unexpected error.
+    received, _, errors = run_session([b"EHLO a\r\nMAIL FROM:<a@\r\nMAIL FROM:<>\r\nRCPT TO:<b@\r\n"])
+    replies = [line for line in received.split(b"\r\n") if line and line[3:4] != b"-"]
+    assert replies[2] == replies[4] == b"553 5.1.3 Error: malformed address", received
+    assert replies[3] == b"250 2.1.0 Ok"
+    assert not errors
+
+
+def test_no_reply_is_written_to_a_closed_tls_connection():
+    # Regression, found by bench/smtp_fuzz.py: a reply due after a TLS
+    # connection was closed (a long line read while the client hung up) hit
+    # asyncio's closed TLS transport, which raises AttributeError, logged as
+    # an unexpected error.
+    async def main(blob_dir: str):
+        recorder = Recorder()
+        handler = IngestHandler(POLICY, recorder, recorder, BlobStore(Path(blob_dir)))
+        protocol = GatewaySMTP(handler, hostname="gw.example.com")
+        protocol.transport = ClosedTransport()
+        await protocol.push("500 Command line too long")  # raised AttributeError before
+
+    with tempfile.TemporaryDirectory() as blobs:
+        asyncio.run(main(blobs))
+
+
+class ClosedTransport:
+    """What asyncio's TLS transport is once closed twice: writing to it raises."""
+
+    def is_closing(self):
+        return True
+
+    def write(self, data):
+        raise AttributeError("'NoneType' object has no attribute '_write_appdata'")
