@@ -265,7 +265,10 @@ class Fuzzer:
                 self.hung(source, "no reply to EHLO/STARTTLS", received)
                 writer.close()
                 return
-        data, ends = rng.stream([*lines, b"", b".", b"QUIT"], eol)
+        data, ends = rng.stream(lines, eol)
+        # Always said plainly, so that the session can end: the end of any DATA, and QUIT.
+        data += b"\r\n.\r\nQUIT\r\n"
+        ends += [len(data) - 9, len(data) - 6, len(data)]
         cuts = rng.cuts(data)
 
         async def read_all():
@@ -334,16 +337,16 @@ class RssSampler(threading.Thread):
         super().__init__(name="rss", daemon=True)
         self.pid, self.progress, self.interval = pid, progress, interval
         self.samples: list[tuple[float, int, float]] = []  # (seconds, lines sent, MiB)
-        self._stop = threading.Event()
-        self._started = time.monotonic()
+        self._done = threading.Event()
+        self._t0 = time.monotonic()
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic() - self._started, self.progress(), rss_mib(self.pid)))
-            self._stop.wait(self.interval)
+        while not self._done.is_set():
+            self.samples.append((time.monotonic() - self._t0, self.progress(), rss_mib(self.pid)))
+            self._done.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
