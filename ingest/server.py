@@ -103,6 +103,19 @@ class GatewaySession(Session):
     CONNECTION_FACTS = ("allow_listed_client", "client_host", "client_country", "commands")
 
 
+class SessionClosed(asyncio.CancelledError):
+    """The session was closed (a closing refusal, aiosmtpd's own limits, QUIT):
+    what the client pipelined after that is not processed.
+
+    aiosmtpd's dialogue loop goes on reading buffered lines until the close
+    completes, and answers and closes again for each; on a TLS connection the
+    second close breaks asyncio's transport, whose next read or write raised
+    AttributeError, reported as an unexpected error (found by
+    bench/smtp_fuzz.py). A CancelledError is how aiosmtpd's loop ends a
+    session whose connection is gone.
+    """
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with connect and disconnect events, asynchronous AUTH and REQUIRETLS."""
 
@@ -117,6 +130,8 @@ class GatewaySMTP(SMTP):
 
     def _guarded(self, command: str, method):
         async def run(arg):
+            if self._closing():
+                raise SessionClosed()
             refusal = await self.handler.command_refusal(self.session, command)
             if refusal is not None:
                 await self.push(refusal.reply)
@@ -135,12 +150,12 @@ class GatewaySMTP(SMTP):
         if rewritten is not None:
             status, phase, reason = rewritten
             self.handler.record_refusal(self.session, phase, Refusal(status, reason))
-        if self.transport is None or self.transport.is_closing():
-            # The connection is going: nobody to answer. (A TLS transport
-            # closed twice raises AttributeError on write, which aiosmtpd
-            # reported as an unexpected error: found by bench/smtp_fuzz.py.)
-            return
+        if self._closing():
+            raise SessionClosed()
         await super().push(status)
+
+    def _closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def _getaddr(self, arg: str):
         # The email package's address parser raises IndexError, not
@@ -272,8 +287,10 @@ class IngestHandler:
     @staticmethod
     def _close_after(server: SMTP, refusal: Refusal | None) -> None:
         if refusal is not None and refusal.close and server.transport is not None:
-            # The reply is written first; closing on the next loop turn.
-            asyncio.get_running_loop().call_soon(server.transport.close)
+            # The reply is written first; closing on the next loop turn
+            # (once: a TLS transport closed twice breaks).
+            transport = server.transport
+            asyncio.get_running_loop().call_soon(lambda: transport.is_closing() or transport.close())
 
     # -- connection ------------------------------------------------------
 
