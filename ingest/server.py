@@ -55,6 +55,8 @@ NOT_UTF8_REPLIES = {
     "RCPT": "501 5.1.3 Bad recipient address syntax: bytes that are not UTF-8",
 }
 NOT_UTF8_REPLY = "501 5.5.2 Syntax error: bytes that are not UTF-8"
+#: As Postfix answers it.
+TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"
 NOT_UTF8_REASON = "bytes that are not UTF-8"
 
 
@@ -216,6 +218,15 @@ class GatewaySMTP(SMTP):
         reader._maybe_resume_transport()  # type: ignore[attr-defined]
 
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.session.tls_version:
+            # RFC 3207: never a second TLS layer over the first. aiosmtpd
+            # does not advertise STARTTLS again but accepted it, and asyncio
+            # cannot end a handshake nested in TLS when the client leaves (its
+            # own TypeError in SSLProtocol._abort): the session was held for
+            # the handshake timeout (found by bench/smtp_fuzz.py).
+            self.handler.record_refusal(self.session, "STARTTLS", Refusal(TLS_ALREADY_ACTIVE, "TLS already active"))
+            await self.push(TLS_ALREADY_ACTIVE)
+            return
         if not arg and self.tls_context:
             self._discard_pipelined_plaintext()
         try:

@@ -374,3 +374,35 @@ def test_commands_pipelined_after_the_gateway_closed_a_tls_session_are_not_proce
     assert b"Too many unrecognized commands, goodbye." in received
     assert b"250 2.1.0" not in received and not any(e.TYPE == "session.mail" for e in events)
     assert not errors.records, errors.records
+
+
+def test_starttls_inside_tls_is_refused():
+    # Regression, found by bench/smtp_fuzz.py: a second STARTTLS over TLS was
+    # accepted (a TLS layer inside the first); when the client then left,
+    # asyncio failed to end the nested handshake and the session was held for
+    # the handshake timeout.
+    import ssl
+
+    async def main():
+        recorder = Recorder()
+        with tempfile.TemporaryDirectory() as blobs:
+            server = await start_ingest(recorder, Path(blobs))
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.readline()
+            writer.write(b"EHLO client.test\r\nSTARTTLS\r\n")
+            while (line := await asyncio.wait_for(reader.readline(), 5)) != STARTTLS_READY + b"\r\n":
+                assert line
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            await asyncio.wait_for(writer.start_tls(context), 5)
+            writer.write(b"STARTTLS\r\nNOOP\r\nQUIT\r\n")
+            replies = [await asyncio.wait_for(reader.readline(), 5) for _ in range(3)]
+            writer.close()
+            server.close()
+            await server.wait_closed()
+        return replies, recorder.events
+
+    replies, events = asyncio.run(main())
+    assert replies == [b"554 5.5.1 Error: TLS already active\r\n", b"250 OK\r\n", b"221 Bye\r\n"]
+    assert any(e.TYPE == "session.refused" and e.phase == "STARTTLS" for e in events)
