@@ -124,6 +124,7 @@ header_values = st.one_of(
         b"attachment; filename*=utf-8''%ZZ%E9.exe", b"attachment; filename*0*=utf-8''a; filename*1=b.exe",
         b"attachment; filename=\"unterminated", b"base64", b"quoted-printable", b"x-uuencode", b"8bit",
         b"application/octet-stream; name==?utf-8?b?ZXZpbC5leGU=?=", b"<>,;:@\"\\", b"a" * 5000,
+        b"text/plain; a*", b"attachment; filename=\"x.exe\"; b*", b"multipart/mixed; boun!*",
     ]),
 )
 
@@ -396,3 +397,24 @@ def test_dlp_test_says_why_it_cannot_read_a_deeply_nested_message(tmp_path):
     path.write_bytes(nested_multipart(2000))
     result = CliRunner().invoke(main, ["dlp", "test", str(path)])
     assert result.exit_code == 1 and "nested too deeply" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("header", [
+    b"Content-Type: text/plain; a*",  # raised while the message was parsed
+    b"Content-Disposition: inline; b*",  # raised when a part's file name was read
+])
+def test_a_parameter_the_default_parser_trips_over_leaves_the_message_readable(header):
+    # Found by tests/fuzz_atheris.py: CPython's header parser raises
+    # IndexError on a parameter such as "a*". Every check failed on it
+    # (quarantine for one header line) and the outbreak agent, which
+    # fingerprints outside the checks, stopped.
+    raw = (b"From: erin@partner.test\r\nTo: frank@example.com\r\nSubject: files\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n" + header + b"\r\n\r\nSee attached.\r\n"
+           b"--b\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Disposition: attachment; filename=\"invoice.exe\"; b*\r\n\r\nMZ\r\n--b--\r\n")
+    msg = message(raw)
+    assert [p.filename for p in msg.parts()] == [None, "invoice.exe"] and msg.subject == "files"
+    outbreak.fingerprints(msg)
+    results = asyncio.run(run_checks(msg, POLICY))
+    assert not [r.name for r in results if r.outcome == "fail"]
+    assert attachment_type.BLOCKED in [r.name for r in results]
