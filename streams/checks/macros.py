@@ -139,6 +139,11 @@ def inspect(name: str, data: bytes, settings: Settings, found: Findings, depth: 
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError):
         return
+    except (NotImplementedError, OSError, EOFError) as exc:
+        # An archive in a form zipfile cannot read ("zip file version 24.5",
+        # found by tests/fuzz_atheris.py): it may hold a document, unseen.
+        found.unscannable.append(f"{name}: cannot be opened ({exc})")
+        return
     with archive:
         if is_ooxml(archive):
             _document(name, data, found)
