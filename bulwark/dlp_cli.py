@@ -85,7 +85,12 @@ def dlp_test(path: str, policy_path: str | None) -> None:
     settings = _settings(policy_path)
     data = Path(path).read_bytes()
     if path.lower().endswith((".eml", ".msg.txt", ".mbox")):
-        extracted = extract_message(_as_message(data), settings.limits(), settings.scan_attachments)
+        from streams.message import UnreadableMessage
+
+        try:
+            extracted = extract_message(_as_message(data), settings.limits(), settings.scan_attachments)
+        except UnreadableMessage as exc:  # the DLP check fails on it the same way (DLP_FAIL, quarantined)
+            raise click.ClickException(f"{path}: {exc}") from None
     else:
         extracted = Extracted()
         extract_file(Path(path).name, data, extracted, settings.limits())

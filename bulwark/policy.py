@@ -388,7 +388,29 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+def _unconstructable_line(root: yaml.Node | None) -> int | None:
+    """1-based line of the first scalar PyYAML cannot construct (a date that does not exist)."""
+    constructor = yaml.constructor.SafeConstructor()
+    pending, seen = [root], set()
+    while pending:
+        node = pending.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                constructor.construct_object(node)
+            except Exception:
+                return node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            pending.extend(part for pair in node.value for part in pair)
+    return None
+
+
 def parse(text: str, path: Path | str = "<policy>") -> Policy:
+    root = None
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -398,6 +420,12 @@ def parse(text: str, path: Path | str = "<policy>") -> Policy:
         mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         what = " ".join(filter(None, [getattr(exc, "context", None), getattr(exc, "problem", None)])) or str(exc)
         raise PolicyError(path, [(mark.line + 1 if mark else None, "", f"not valid YAML: {what}")]) from None
+    except RecursionError:
+        raise PolicyError(path, [(None, "", "not valid YAML: nested too deeply")]) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # PyYAML lets a date that does not exist (2001-13-01) through as
+        # datetime's own error, with no mark: find the scalar it came from.
+        raise PolicyError(path, [(_unconstructable_line(root), "", f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
         raise PolicyError(path, [(1, "", "expected a mapping of policy sections")])
     return _validate(data, root, path)

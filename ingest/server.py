@@ -56,6 +56,8 @@ NOT_UTF8_REPLIES = {
     "RCPT": "501 5.1.3 Bad recipient address syntax: bytes that are not UTF-8",
 }
 NOT_UTF8_REPLY = "501 5.5.2 Syntax error: bytes that are not UTF-8"
+#: As Postfix answers it.
+TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"
 NOT_UTF8_REASON = "bytes that are not UTF-8"
 
 
@@ -104,6 +106,19 @@ class GatewaySession(Session):
     CONNECTION_FACTS = ("allow_listed_client", "client_host", "client_country", "commands")
 
 
+class SessionClosed(asyncio.CancelledError):
+    """The session was closed (a closing refusal, aiosmtpd's own limits, QUIT):
+    what the client pipelined after that is not processed.
+
+    aiosmtpd's dialogue loop goes on reading buffered lines until the close
+    completes, and answers and closes again for each; on a TLS connection the
+    second close breaks asyncio's transport, whose next read or write raised
+    AttributeError, reported as an unexpected error (found by
+    bench/smtp_fuzz.py). A CancelledError is how aiosmtpd's loop ends a
+    session whose connection is gone.
+    """
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with connect and disconnect events, asynchronous AUTH and REQUIRETLS."""
 
@@ -118,6 +133,8 @@ class GatewaySMTP(SMTP):
 
     def _guarded(self, command: str, method):
         async def run(arg):
+            if self._closing():
+                raise SessionClosed()
             refusal = await self.handler.command_refusal(self.session, command)
             if refusal is not None:
                 await self.push(refusal.reply)
@@ -136,7 +153,22 @@ class GatewaySMTP(SMTP):
         if rewritten is not None:
             status, phase, reason = rewritten
             self.handler.record_refusal(self.session, phase, Refusal(status, reason))
+        if self._closing():
+            raise SessionClosed()
         await super().push(status)
+
+    def _closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def _getaddr(self, arg: str):
+        # The email package's address parser raises IndexError, not
+        # HeaderParseError, on an unclosed path with an empty domain
+        # ("RCPT TO:<a@"), which aiosmtpd answered 451 as an unexpected error
+        # (found by bench/smtp_fuzz.py). It is a syntax error like the others.
+        try:
+            return super()._getaddr(arg)
+        except IndexError:
+            return None, None
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         # Source routes and several @ never reach handle_RCPT intact (aiosmtpd
@@ -172,7 +204,32 @@ class GatewaySMTP(SMTP):
         else:
             self.handler.on_starttls(self.session)
 
+    def _discard_pipelined_plaintext(self) -> None:
+        """Drop what the client sent after STARTTLS, and let the socket be read again.
+
+        RFC 3207 4.2 says it is discarded, and aiosmtpd does so once the
+        handshake is done. But more than two lines of it (2 x 1001 bytes)
+        have by then paused reading on the socket (asyncio's flow control),
+        and the TLS layer, never resumed, could read neither a ClientHello
+        nor the client hanging up: the session was held for the 60-second
+        handshake timeout (found by tests/test_fuzz_smtp.py).
+        """
+        reader = self._reader
+        reader._buffer.clear()  # type: ignore[attr-defined]
+        reader._maybe_resume_transport()  # type: ignore[attr-defined]
+
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.session.tls_version:
+            # RFC 3207: never a second TLS layer over the first. aiosmtpd
+            # does not advertise STARTTLS again but accepted it, and asyncio
+            # cannot end a handshake nested in TLS when the client leaves (its
+            # own TypeError in SSLProtocol._abort): the session was held for
+            # the handshake timeout (found by bench/smtp_fuzz.py).
+            self.handler.record_refusal(self.session, "STARTTLS", Refusal(TLS_ALREADY_ACTIVE, "TLS already active"))
+            await self.push(TLS_ALREADY_ACTIVE)
+            return
+        if not arg and self.tls_context:
+            self._discard_pipelined_plaintext()
         try:
             await super().smtp_STARTTLS(arg)
         except TLSSetupException as exc:
@@ -242,8 +299,10 @@ class IngestHandler:
     @staticmethod
     def _close_after(server: SMTP, refusal: Refusal | None) -> None:
         if refusal is not None and refusal.close and server.transport is not None:
-            # The reply is written first; closing on the next loop turn.
-            asyncio.get_running_loop().call_soon(server.transport.close)
+            # The reply is written first; closing on the next loop turn
+            # (once: a TLS transport closed twice breaks).
+            transport = server.transport
+            asyncio.get_running_loop().call_soon(lambda: transport.is_closing() or transport.close())
 
     # -- connection ------------------------------------------------------
 

@@ -78,14 +78,20 @@ UPCASTERS: dict[tuple[str, int], Upcaster] = {
 
 def upcast(data: dict) -> dict:
     event_type, version = data.get("type"), data.get("version")
-    cls = EVENT_TYPES.get(event_type)
+    cls = EVENT_TYPES.get(event_type) if isinstance(event_type, str) else None
     if cls is None:
-        raise UnknownEvent(f"unknown event type {event_type!r}")
+        raise UnknownEvent(f"unknown event type {event_type!r}"[:200])
     while version != cls.VERSION:
-        step = UPCASTERS.get((event_type, version))
+        step = UPCASTERS.get((event_type, version)) if isinstance(version, int) else None
         if step is None:
-            raise UnknownEvent(f"no upcaster for {event_type} v{version} (current is v{cls.VERSION})")
-        data = step(data)
+            raise UnknownEvent(f"no upcaster for {event_type} v{version!r} (current is v{cls.VERSION})"[:200])
+        try:
+            data = step(data)
+        except (KeyError, TypeError, AttributeError) as exc:
+            # An old record without the fields its version had is corrupt,
+            # not a reason for the consumer reading it to stop.
+            raise UnknownEvent(f"{event_type} v{version} record lacks what v{version} had: "
+                               f"{type(exc).__name__} {exc}"[:200]) from None
         version = data["version"]
     return data
 
@@ -101,20 +107,32 @@ def encode(event: Event) -> tuple[bytes, list[tuple[str, bytes]]]:
 
 
 def decode(value: bytes, headers: Iterable[tuple[str, bytes]] | None = None) -> Event:
-    """Parse a record value (of any known version) into the current event class."""
+    """Parse a record value (of any known version) into the current event class.
+
+    Whatever the record holds, this raises only ``UnknownEvent`` (not an
+    event this code can read) or pydantic's ``ValidationError`` (an event of
+    a known type whose fields are wrong). Both are ``ValueError``, which is
+    what every consumer catches to skip a record: anything else would stop
+    the consumer on one corrupt or hostile record.
+    """
     try:
         data = json.loads(value)
     except (TypeError, ValueError) as exc:
         raise UnknownEvent(f"record is not JSON: {exc}") from None
+    except RecursionError:
+        raise UnknownEvent("record is not JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise UnknownEvent("record is not a JSON object")
     for name, raw in headers or ():
         # The body is authoritative; the headers let consumers filter cheaply
         # without parsing. Disagreement means a corrupt or forged record.
-        if name == HEADER_TYPE and raw.decode() != data.get("type"):
+        if name == HEADER_TYPE and raw.decode("utf-8", "replace") != data.get("type"):
             raise UnknownEvent("type header and body disagree")
     data = upcast(data)
-    return EVENT_TYPES[data["type"]].model_validate(data)
+    try:
+        return EVENT_TYPES[data["type"]].model_validate(data)
+    except RecursionError:
+        raise UnknownEvent(f"{data['type']} record nested too deeply") from None
 
 
 def header(headers: Iterable[tuple[str, bytes]] | None, name: str) -> str | None:

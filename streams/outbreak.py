@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from html.parser import HTMLParser
 
-from streams.message import Message
+from streams.message import Message, UnreadableMessage
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,14 @@ def register(app, settings_, received_topic, blobs, current_policy) -> dict:
                 log.warning("outbreak: message %s unreadable: %s", event.message_id, exc)
                 continue
             message = Message(event.message_id, event.session_id, event.envelope, event.direction, raw)
-            for fingerprint, kind in (await asyncio.to_thread(fingerprints, message)).items():
+            try:
+                found = await asyncio.to_thread(fingerprints, message)
+            except UnreadableMessage as exc:
+                # Nothing to count; the content checks fail on it by name
+                # (quarantined). Raising here would stop this agent.
+                log.info("outbreak: message %s not fingerprinted: %s", event.message_id, exc)
+                continue
+            for fingerprint, kind in found.items():
                 observed = ev.OutbreakObserved(
                     message_id=event.message_id, session_id=event.session_id,
                     # Event time of the message, so windows and replays agree.

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Limits:
     max_depth: int = 3
+    #: Members read, and bytes they expand to, in all of one message's archives.
     max_members: int = 1000
     max_file_bytes: int = 25 * 1024 * 1024
     max_expanded_bytes: int = 100 * 1024 * 1024
@@ -56,6 +57,11 @@ class Problem:
 class Extracted:
     texts: list[Text] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    #: Archive members read and bytes they expanded to, across the whole
+    #: message: the limits hold for the message, not for each archive, or
+    #: an archive of archives multiplies them at every level.
+    members_read: int = 0
+    expanded_bytes: int = 0
 
     def add(self, where: str, text: str, limits: Limits) -> None:
         if text.strip():
@@ -204,13 +210,22 @@ def _open_zip(data: bytes, where: str, depth: int, limits: Limits) -> zipfile.Zi
     return archive
 
 
-def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, limits: Limits) -> bytes:
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, limits: Limits, out: Extracted) -> bytes:
+    out.members_read += 1
+    if out.members_read > limits.max_members:
+        raise _Bomb(f"more than {limits.max_members} archive members in the message")
+    budget = limits.max_expanded_bytes - out.expanded_bytes
+    if budget <= 0:
+        raise _Bomb(f"the message's archives expand past {limits.max_expanded_bytes} bytes")
     # The declared size is the archive's claim; read at most the limit so a
     # member that lies about its size cannot expand past it.
     with archive.open(member) as stream:
-        data = stream.read(limits.max_file_bytes + 1)
+        data = stream.read(min(limits.max_file_bytes, budget) + 1)
+    out.expanded_bytes += len(data)
     if len(data) > limits.max_file_bytes:
         raise _Bomb(f"{member.filename} expands past {limits.max_file_bytes} bytes")
+    if len(data) > budget:
+        raise _Bomb(f"the message's archives expand past {limits.max_expanded_bytes} bytes")
     return data
 
 
@@ -222,17 +237,23 @@ def _zip_contents(data: bytes, where: str, out: Extracted, limits: Limits, depth
         out.problems.append(Problem("unscannable", where, f"encrypted archive members: {', '.join(encrypted[:5])}"))
     if "word/document.xml" in names or "ppt/presentation.xml" in names:
         parts = _DOCX_PARTS if "word/document.xml" in names else _PPTX_PARTS
-        text = [ooxml_text(decode_text(_read_member(archive, archive.getinfo(n), limits)))
+        text = [ooxml_text(decode_text(_read_member(archive, archive.getinfo(n), limits, out)))
                 for n in sorted(names) if parts.fullmatch(n)]
         out.add(where, "\n".join(text), limits)
         return
     if "xl/workbook.xml" in names:
+        # openpyxl expands the workbook's parts itself: their declared sizes
+        # (zipfile reads no more than those) count against the message's budget.
+        out.expanded_bytes += sum(m.file_size for m in archive.infolist())
+        if out.expanded_bytes > limits.max_expanded_bytes:
+            raise _Bomb(f"the message's archives expand past {limits.max_expanded_bytes} bytes")
         out.add(where, _xlsx_text(data), limits)
         return
     for member in archive.infolist():
         if member.is_dir() or member.flag_bits & 0x1:
             continue
-        extract_file(f"{where}/{member.filename}", _read_member(archive, member, limits), out, limits, depth + 1)
+        extract_file(f"{where}/{member.filename}", _read_member(archive, member, limits, out), out, limits,
+                     depth + 1)
 
 
 def extract_file(name: str, data: bytes, out: Extracted, limits: Limits, depth: int = 0) -> None:
