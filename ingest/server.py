@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import time
+from asyncio import sslproto
 from email.parser import BytesHeaderParser
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
@@ -30,7 +32,7 @@ from ingest import mta_sts_host
 from ingest.tls import server_tls
 from ingest.guards import Refusal
 from ingest.guards.ip_shielding import IPShieldingGuard
-from ingest.guards.limits import SessionClock, SessionLimitsGuard, size_reply
+from ingest.guards.limits import SessionClock, SessionLimitsGuard, SessionTimeouts, size_reply
 from ingest.guards.lists import ListsGuard
 from ingest.enforcement import start_abuse_guards
 from ingest.guards.location import LocationGuard
@@ -104,13 +106,19 @@ class GatewaySession(Session):
 
 
 class GatewaySMTP(SMTP):
-    """aiosmtpd's SMTP with connect and disconnect events, asynchronous AUTH and REQUIRETLS."""
+    """aiosmtpd's SMTP with connect and disconnect events, asynchronous AUTH and REQUIRETLS,
+    and timeouts that follow the policy and the load (ingest.guards.limits.SessionTimeouts)."""
 
-    def __init__(self, handler: "IngestHandler", **kwargs):
+    def __init__(self, handler: "IngestHandler", timeouts: SessionTimeouts | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self.handler = handler
         self._parsing_mail = False
         self._clock: SessionClock | None = None
+        self._timeouts = timeouts if timeouts is not None else SessionTimeouts(handler.policy)
+        self._counted = False
+        # Loop times of the last valid command, and of the last complete line
+        # from the client or reply to it: what the timeouts measure.
+        self._last_command = self._last_line = 0.0
         # Every recognised command passes the on_command guards first (the
         # commands-per-session limit); aiosmtpd has no hook for that.
         self._smtp_methods = {name: self._guarded(name, method) for name, method in self._smtp_methods.items()}
@@ -135,7 +143,42 @@ class GatewaySMTP(SMTP):
         if rewritten is not None:
             status, phase, reason = rewritten
             self.handler.record_refusal(self.session, phase, Refusal(status, reason))
+        self._last_line = self.loop.time()  # a reply: from now on the client is the one to speak
         await super().push(status)
+
+    # -- timeouts ------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # A line is progress; a byte is not (a slowloris sends one every few seconds).
+        if b"\n" in data:
+            self._last_line = self.loop.time()
+        super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd calls this at connect and at every valid command, and arms
+        # its timer with _timeout_cb; that decides, from SessionTimeouts.
+        self._last_command = self._last_line = self.loop.time()
+        super()._reset_timeout(duration or self._timeouts.next_check(0))
+
+    def _waiting_for_client(self) -> bool:
+        # The session's reader has a read pending (asyncio.StreamReader's
+        # waiter): the gateway is not busy with a reply (a verdict, a password).
+        return getattr(self._reader, "_waiter", None) is not None
+
+    def _timeout_cb(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        since_command = now - self._last_command
+        refusal = self._timeouts.expired(since_command, now - self._last_line, self._waiting_for_client())
+        if refusal is None:
+            self._timeout_handle = self.loop.call_later(self._timeouts.next_check(since_command), self._timeout_cb)
+            return
+        log.info("closing the session from %s: %s", self.session.client_ip, refusal.reason)
+        transport.write(f"{refusal.reply}\r\n".encode())
+        self.handler.record_refusal(self.session, "session", refusal)
+        transport.close()
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         # Source routes and several @ never reach handle_RCPT intact (aiosmtpd
@@ -167,16 +210,52 @@ class GatewaySMTP(SMTP):
             self.session.tls_version = ssl_object.version()
             self.session.tls_cipher = (ssl_object.cipher() or (None,))[0]
         if not starttls:
+            if not self._counted:
+                self._counted = True
+                self._timeouts.open += 1
             self.handler.on_connect(self.session, transport)
         else:
             self.handler.on_starttls(self.session)
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
+        # aiosmtpd 1.4.6's, with a handshake timeout from the policy: its
+        # SSLProtocol gets asyncio's default of 60 seconds, which a client that
+        # says STARTTLS and then nothing holds the connection for. (Plaintext
+        # after STARTTLS fails at once: it is not a TLS record.)
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        timeout = self._timeouts.handshake_seconds()
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, self.tls_context, waiter, server_side=True, ssl_handshake_timeout=timeout)
+        # Keep the original transport, to close it when the connection is lost.
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
         try:
-            await super().smtp_STARTTLS(arg)
-        except TLSSetupException as exc:
-            self.handler.on_starttls_failed(self.session, exc.__cause__)
+            await waiter
+        except asyncio.CancelledError:
             raise
+        except Exception as error:
+            # On timeout SSLProtocol fails the handshake with ConnectionAbortedError.
+            reason = f"no TLS handshake within {timeout:g} seconds" if isinstance(error, ConnectionAbortedError) else None
+            self.handler.on_starttls_failed(self.session, error, reason)
+            # aiosmtpd's dialogue loop closes the connection on this exception.
+            raise TLSSetupException() from error
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # Already recorded and logged (on_starttls_failed): a client's
+            # failed handshake is not the gateway's error, so no traceback.
+            return TEMPFAIL_INTERNAL
+        return await super().handle_exception(error)
 
     @syntax("AUTH <mechanism> [initial-response]")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -214,6 +293,9 @@ class GatewaySMTP(SMTP):
         session = self.session
         if self._clock is not None:
             self._clock.cancel()
+        if self._counted:
+            self._counted = False
+            self._timeouts.open -= 1
         super().connection_lost(error)
         if session is not None:
             self.handler.on_disconnect(session)
@@ -276,10 +358,10 @@ class IngestHandler:
         self.publisher.emit(ev.SessionStartTls(session_id=session.id, client_ip=session.client_ip, outcome="success",
                                                tls_version=session.tls_version, cipher=session.tls_cipher))
 
-    def on_starttls_failed(self, session: GatewaySession, error: BaseException | None) -> None:
+    def on_starttls_failed(self, session: GatewaySession, error: BaseException | None, reason: str | None = None) -> None:
         # The handshake's error names what the client offered (no protocol
-        # or cipher in common), which is what an administrator needs.
-        reason = getattr(error, "reason", None) or type(error).__name__
+        # or cipher in common, plaintext), which is what an administrator needs.
+        reason = reason or getattr(error, "reason", None) or type(error).__name__
         log.info("STARTTLS from %s failed: %s", session.client_ip, reason)
         self.publisher.emit(ev.SessionStartTls(session_id=session.id, client_ip=session.client_ip, outcome="failure"))
 
@@ -555,8 +637,23 @@ def _login_name(session: Session) -> str | None:
     return login.decode() if isinstance(login, bytes) else login
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit; return it.
+
+    Every SMTP session is a socket: at a service manager's usual soft limit
+    (1024) an idle-connection flood would leave no descriptor for the blob
+    store or Kafka. The hard limit is what the administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
 async def serve(settings: Settings) -> None:
     configure_logging("ingest")
+    log.info("open files limit: %d", raise_open_files_limit())
     policy = PolicyHolder(settings=settings)
     await policy.start()
     publisher = await start_publisher(settings, "bulwark-ingest")
@@ -589,6 +686,9 @@ async def serve(settings: Settings) -> None:
     await keyring.start()
     handler.guards.append(BackscatterGuard(lambda: policy.current, keyring, publisher))
 
+    # Shared by every listener: stress is how many sessions are open in all.
+    timeouts = SessionTimeouts(policy)
+
     def smtp_factory(handler: IngestHandler, implicit_tls: bool):
         def make() -> GatewaySMTP:
             # Read per connection: a new policy's name, SIZE and listener
@@ -597,6 +697,7 @@ async def serve(settings: Settings) -> None:
             context = tls.refresh()
             return GatewaySMTP(
                 handler,
+                timeouts,
                 hostname=policy.current.hostname,
                 ident="Bulwark ESMTP",
                 data_size_limit=policy.current.max_message_bytes,
@@ -621,6 +722,9 @@ async def serve(settings: Settings) -> None:
         servers.append(await asyncio.get_running_loop().create_server(
             smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port,
             ssl=tls.context if implicit_tls else None,
+            # The listening socket's own handshake (implicit TLS): read once,
+            # at start; STARTTLS reads the policy in force at each handshake.
+            ssl_handshake_timeout=policy.current.session_limits.tls_handshake_timeout_seconds if implicit_tls else None,
         ))
         log.info("listening for SMTP (%s) on %s:%d (policy %s)", name, settings.smtp_host, port, policy.version)
     mta_sts = None
