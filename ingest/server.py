@@ -171,9 +171,11 @@ class GatewaySMTP(SMTP):
             return
         now = self.loop.time()
         since_command = now - self._last_command
-        refusal = self._timeouts.expired(since_command, now - self._last_line, self._waiting_for_client())
+        since_line = now - self._last_line
+        refusal = self._timeouts.expired(since_command, since_line, self._waiting_for_client())
         if refusal is None:
-            self._timeout_handle = self.loop.call_later(self._timeouts.next_check(since_command), self._timeout_cb)
+            self._timeout_handle = self.loop.call_later(self._timeouts.next_check(since_command, since_line),
+                                                        self._timeout_cb)
             return
         log.info("closing the session from %s: %s", self.session.client_ip, refusal.reason)
         transport.write(f"{refusal.reply}\r\n".encode())

@@ -63,7 +63,9 @@ def test_under_stress_a_client_that_keeps_the_gateway_waiting_is_closed():
 def test_sessions_are_looked_at_again_soon_enough_to_notice_stress():
     t = timeouts()
     assert t.next_check(0) == 10
-    assert t.next_check(295) == 5
+    assert t.next_check(3, since_line=3) == 7  # when it would reach the stress timeout
+    assert t.next_check(30, since_line=30) == 10  # past it: again one stress timeout later
+    assert t.next_check(295, since_line=1) == 5  # the command timeout comes first
     assert t.next_check(300) == 0.5
 
 

@@ -176,8 +176,11 @@ class SessionTimeouts:
                                            f"with {self.open} sessions open (stress)")
         return None
 
-    def next_check(self, since_command: float) -> float:
-        """Seconds until a session should be looked at again: the command
-        timeout, or sooner, in case stress begins meanwhile."""
+    def next_check(self, since_command: float, since_line: float = 0.0) -> float:
+        """Seconds until a session should be looked at again: when it would
+        reach the command timeout, or the stress timeout (or, past that, one
+        stress timeout later, in case stress begins meanwhile)."""
         limits = self.limits
-        return max(0.5, min(limits.command_timeout_seconds - since_command, limits.stress_timeout_seconds))
+        stress = limits.stress_timeout_seconds
+        until_stress = stress - since_line if since_line < stress else stress
+        return max(0.5, min(limits.command_timeout_seconds - since_command, until_stress))
