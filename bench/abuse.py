@@ -1,4 +1,4 @@
-"""Abuse: idle floods, slowloris, STARTTLS stalls, oversize mail, 1,000 recipients, AUTH floods; a probe's latency in each.
+"""Abuse: idle floods, slowloris, STARTTLS stalls, oversize, 1,000 recipients, AUTH floods; a probe's latency.
 
 Starts a private stack (Kafka, the topics, one Faust worker for Dynamic
 Screening and the content verdicts, ingest) with the default policy plus one

@@ -251,7 +251,8 @@ class SessionLimits(_Section):
     )
     tls_handshake_timeout_seconds: PositiveInt = Field(
         # A handshake takes milliseconds; Python's default would hold a silent client 60 s.
-        default=10, description="After STARTTLS the TLS handshake must finish within this, or the connection is dropped",
+        default=10,
+        description="After STARTTLS the TLS handshake must finish within this, or the connection is dropped",
     )
     stress_sessions: PositiveInt = Field(
         default=1000, description="With this many sessions open at once ingest is under stress (shorter timeouts)",

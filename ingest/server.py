@@ -180,7 +180,15 @@ class GatewaySMTP(SMTP):
         log.info("closing the session from %s: %s", self.session.client_ip, refusal.reason)
         transport.write(f"{refusal.reply}\r\n".encode())
         self.handler.record_refusal(self.session, "session", refusal)
+        # Gone from now on, not from connection_lost on a later loop turn:
+        # sessions looked at in this same turn see the stress as it now is.
+        self._uncount()
         transport.close()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._timeouts.open -= 1
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         # Source routes and several @ never reach handle_RCPT intact (aiosmtpd
@@ -247,8 +255,9 @@ class GatewaySMTP(SMTP):
             raise
         except Exception as error:
             # On timeout SSLProtocol fails the handshake with ConnectionAbortedError.
-            reason = f"no TLS handshake within {timeout:g} seconds" if isinstance(error, ConnectionAbortedError) else None
-            self.handler.on_starttls_failed(self.session, error, reason)
+            timed_out = isinstance(error, ConnectionAbortedError)
+            self.handler.on_starttls_failed(
+                self.session, error, f"no TLS handshake within {timeout:g} seconds" if timed_out else None)
             # aiosmtpd's dialogue loop closes the connection on this exception.
             raise TLSSetupException() from error
 
@@ -295,9 +304,7 @@ class GatewaySMTP(SMTP):
         session = self.session
         if self._clock is not None:
             self._clock.cancel()
-        if self._counted:
-            self._counted = False
-            self._timeouts.open -= 1
+        self._uncount()
         super().connection_lost(error)
         if session is not None:
             self.handler.on_disconnect(session)
@@ -360,7 +367,8 @@ class IngestHandler:
         self.publisher.emit(ev.SessionStartTls(session_id=session.id, client_ip=session.client_ip, outcome="success",
                                                tls_version=session.tls_version, cipher=session.tls_cipher))
 
-    def on_starttls_failed(self, session: GatewaySession, error: BaseException | None, reason: str | None = None) -> None:
+    def on_starttls_failed(self, session: GatewaySession, error: BaseException | None,
+                           reason: str | None = None) -> None:
         # The handshake's error names what the client offered (no protocol
         # or cipher in common, plaintext), which is what an administrator needs.
         reason = reason or getattr(error, "reason", None) or type(error).__name__
