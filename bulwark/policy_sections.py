@@ -245,6 +245,13 @@ class SessionLimits(_Section):
     max_commands_per_session: PositiveInt = Field(
         default=1000, description="Commands beyond this end the session with 421 4.7.0",
     )
+    recipient_overshoot_limit: PositiveInt = Field(
+        # Postfix's smtpd_recipient_overshoot_limit. Without it a message to
+        # 1,000 recipients, pipelined, ran into the commands limit before DATA.
+        default=1000,
+        description="RCPTs answered 452 beyond max_recipients_per_message that do not count as commands, so the "
+                    "client still reaches DATA for the recipients accepted; past this many in a session they do",
+    )
     command_timeout_seconds: PositiveInt = Field(
         # RFC 5321 4.5.3.2.7: a server SHOULD wait at least 5 minutes for the next command.
         default=300, description="A session that sends no valid command for this long is closed with 421 4.4.2",

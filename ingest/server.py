@@ -100,9 +100,13 @@ class GatewaySession(Session):
         self.client_host: str | None = None
         self.client_country: str | None = None
         self.commands = 0
+        self.recipient_overshoot = 0
+        #: The transaction in progress (aiosmtpd keeps it on the server): what
+        #: the recipient limit and the commands limit judge.
+        self.envelope: Envelope | None = None
 
     #: Kept across STARTTLS: facts about the connection, not the dialogue.
-    CONNECTION_FACTS = ("allow_listed_client", "client_host", "client_country", "commands")
+    CONNECTION_FACTS = ("allow_listed_client", "client_host", "client_country", "commands", "recipient_overshoot")
 
 
 class GatewaySMTP(SMTP):
@@ -125,6 +129,7 @@ class GatewaySMTP(SMTP):
 
     def _guarded(self, command: str, method):
         async def run(arg):
+            self.session.envelope = self.envelope
             refusal = await self.handler.command_refusal(self.session, command)
             if refusal is not None:
                 await self.push(refusal.reply)

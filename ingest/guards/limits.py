@@ -6,7 +6,8 @@ the session event records why (Dynamic Screening counts those events):
 
 - recipients per message: 452 4.5.3 at RCPT (RFC 5321 4.5.3.1.10: the client
   sends the rest in another transaction);
-- commands per session: 421 4.7.0 and the session is closed;
+- commands per session: 421 4.7.0 and the session is closed; RCPTs bound for
+  452 (the recipient limit) are not counted, up to ``recipient_overshoot_limit``;
 - session duration: 421 4.4.2 and the session is closed, whatever it was doing;
 - message size (advertised as SIZE): 552 5.3.4 at MAIL (SIZE=) or end of DATA;
 - no valid command for ``command_timeout_seconds``: 421 4.4.2 and closed;
@@ -88,8 +89,17 @@ class SessionLimitsGuard:
         return recipients_refusal(policy, len(envelope.rcpt_tos) if envelope is not None else 0)
 
     async def on_command(self, session: "GatewaySession", command: str) -> Refusal | None:
-        session.commands = getattr(session, "commands", 0) + 1
         policy = current(self.policy)
+        limits = policy.session_limits
+        envelope = getattr(session, "envelope", None)
+        if command == "RCPT" and envelope is not None and len(envelope.rcpt_tos) >= limits.max_recipients_per_message:
+            # Bound to be answered 452: RFC 5321 4.5.3.1.10 has the client
+            # send DATA for the recipients accepted, so these are not counted
+            # as commands, up to the overshoot limit (then they are).
+            session.recipient_overshoot = getattr(session, "recipient_overshoot", 0) + 1
+            if session.recipient_overshoot <= limits.recipient_overshoot_limit:
+                return None
+        session.commands = getattr(session, "commands", 0) + 1
         if allow_listed(policy, session, "session_limits"):
             return None
         return commands_refusal(policy, session.commands)
