@@ -247,8 +247,11 @@ class GatewaySMTP(SMTP):
         await self.push("220 Ready to start TLS")
         timeout = self._timeouts.handshake_seconds()
         waiter = self.loop.create_future()
+        # The same bound on the closing handshake (asyncio's default: 30 s), so a
+        # client that never answers close_notify does not keep the socket.
         self._tls_protocol = sslproto.SSLProtocol(
-            self.loop, self, self.tls_context, waiter, server_side=True, ssl_handshake_timeout=timeout)
+            self.loop, self, self.tls_context, waiter, server_side=True,
+            ssl_handshake_timeout=timeout, ssl_shutdown_timeout=timeout)
         # Keep the original transport, to close it when the connection is lost.
         self._original_transport = self.transport
         self._original_transport.set_protocol(self._tls_protocol)
@@ -728,6 +731,7 @@ async def serve(settings: Settings) -> None:
         return make
 
     servers = []
+    handshake = policy.current.session_limits.tls_handshake_timeout_seconds
     for name, port in listener_ports(settings):
         # One set of guards for all listeners: they hold shared state (bans...).
         listener = handler if name == "inbound" else IngestHandler(
@@ -737,9 +741,10 @@ async def serve(settings: Settings) -> None:
         servers.append(await asyncio.get_running_loop().create_server(
             smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port,
             ssl=tls.context if implicit_tls else None,
-            # The listening socket's own handshake (implicit TLS): read once,
+            # The listening socket's own handshakes (implicit TLS): read once,
             # at start; STARTTLS reads the policy in force at each handshake.
-            ssl_handshake_timeout=policy.current.session_limits.tls_handshake_timeout_seconds if implicit_tls else None,
+            ssl_handshake_timeout=handshake if implicit_tls else None,
+            ssl_shutdown_timeout=handshake if implicit_tls else None,
         ))
         log.info("listening for SMTP (%s) on %s:%d (policy %s)", name, settings.smtp_host, port, policy.version)
     mta_sts = None
