@@ -59,6 +59,26 @@ NOT_UTF8_REPLIES = {
 NOT_UTF8_REPLY = "501 5.5.2 Syntax error: bytes that are not UTF-8"
 NOT_UTF8_REASON = "bytes that are not UTF-8"
 
+#: Connections the kernel may hold for ingest to accept (asyncio's default:
+#: 100; the kernel caps it at net.core.somaxconn). SMTP is server-speaks-first:
+#: when a burst overflows the accept queue the kernel drops the client's last
+#: handshake ACK, the client believes it is connected and waits for a banner
+#: that, once the SYN-ACK retries run out (about 60 s), never comes. Seen
+#: with 10,000 connections in 42 s (bench/abuse.py): 206 of them.
+LISTEN_BACKLOG = 1024
+
+#: Bytes asyncio reads at a time from a TLS connection, a buffer every TLS
+#: connection keeps for its whole life (asyncio's default: 256 KiB). 200
+#: STARTTLS sessions cost ingest 50 MB (bench/abuse.py); 64 KiB is four TLS
+#: records, and reads of 50 MB messages stay large.
+TLS_READ_BUFFER = 64 * 1024
+
+
+def bound_tls_buffers() -> None:
+    """Every TLS connection in this process (STARTTLS and the implicit-TLS
+    listener, whose protocol asyncio builds itself) reads TLS_READ_BUFFER at a time."""
+    sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+
 
 def _path_text(arg: str) -> str:
     """The address of a MAIL FROM:<...> or RCPT TO:<...> argument as the client wrote it."""
@@ -672,6 +692,7 @@ def raise_open_files_limit() -> int:
 async def serve(settings: Settings) -> None:
     configure_logging("ingest")
     log.info("open files limit: %d", raise_open_files_limit())
+    bound_tls_buffers()
     policy = PolicyHolder(settings=settings)
     await policy.start()
     publisher = await start_publisher(settings, "bulwark-ingest")
@@ -739,7 +760,7 @@ async def serve(settings: Settings) -> None:
             verdicts=verdicts)
         implicit_tls = name == "submissions"
         servers.append(await asyncio.get_running_loop().create_server(
-            smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port,
+            smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port, backlog=LISTEN_BACKLOG,
             ssl=tls.context if implicit_tls else None,
             # The listening socket's own handshakes (implicit TLS): read once,
             # at start; STARTTLS reads the policy in force at each handshake.

@@ -146,6 +146,28 @@ async def test_starttls_then_plaintext_fails_at_once(tls_context):
         writer.close()
 
 
+async def test_a_tls_session_keeps_a_small_read_buffer(tls_context, monkeypatch):
+    from asyncio import sslproto
+
+    from ingest.server import TLS_READ_BUFFER, bound_tls_buffers
+
+    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", sslproto.SSLProtocol.max_size)
+    bound_tls_buffers()
+    server, port, events, shared = await start("", tls_context)
+    async with server:
+        reader, writer = await starttls(port)
+        await asyncio.sleep(0.1)
+        [protocol] = [p for p in gc_objects(sslproto.SSLProtocol)]
+        assert len(protocol._ssl_buffer) == TLS_READ_BUFFER == 64 * 1024  # not asyncio's 256 KiB
+        writer.close()
+
+
+def gc_objects(kind):
+    import gc
+
+    return [o for o in gc.get_objects() if isinstance(o, kind) and o._app_protocol is not None]
+
+
 async def test_starttls_still_works(tls_context):
     server, port, events, shared = await start("session_limits: {tls_handshake_timeout_seconds: 1}\n", tls_context)
     async with server:
