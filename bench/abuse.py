@@ -346,9 +346,9 @@ async def slowloris(settings, count: int = 2_000) -> tuple[str, list[str], set[s
     return attempt, describe_conns(conns, started), set(ips)
 
 
-async def starttls_stall(settings, then: bytes | None, count: int = 200) -> tuple[str, list[str], set[str]]:
+async def starttls_stall(settings, then: bytes | None, count: int = 1000) -> tuple[str, list[str], set[str]]:
     prefix = "127.0.12" if then is None else "127.0.13"
-    ips = addresses(prefix, per_prefix=20)
+    ips = addresses(prefix, per_prefix=100)  # 10 sessions each: within the connection limit
     conns = [Conn(ips[i % len(ips)]) for i in range(count)]
     started = time.monotonic()
 
