@@ -71,7 +71,7 @@ def _probe_loop(host: str, port: int, ip: str, interval: float, out, stop) -> No
     n = 0
     while not stop.is_set():
         started = time.monotonic()
-        banner = data = None
+        banner = data = whole = None
         error = None
         client = smtplib.SMTP(timeout=30, source_address=(ip, 0))
         try:
@@ -93,6 +93,7 @@ def _probe_loop(host: str, port: int, ip: str, interval: float, out, stop) -> No
             data = time.monotonic() - sent
             if code != 250:
                 raise smtplib.SMTPResponseException(code, reply)
+            whole = time.monotonic() - started
             client.quit()
         except smtplib.SMTPResponseException as exc:
             error = f"{exc.smtp_code} {exc.smtp_error[:40].decode(errors='replace')}"
@@ -100,7 +101,7 @@ def _probe_loop(host: str, port: int, ip: str, interval: float, out, stop) -> No
             error = type(exc).__name__
         finally:
             client.close()
-        out.send((started, banner, data, error))
+        out.send((started, banner, data, error, whole))
         n += 1
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
@@ -140,6 +141,8 @@ class Probe:
             text += f", connect->banner p50 {ms(pct(banner, 50))} p99 {ms(pct(banner, 99))}"
         if data:
             text += f", end of DATA->250 p50 {ms(pct(data, 50))} p99 {ms(pct(data, 99))} max {ms(data[-1])}"
+            whole = sorted(r[4] for r in ok)
+            text += f", connect->250 p50 {ms(pct(whole, 50))} p99 {ms(pct(whole, 99))}"
         if failed:
             text += "; failed: " + ", ".join(f"{n}x {why}" for why, n in failed.most_common(4))
         return text
