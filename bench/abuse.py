@@ -147,12 +147,13 @@ class Probe:
             text += "; failed: " + ", ".join(f"{n}x {why}" for why, n in failed.most_common(4))
         return text
 
-    def recovered_after(self, end: float) -> float | None:
+    def recovered_after(self, end: float, patience: float = 60) -> float | None:
         """Seconds from ``end`` to the first probe started after it that was served."""
-        time.sleep(3)
-        later = self.between(end, float("inf"))
-        served = [r[0] for r in later if r[3] is None]
-        return served[0] - end if served else None
+        while True:
+            served = [r[0] for r in self.between(end, float("inf")) if r[3] is None]
+            if served or time.monotonic() > end + patience:
+                return served[0] - end if served else None
+            time.sleep(0.5)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -451,9 +452,12 @@ async def many_recipients(settings, count: int = 1000) -> tuple[str, list[str], 
         if not line:
             break
     rcpt_time = time.monotonic() - started
-    data = await command(reader, writer, b"DATA")
-    writer.write(b"Subject: many\r\n\r\nHello.\r\n.\r\n")
-    final = await asyncio.wait_for(reader.readline(), 60)
+    try:
+        data = await command(reader, writer, b"DATA")
+        writer.write(b"Subject: many\r\n\r\nHello.\r\n.\r\n")
+        final = await asyncio.wait_for(reader.readline(), 60)
+    except OSError as exc:  # the gateway ended the session before DATA
+        data, final = f"({type(exc).__name__})".encode(), b""
     writer.close()
     return (f"one message to {count} recipients, RCPTs pipelined",
             ["RCPT replies: " + ", ".join(f"{n}x {code}" for code, n in sorted(replies.items()))
