@@ -245,6 +245,37 @@ class SessionLimits(_Section):
     max_commands_per_session: PositiveInt = Field(
         default=1000, description="Commands beyond this end the session with 421 4.7.0",
     )
+    recipient_overshoot_limit: PositiveInt = Field(
+        # Postfix's smtpd_recipient_overshoot_limit. Without it a message to
+        # 1,000 recipients, pipelined, ran into the commands limit before DATA.
+        default=1000,
+        description="RCPTs answered 452 beyond max_recipients_per_message that do not count as commands, so the "
+                    "client still reaches DATA for the recipients accepted; past this many in a session they do",
+    )
+    command_timeout_seconds: PositiveInt = Field(
+        # RFC 5321 4.5.3.2.7: a server SHOULD wait at least 5 minutes for the next command.
+        default=300, description="A session that sends no valid command for this long is closed with 421 4.4.2",
+    )
+    tls_handshake_timeout_seconds: PositiveInt = Field(
+        # A handshake takes milliseconds; Python's default would hold a silent client 60 s.
+        default=10,
+        description="After STARTTLS the TLS handshake must finish within this, or the connection is dropped",
+    )
+    stress_sessions: PositiveInt = Field(
+        default=1000, description="With this many sessions open at once ingest is under stress (shorter timeouts)",
+    )
+    stress_timeout_seconds: PositiveInt = Field(
+        # Postfix's smtpd_timeout under stress: ${stress?{10}:{300}}s.
+        default=10, description="Under stress, a client that sends no complete line for this long while the gateway "
+                                "waits for it is closed with 421 4.4.2",
+    )
+
+    @model_validator(mode="after")
+    def _stress_is_shorter(self) -> "SessionLimits":
+        if self.stress_timeout_seconds > self.command_timeout_seconds:
+            raise ValueError("stress_timeout_seconds: longer than command_timeout_seconds; under stress "
+                             "timeouts are meant to be shorter")
+        return self
 
 
 # -- delivery credentials ----------------------------------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import time
+from asyncio import sslproto
 from email.parser import BytesHeaderParser
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
@@ -30,7 +32,7 @@ from ingest import mta_sts_host
 from ingest.tls import server_tls
 from ingest.guards import Refusal
 from ingest.guards.ip_shielding import IPShieldingGuard
-from ingest.guards.limits import SessionClock, SessionLimitsGuard, size_reply
+from ingest.guards.limits import SessionClock, SessionLimitsGuard, SessionTimeouts, size_reply
 from ingest.guards.lists import ListsGuard
 from ingest.enforcement import start_abuse_guards
 from ingest.guards.location import LocationGuard
@@ -59,6 +61,26 @@ NOT_UTF8_REPLY = "501 5.5.2 Syntax error: bytes that are not UTF-8"
 #: As Postfix answers it.
 TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"
 NOT_UTF8_REASON = "bytes that are not UTF-8"
+
+#: Connections the kernel may hold for ingest to accept (asyncio's default:
+#: 100; the kernel caps it at net.core.somaxconn). SMTP is server-speaks-first:
+#: when a burst overflows the accept queue the kernel drops the client's last
+#: handshake ACK, the client believes it is connected and waits for a banner
+#: that, once the SYN-ACK retries run out (about 60 s), never comes. Seen
+#: with 10,000 connections in 42 s (bench/abuse.py): 206 of them.
+LISTEN_BACKLOG = 1024
+
+#: Bytes asyncio reads at a time from a TLS connection, a buffer every TLS
+#: connection keeps for its whole life (asyncio's default: 256 KiB). 200
+#: STARTTLS sessions cost ingest 50 MB (bench/abuse.py); 64 KiB is four TLS
+#: records, and reads of 50 MB messages stay large.
+TLS_READ_BUFFER = 64 * 1024
+
+
+def bound_tls_buffers() -> None:
+    """Every TLS connection in this process (STARTTLS and the implicit-TLS
+    listener, whose protocol asyncio builds itself) reads TLS_READ_BUFFER at a time."""
+    sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 def _path_text(arg: str) -> str:
@@ -101,9 +123,13 @@ class GatewaySession(Session):
         self.client_host: str | None = None
         self.client_country: str | None = None
         self.commands = 0
+        self.recipient_overshoot = 0
+        #: The transaction in progress (aiosmtpd keeps it on the server): what
+        #: the recipient limit and the commands limit judge.
+        self.envelope: Envelope | None = None
 
     #: Kept across STARTTLS: facts about the connection, not the dialogue.
-    CONNECTION_FACTS = ("allow_listed_client", "client_host", "client_country", "commands")
+    CONNECTION_FACTS = ("allow_listed_client", "client_host", "client_country", "commands", "recipient_overshoot")
 
 
 class SessionClosed(asyncio.CancelledError):
@@ -120,13 +146,19 @@ class SessionClosed(asyncio.CancelledError):
 
 
 class GatewaySMTP(SMTP):
-    """aiosmtpd's SMTP with connect and disconnect events, asynchronous AUTH and REQUIRETLS."""
+    """aiosmtpd's SMTP with connect and disconnect events, asynchronous AUTH and REQUIRETLS,
+    and timeouts that follow the policy and the load (ingest.guards.limits.SessionTimeouts)."""
 
-    def __init__(self, handler: "IngestHandler", **kwargs):
+    def __init__(self, handler: "IngestHandler", timeouts: SessionTimeouts | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self.handler = handler
         self._parsing_mail = False
         self._clock: SessionClock | None = None
+        self._timeouts = timeouts if timeouts is not None else SessionTimeouts(handler.policy)
+        self._counted = False
+        # Loop times of the last valid command, and of the last complete line
+        # from the client or reply to it: what the timeouts measure.
+        self._last_command = self._last_line = 0.0
         # Every recognised command passes the on_command guards first (the
         # commands-per-session limit); aiosmtpd has no hook for that.
         self._smtp_methods = {name: self._guarded(name, method) for name, method in self._smtp_methods.items()}
@@ -135,6 +167,7 @@ class GatewaySMTP(SMTP):
         async def run(arg):
             if self._closing():
                 raise SessionClosed()
+            self.session.envelope = self.envelope
             refusal = await self.handler.command_refusal(self.session, command)
             if refusal is not None:
                 await self.push(refusal.reply)
@@ -155,6 +188,7 @@ class GatewaySMTP(SMTP):
             self.handler.record_refusal(self.session, phase, Refusal(status, reason))
         if self._closing():
             raise SessionClosed()
+        self._last_line = self.loop.time()  # a reply: from now on the client is the one to speak
         await super().push(status)
 
     def _closing(self) -> bool:
@@ -169,6 +203,50 @@ class GatewaySMTP(SMTP):
             return super()._getaddr(arg)
         except IndexError:
             return None, None
+
+    # -- timeouts ------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # A line is progress; a byte is not (a slowloris sends one every few seconds).
+        if b"\n" in data:
+            self._last_line = self.loop.time()
+        super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd calls this at connect and at every valid command, and arms
+        # its timer with _timeout_cb; that decides, from SessionTimeouts.
+        self._last_command = self._last_line = self.loop.time()
+        super()._reset_timeout(duration or self._timeouts.next_check(0))
+
+    def _waiting_for_client(self) -> bool:
+        # The session's reader has a read pending (asyncio.StreamReader's
+        # waiter): the gateway is not busy with a reply (a verdict, a password).
+        return getattr(self._reader, "_waiter", None) is not None
+
+    def _timeout_cb(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        since_command = now - self._last_command
+        since_line = now - self._last_line
+        refusal = self._timeouts.expired(since_command, since_line, self._waiting_for_client())
+        if refusal is None:
+            self._timeout_handle = self.loop.call_later(self._timeouts.next_check(since_command, since_line),
+                                                        self._timeout_cb)
+            return
+        log.info("closing the session from %s: %s", self.session.client_ip, refusal.reason)
+        transport.write(f"{refusal.reply}\r\n".encode())
+        self.handler.record_refusal(self.session, "session", refusal)
+        # Gone from now on, not from connection_lost on a later loop turn:
+        # sessions looked at in this same turn see the stress as it now is.
+        self._uncount()
+        transport.close()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._timeouts.open -= 1
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         # Source routes and several @ never reach handle_RCPT intact (aiosmtpd
@@ -200,6 +278,9 @@ class GatewaySMTP(SMTP):
             self.session.tls_version = ssl_object.version()
             self.session.tls_cipher = (ssl_object.cipher() or (None,))[0]
         if not starttls:
+            if not self._counted:
+                self._counted = True
+                self._timeouts.open += 1
             self.handler.on_connect(self.session, transport)
         else:
             self.handler.on_starttls(self.session)
@@ -218,7 +299,12 @@ class GatewaySMTP(SMTP):
         reader._buffer.clear()  # type: ignore[attr-defined]
         reader._maybe_resume_transport()  # type: ignore[attr-defined]
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
+        # aiosmtpd 1.4.6's, with a handshake timeout from the policy: its
+        # SSLProtocol gets asyncio's default of 60 seconds, which a client that
+        # says STARTTLS and then nothing holds the connection for. (Plaintext
+        # after STARTTLS fails at once: it is not a TLS record.)
         if self.session.tls_version:
             # RFC 3207: never a second TLS layer over the first. aiosmtpd
             # does not advertise STARTTLS again but accepted it, and asyncio
@@ -228,13 +314,44 @@ class GatewaySMTP(SMTP):
             self.handler.record_refusal(self.session, "STARTTLS", Refusal(TLS_ALREADY_ACTIVE, "TLS already active"))
             await self.push(TLS_ALREADY_ACTIVE)
             return
-        if not arg and self.tls_context:
-            self._discard_pipelined_plaintext()
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 TLS not available")
+            return
+        self._discard_pipelined_plaintext()
+        await self.push("220 Ready to start TLS")
+        timeout = self._timeouts.handshake_seconds()
+        waiter = self.loop.create_future()
+        # The same bound on the closing handshake (asyncio's default: 30 s), so a
+        # client that never answers close_notify does not keep the socket.
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, self.tls_context, waiter, server_side=True,
+            ssl_handshake_timeout=timeout, ssl_shutdown_timeout=timeout)
+        # Keep the original transport, to close it when the connection is lost.
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
         try:
-            await super().smtp_STARTTLS(arg)
-        except TLSSetupException as exc:
-            self.handler.on_starttls_failed(self.session, exc.__cause__)
+            await waiter
+        except asyncio.CancelledError:
             raise
+        except Exception as error:
+            # On timeout SSLProtocol fails the handshake with ConnectionAbortedError.
+            timed_out = isinstance(error, ConnectionAbortedError)
+            self.handler.on_starttls_failed(
+                self.session, error, f"no TLS handshake within {timeout:g} seconds" if timed_out else None)
+            # aiosmtpd's dialogue loop closes the connection on this exception.
+            raise TLSSetupException() from error
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # Already recorded and logged (on_starttls_failed): a client's
+            # failed handshake is not the gateway's error, so no traceback.
+            return TEMPFAIL_INTERNAL
+        return await super().handle_exception(error)
 
     @syntax("AUTH <mechanism> [initial-response]")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -272,6 +389,7 @@ class GatewaySMTP(SMTP):
         session = self.session
         if self._clock is not None:
             self._clock.cancel()
+        self._uncount()
         super().connection_lost(error)
         if session is not None:
             self.handler.on_disconnect(session)
@@ -336,10 +454,11 @@ class IngestHandler:
         self.publisher.emit(ev.SessionStartTls(session_id=session.id, client_ip=session.client_ip, outcome="success",
                                                tls_version=session.tls_version, cipher=session.tls_cipher))
 
-    def on_starttls_failed(self, session: GatewaySession, error: BaseException | None) -> None:
+    def on_starttls_failed(self, session: GatewaySession, error: BaseException | None,
+                           reason: str | None = None) -> None:
         # The handshake's error names what the client offered (no protocol
-        # or cipher in common), which is what an administrator needs.
-        reason = getattr(error, "reason", None) or type(error).__name__
+        # or cipher in common, plaintext), which is what an administrator needs.
+        reason = reason or getattr(error, "reason", None) or type(error).__name__
         log.info("STARTTLS from %s failed: %s", session.client_ip, reason)
         self.publisher.emit(ev.SessionStartTls(session_id=session.id, client_ip=session.client_ip, outcome="failure"))
 
@@ -615,8 +734,24 @@ def _login_name(session: Session) -> str | None:
     return login.decode() if isinstance(login, bytes) else login
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit; return it.
+
+    Every SMTP session is a socket: at a service manager's usual soft limit
+    (1024) an idle-connection flood would leave no descriptor for the blob
+    store or Kafka. The hard limit is what the administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
 async def serve(settings: Settings) -> None:
     configure_logging("ingest")
+    log.info("open files limit: %d", raise_open_files_limit())
+    bound_tls_buffers()
     policy = PolicyHolder(settings=settings)
     await policy.start()
     publisher = await start_publisher(settings, "bulwark-ingest")
@@ -651,6 +786,9 @@ async def serve(settings: Settings) -> None:
     # First of all: nothing new while the event log cannot keep up.
     handler.guards.insert(0, EventBacklogGuard(publisher))
 
+    # Shared by every listener: stress is how many sessions are open in all.
+    timeouts = SessionTimeouts(policy)
+
     def smtp_factory(handler: IngestHandler, implicit_tls: bool):
         def make() -> GatewaySMTP:
             # Read per connection: a new policy's name, SIZE and listener
@@ -659,6 +797,7 @@ async def serve(settings: Settings) -> None:
             context = tls.refresh()
             return GatewaySMTP(
                 handler,
+                timeouts,
                 hostname=policy.current.hostname,
                 ident="Bulwark ESMTP",
                 data_size_limit=policy.current.max_message_bytes,
@@ -674,6 +813,7 @@ async def serve(settings: Settings) -> None:
         return make
 
     servers = []
+    handshake = policy.current.session_limits.tls_handshake_timeout_seconds
     for name, port in listener_ports(settings):
         # One set of guards for all listeners: they hold shared state (bans...).
         listener = handler if name == "inbound" else IngestHandler(
@@ -681,8 +821,12 @@ async def serve(settings: Settings) -> None:
             verdicts=verdicts)
         implicit_tls = name == "submissions"
         servers.append(await asyncio.get_running_loop().create_server(
-            smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port,
+            smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port, backlog=LISTEN_BACKLOG,
             ssl=tls.context if implicit_tls else None,
+            # The listening socket's own handshakes (implicit TLS): read once,
+            # at start; STARTTLS reads the policy in force at each handshake.
+            ssl_handshake_timeout=handshake if implicit_tls else None,
+            ssl_shutdown_timeout=handshake if implicit_tls else None,
         ))
         log.info("listening for SMTP (%s) on %s:%d (policy %s)", name, settings.smtp_host, port, policy.version)
     mta_sts = None

@@ -130,3 +130,15 @@ def test_min_tls_version_is_policy(tmp_path):
     # And TLS 1.1 never, whatever the policy.
     default = ServerTls(None, None, tmp_path, parse(BASE))
     assert default.context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_argon2_runs_at_a_lower_cpu_priority_than_the_smtp_loop():
+    # An AUTH flood's password checks wait for CPU that mail does not need.
+    import threading
+
+    from ingest.accounts import ARGON2_NICE, ARGON2_POOL
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert ARGON2_POOL.submit(nice).result() == min(19, nice() + ARGON2_NICE)

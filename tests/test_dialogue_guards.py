@@ -298,3 +298,23 @@ def test_session_limits():
     reply, phase, reason = size_reply("552 Error: Too much mail data", 1000)
     assert reply.startswith("552 5.3.4") and phase == "DATA" and "1000 bytes" in reason
     assert size_reply("250 OK", 1000) is None
+
+
+def test_rcpts_over_the_recipient_limit_are_not_commands_up_to_the_overshoot_limit():
+    # A message to 1,000 recipients, pipelined: 100 accepted, the rest 452,
+    # and the client still reaches DATA (RFC 5321 4.5.3.1.10).
+    policy = parse(BASE + "session_limits: {max_recipients_per_message: 2, max_commands_per_session: 4, "
+                          "recipient_overshoot_limit: 3}\n")
+    guard = SessionLimitsGuard(policy)
+    s = session(envelope=SimpleNamespace(rcpt_tos=[]))
+    for command in ("EHLO", "MAIL", "RCPT", "RCPT"):
+        assert run(guard.on_command(s, command)) is None
+        if command == "RCPT":
+            s.envelope.rcpt_tos.append("x@example.com")
+    for _ in range(3):  # overshoot: 452 each, not counted
+        assert run(guard.on_command(s, "RCPT")) is None
+        assert run(guard.on_rcpt(s, "y@example.com", [])).code == 452
+    assert s.commands == 4
+    # Past the overshoot limit they count, and the commands limit applies.
+    refusal = run(guard.on_command(s, "RCPT"))
+    assert refusal is not None and refusal.reply.startswith("421 4.7.0")

@@ -6,9 +6,17 @@ the session event records why (Dynamic Screening counts those events):
 
 - recipients per message: 452 4.5.3 at RCPT (RFC 5321 4.5.3.1.10: the client
   sends the rest in another transaction);
-- commands per session: 421 4.7.0 and the session is closed;
+- commands per session: 421 4.7.0 and the session is closed; RCPTs bound for
+  452 (the recipient limit) are not counted, up to ``recipient_overshoot_limit``;
 - session duration: 421 4.4.2 and the session is closed, whatever it was doing;
-- message size (advertised as SIZE): 552 5.3.4 at MAIL (SIZE=) or end of DATA.
+- message size (advertised as SIZE): 552 5.3.4 at MAIL (SIZE=) or end of DATA;
+- no valid command for ``command_timeout_seconds``: 421 4.4.2 and closed;
+- under stress (``stress_sessions`` open at once), no complete line for
+  ``stress_timeout_seconds`` while the gateway waits for the client: 421
+  4.4.2 and closed, as Postfix's smtpd does with ``${stress?{10}:{300}}s``;
+- a STARTTLS whose handshake does not finish within
+  ``tls_handshake_timeout_seconds``: dropped (no reply can be sent, the
+  connection is half-way to TLS).
 
 aiosmtpd enforces the size itself, before any hook, with replies that lack
 enhanced status codes; :func:`size_reply` rewrites those and says why.
@@ -81,8 +89,17 @@ class SessionLimitsGuard:
         return recipients_refusal(policy, len(envelope.rcpt_tos) if envelope is not None else 0)
 
     async def on_command(self, session: "GatewaySession", command: str) -> Refusal | None:
-        session.commands = getattr(session, "commands", 0) + 1
         policy = current(self.policy)
+        limits = policy.session_limits
+        envelope = getattr(session, "envelope", None)
+        if command == "RCPT" and envelope is not None and len(envelope.rcpt_tos) >= limits.max_recipients_per_message:
+            # Bound to be answered 452: RFC 5321 4.5.3.1.10 has the client
+            # send DATA for the recipients accepted, so these are not counted
+            # as commands, up to the overshoot limit (then they are).
+            session.recipient_overshoot = getattr(session, "recipient_overshoot", 0) + 1
+            if session.recipient_overshoot <= limits.recipient_overshoot_limit:
+                return None
+        session.commands = getattr(session, "commands", 0) + 1
         if allow_listed(policy, session, "session_limits"):
             return None
         return commands_refusal(policy, session.commands)
@@ -116,3 +133,64 @@ class SessionClock:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+def timeout_refusal(policy: Policy, reason: str) -> Refusal:
+    return Refusal(f"421 4.4.2 {policy.hostname} Error: timeout exceeded, closing connection",
+                   f"session limit: {reason}", close=True)
+
+
+class SessionTimeouts:
+    """How long a session may keep the gateway waiting, and whether ingest is under stress.
+
+    One per ingest process, shared by every listener: stress is how many
+    sessions are open at once, whichever port they came to. Idle and
+    slow-trickling clients cost a socket and some memory each; in the
+    ordinary case the RFC's five minutes is what a mail server owes them,
+    but when too many are open at once a client that keeps the gateway
+    waiting more than a few seconds is closed, so the sockets go to clients
+    that talk.
+    """
+
+    def __init__(self, policy: Policy):
+        self._policy = policy  # a PolicyHolder in the server: read at every decision
+        self.open = 0
+
+    @property
+    def limits(self):
+        return current(self._policy).session_limits
+
+    @property
+    def under_stress(self) -> bool:
+        return self.open >= self.limits.stress_sessions
+
+    def handshake_seconds(self) -> float:
+        return self.limits.tls_handshake_timeout_seconds
+
+    def expired(self, since_command: float, since_line: float, waiting_for_client: bool) -> Refusal | None:
+        """The refusal ending a session that has kept the gateway waiting too long, or None.
+
+        ``since_command``: seconds since its last valid command (aiosmtpd's
+        timer, which a trickle of bytes or junk lines never resets; DATA
+        counts from the DATA command); ``since_line``: since the last
+        complete line it sent or the last reply it was sent, whichever came
+        later; ``waiting_for_client``: the gateway is reading, not working
+        on a reply (a verdict or a password check is never cut short).
+        """
+        limits = self.limits
+        policy = current(self._policy)
+        if since_command >= limits.command_timeout_seconds:
+            return timeout_refusal(policy, f"no command for {limits.command_timeout_seconds} seconds")
+        if waiting_for_client and self.under_stress and since_line >= limits.stress_timeout_seconds:
+            return timeout_refusal(policy, f"no complete line for {limits.stress_timeout_seconds} seconds "
+                                           f"with {self.open} sessions open (stress)")
+        return None
+
+    def next_check(self, since_command: float, since_line: float = 0.0) -> float:
+        """Seconds until a session should be looked at again: when it would
+        reach the command timeout, or the stress timeout (or, past that, one
+        stress timeout later, in case stress begins meanwhile)."""
+        limits = self.limits
+        stress = limits.stress_timeout_seconds
+        until_stress = stress - since_line if since_line < stress else stress
+        return max(0.5, min(limits.command_timeout_seconds - since_command, until_stress))
