@@ -17,7 +17,7 @@ import pytest
 from schemas import events as ev
 from schemas.topics import SESSIONS
 
-from .abuse_helpers import ban_on_topic, close_quietly, connect_refusal, submissions
+from .abuse_helpers import ban_on_topic, close_quietly, connect_refusal, submissions, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +101,8 @@ def test_relay_attempts_with_an_eight_bit_byte_are_counted_and_banned(gateway):
 
     ban = ban_on_topic(gateway, ip)
     assert ban.counters["failed_rcpt"] == 20
-    refusal = connect_refusal(gateway, ip)
+    # The ban is on the topic; ingest enforces it once its view has read it.
+    refusal = wait_for("refused at connect", lambda: connect_refusal(gateway, ip), timeout=30)
     assert refusal is not None and refusal[0] == 421 and b"banned by Dynamic Screening" in refusal[1]
 
 
@@ -118,5 +119,6 @@ def test_credentials_that_are_not_utf8_count_as_password_guesses(gateway):
     assert all(e.reason == ev.AUTH_NOT_UTF8_CREDENTIALS for e in guesses)
     assert ban_on_topic(gateway, ip).counters["failed_auth"] == 6
     # And the ban holds against a well-formed attempt too.
-    refusal = connect_refusal(gateway, ip)
+    # The ban is on the topic; ingest enforces it once its view has read it.
+    refusal = wait_for("refused at connect", lambda: connect_refusal(gateway, ip), timeout=30)
     assert refusal is not None and refusal[0] == 421
