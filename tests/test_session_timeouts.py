@@ -232,3 +232,31 @@ async def test_under_stress_a_byte_at_a_time_is_not_progress(tls_context):
         assert not talker_reader.at_eof()
         talker.close()
         writer.close()
+
+
+async def test_a_pipelining_client_does_not_hold_the_others(tls_context):
+    policy = PolicyHolder(parse(BASE))
+    handler = IngestHandler(policy, Events(), durable=None, blobs=None, guards=[])
+    order: list[str] = []
+
+    async def handle_NOOP(server, session, envelope, arg):
+        order.append(arg)
+        return "250 OK"
+
+    handler.handle_NOOP = handle_NOOP  # aiosmtpd finds the hooks when a session starts
+    server = await asyncio.get_running_loop().create_server(
+        lambda: GatewaySMTP(handler, hostname="gw.example.com"), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        bulk_reader, bulk = await greeted(port)
+        other_reader, other = await greeted(port)
+        # Both at once: the bulk client's 900 commands reach ingest in one read.
+        bulk.write(b"".join(b"NOOP bulk\r\n" for _ in range(900)))  # within max_commands_per_session
+        other.write(b"NOOP other\r\n")
+        assert (await other_reader.readline()).startswith(b"250")
+        for _ in range(900):
+            assert (await bulk_reader.readline()).startswith(b"250")
+        # Served between two of the bulk client's commands, not after all 900.
+        assert order.index("other") < 450, order.index("other")
+        bulk.close()
+        other.close()
