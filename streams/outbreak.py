@@ -6,9 +6,10 @@ Two agents, because counting must be keyed by what is counted:
    id), fingerprints the message and publishes one ``outbreak.observed``
    event per fingerprint to ``outbreak.fingerprints``, keyed by fingerprint:
    a repartition, so every observation of one fingerprint reaches one worker.
-2. ``outbreak_count`` keeps, per fingerprint, the distinct senders and client
-   addresses in event-time hopping windows. When the distinct senders in a
-   window reach the policy's threshold it records the outbreak in a global
+2. ``outbreak_count`` keeps, per fingerprint, when each sender and client
+   address was last seen, in event-time tumbling windows of the policy's
+   width (this one and the one before are read: the last ``window`` minutes).
+   When the distinct senders of that span reach the policy's threshold it records the outbreak in a global
    table (every worker holds all of it) and publishes ``outbreak.detected``
    to the compacted ``outbreak.alerts`` topic.
 
@@ -146,6 +147,40 @@ def fingerprints(message: Message) -> dict[str, str]:
     return found
 
 
+#: Client addresses remembered per fingerprint and window: a campaign sent
+#: by one sender from a botnet must not grow a table value without bound.
+MAX_CLIENT_IPS = 1000
+
+
+def last_seen(window: dict, sender: str, client_ip: str, at: float, refresh_seconds: float) -> dict | None:
+    """A window's value after an observation at ``at``, or None when it would not change.
+
+    The value maps ``s:SENDER`` and ``i:ADDRESS`` to when each was last seen.
+    A pair seen less than ``refresh_seconds`` ago is not written again: the
+    table (and its changelog) is written once per new sender or address and
+    refresh period, not once per message. So a sender counts for between
+    ``window - refresh`` and ``window`` after its last message, as in the
+    oldest of the hopping windows this replaced.
+    """
+    keys = (f"s:{sender}", f"i:{client_ip}")
+    if all(window.get(key, float("-inf")) >= at - refresh_seconds for key in keys):
+        return None
+    updated = dict(window)
+    for key in keys:
+        updated[key] = max(at, updated.get(key, at))
+    ips = [key for key in updated if key.startswith("i:")]
+    if len(ips) > MAX_CLIENT_IPS:
+        for key in sorted(ips, key=updated.__getitem__)[: len(ips) - MAX_CLIENT_IPS]:
+            del updated[key]
+    return updated
+
+
+def distinct_since(since: float, *windows: dict) -> tuple[int, int]:
+    """Distinct senders and client addresses seen at or after ``since`` in these windows."""
+    recent = {key for window in windows for key, at in window.items() if at >= since}
+    return sum(key.startswith("s:") for key in recent), sum(key.startswith("i:") for key in recent)
+
+
 class _Marked(Mapping):
     """The marked fingerprints, read from the compacted outbreak.alerts topic."""
 
@@ -186,14 +221,17 @@ def register(app, settings_, received_topic, blobs, current_policy) -> dict:
     # The window is fixed when the worker starts (a Faust table's window is
     # part of its declaration); the threshold follows the live policy.
     window_seconds = settings().window_minutes * 60
+    refresh_seconds = max(60, window_seconds // 4)
+    # One tumbling window per fingerprint and window width, holding when
+    # each sender and client address was last seen (see last_seen below).
+    # It was a hopping window of four steps holding sets: every observation
+    # wrote four table values, so four changelog records, and about 20 for
+    # a message with five body bands, a quarter of all the records a
+    # message cost the broker (bench/e2e_relay.py, docs/performance.md).
     seen = app.Table(
-        "outbreak-seen", default=dict, key_type=str,
+        "outbreak-senders", default=dict, key_type=str,
         partitions=OUTBREAK_FINGERPRINTS.partitions,
-    ).hopping(
-        timedelta(seconds=window_seconds),
-        timedelta(seconds=max(60, window_seconds // 4)),
-        expires=timedelta(seconds=2 * window_seconds),
-    )
+    ).tumbling(timedelta(seconds=window_seconds), expires=timedelta(seconds=2 * window_seconds))
     # Every worker needs every mark (any worker may judge a message carrying
     # it), so the marks are read from their compacted topic by each worker.
     # (Not a Faust GlobalTable: on a fresh cluster its recovery waits for a
@@ -252,23 +290,24 @@ def register(app, settings_, received_topic, blobs, current_policy) -> dict:
             fp = observed.fingerprint
             if fp in active:
                 continue  # already an outbreak: stop counting, the sets stay bounded
-            # A per-window union (Faust applies |= to every hopping window
-            # the event falls in), with flat keys so the union is exact.
-            seen[fp] |= {f"s:{observed.sender}": 1, f"i:{observed.client_ip}": 1}
-            windows = seen.table.window.ranges(observed.occurred_at.timestamp())
-            fullest = max((dict(seen[fp][w]) for w in windows), key=lambda v: sum(k.startswith("s:") for k in v))
-            senders = [k for k in fullest if k.startswith("s:")]
-            ips = [k for k in fullest if k.startswith("i:")]
+            at = observed.occurred_at.timestamp()
+            current_window = seen.table.window.ranges(at)[0]
+            previous_window = seen.table.window.ranges(at - window_seconds)[0]
+            current = dict(seen[fp][current_window])
+            update = last_seen(current, observed.sender, observed.client_ip, at, refresh_seconds)
+            if update is not None:
+                seen[fp] = current = update  # the window of this record's (event) time
+            senders, ips = distinct_since(at - window_seconds, dict(seen[fp][previous_window]), current)
             threshold = settings().threshold_senders
-            if len(senders) >= threshold:
+            if senders >= threshold:
                 detected = ev.OutbreakDetected(
                     occurred_at=observed.occurred_at, fingerprint=fp, kind=observed.kind,
-                    distinct_senders=len(senders), distinct_client_ips=len(ips),
+                    distinct_senders=senders, distinct_client_ips=ips,
                     window_seconds=window_seconds, example_message_id=observed.message_id,
                 )
                 value, headers = codec.encode(detected)
                 await alerts_topic.send(key=record_key(OUTBREAK_ALERTS, detected), value=value,
                                         headers=headers, timestamp=detected.occurred_at.timestamp())
-                log.warning("outbreak: %s seen from %d senders", fp, len(senders))
+                log.warning("outbreak: %s seen from %d senders", fp, senders)
 
     return {"outbreak_observe": outbreak_observe, "outbreak_count": outbreak_count}

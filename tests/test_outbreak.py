@@ -95,3 +95,37 @@ async def test_exempt_sender_domains_are_not_marked(monkeypatch):
     assert passed.name == "OUTBREAK_OK" and passed.detail == "sender domain exempt"
     assert Settings(exempt_sender_domains=["test"]).exempts("x@mail.b.test")
     assert not Settings(exempt_sender_domains=["b.test"]).exempts("x@notb.test")
+
+
+def test_a_sender_seen_again_soon_is_not_written_again():
+    """The table (and its changelog) is written per new sender or address, not per message."""
+    from streams.outbreak import last_seen
+
+    window = last_seen({}, "a@x.test", "192.0.2.1", at=1000.0, refresh_seconds=60)
+    assert window == {"s:a@x.test": 1000.0, "i:192.0.2.1": 1000.0}
+    assert last_seen(window, "a@x.test", "192.0.2.1", at=1030.0, refresh_seconds=60) is None
+    # A new address, or the same pair after the refresh period, is written.
+    assert last_seen(window, "a@x.test", "192.0.2.2", at=1030.0, refresh_seconds=60)["i:192.0.2.2"] == 1030.0
+    assert last_seen(window, "a@x.test", "192.0.2.1", at=1061.0, refresh_seconds=60)["s:a@x.test"] == 1061.0
+
+
+def test_distinct_senders_are_counted_over_the_window_across_two_windows():
+    from streams.outbreak import distinct_since, last_seen
+
+    previous, current = {}, {}
+    for n, at in enumerate((50.0, 90.0, 3000.0)):
+        previous = last_seen(previous, f"s{n}@x.test", f"192.0.2.{n}", at, 60)
+    current = last_seen(current, "s9@x.test", "192.0.2.1", 3700.0, 60)
+    # At 3700 with a one-hour window: s2 (3000) and s9 (3700) are inside,
+    # s0 and s1 have left it; addresses likewise.
+    assert distinct_since(3700.0 - 3600, previous, current) == (2, 2)
+
+
+def test_a_botnet_sending_one_campaign_keeps_a_bounded_value():
+    from streams.outbreak import MAX_CLIENT_IPS, last_seen
+
+    window: dict = {}
+    for n in range(MAX_CLIENT_IPS + 50):
+        window = last_seen(window, "same@x.test", f"10.0.{n // 250}.{n % 250}", 1000.0 + n, 60)
+    assert sum(k.startswith("i:") for k in window) == MAX_CLIENT_IPS
+    assert "i:10.0.0.0" not in window and f"i:10.0.{(MAX_CLIENT_IPS + 49) // 250}.{(MAX_CLIENT_IPS + 49) % 250}" in window

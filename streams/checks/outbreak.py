@@ -1,7 +1,7 @@
 """Outbreak Protection: messages carrying a fingerprint marked as an outbreak.
 
 The counting happens in streams/outbreak.py (distinct senders per
-fingerprint in event-time hopping windows); this check only looks the
+fingerprint over an event-time window); this check only looks the
 message's fingerprints up in the table of marked outbreaks.
 """
 
@@ -27,7 +27,7 @@ class Settings(CheckSettings):
     threshold_senders: int = Field(
         default=20, ge=2, description="Distinct senders of one fingerprint within the window that mark an outbreak"
     )
-    window_minutes: int = Field(default=60, ge=1, description="Width of the hopping window (fixed at worker start)")
+    window_minutes: int = Field(default=60, ge=1, description="Minutes over which distinct senders are counted (fixed at worker start)")
     exempt_sender_domains: list[str] = Field(
         default_factory=list,
         description="Sender domains (and their subdomains) whose mail is neither counted nor marked: a partner "
