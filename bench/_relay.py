@@ -368,3 +368,26 @@ def cpu_seconds() -> dict[str, float]:
         if kind is not None:
             totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return totals
+
+
+def topic_offsets(bootstrap: str) -> dict[str, int]:
+    """The end offset of every topic on the broker, summed over its partitions.
+
+    The difference over a load is the records (and transaction markers,
+    which take an offset each) the broker stored for it: with the CPU
+    figures, it shows which stage makes the broker work.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-offsets", "enable.auto.commit": False})
+    try:
+        topics = consumer.list_topics(timeout=10).topics
+        ends: dict[str, int] = {}
+        for name, meta in topics.items():
+            if name.startswith("__"):
+                continue
+            ends[name] = sum(consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+                             for p in meta.partitions)
+        return ends
+    finally:
+        consumer.close()

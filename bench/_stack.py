@@ -6,7 +6,7 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from bulwark.devstack import COMPONENTS, LocalStack, environment, private_environment, wait_for_port
+from bulwark.devstack import LocalStack, environment, private_environment, wait_for_port
 from bulwark.settings import Settings
 
 
@@ -24,9 +24,9 @@ def local_stack(policy_text: str, components=("ingest",), extra_env: dict[str, s
             if "streams" in components:
                 stack.start_clamd()  # the antivirus and macros checks scan through it
             stack.ensure_topics()
-            for name, args in COMPONENTS:
-                if name in components:
-                    stack.start(name, args)
+            for name, component, args, env in stack.instances():
+                if component in components:
+                    stack.start(name, args, env)
             if "ingest" in components:
                 wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
             yield settings, stack

@@ -9,6 +9,10 @@ Four set-ups, one after the other on the same machine, with the same load
   bulwark          Bulwark with the `make run` policy: inline refusal on, every default check
   bulwark-async    the same with ``inline_refusal: {enabled: false}``
 
+Bulwark runs as ``bulwark up`` does: an ingest process and a Faust worker
+per core. ``--only bulwark-single`` (not in the default run) is the default
+policy with one of each, to compare.
+
 For each it prints accepted msg/s (smtp-source's pace), relayed msg/s (at
 smtp-sink), p50/p99 of end-of-DATA -> reply measured by a probe client beside
 the load, deliveries and duplicates at the sink (Message-Id, recipient), and
@@ -34,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from bench._relay import (DOMAIN, PeakRss, Probe, clamav_milter, cpu_seconds, postfix, require, smtp_sink, smtp_source,
-                          wait_delivered)
+                          topic_offsets, wait_delivered)
 from bench._stack import local_stack
 from bulwark.devstack import LocalStack, environment, private_environment
 from bulwark.kafka import read_topics
@@ -43,6 +47,8 @@ from schemas import events as ev
 from schemas.topics import QUARANTINE, RECEIVED, VERDICTS
 
 SETUPS = ("postfix", "postfix+clamav", "bulwark", "bulwark-async")
+#: Set-ups run only when asked for with --only.
+EXTRA_SETUPS = ("bulwark-single",)
 #: Bulwark's processes whose memory counts (not Kafka's, not clamd's).
 BULWARK_PROCESSES = ("ingest", "streams", "delivery", "quarantine")
 
@@ -61,6 +67,8 @@ class Result:
     rss_mib: float | None = None
     #: CPU milliseconds per relayed message, by process kind, over the load.
     cpu_ms: dict | None = None
+    #: Kafka records (and transaction markers) per relayed message, by topic.
+    records: dict | None = None
     reconciliation: str = ""
     note: str = ""
 
@@ -88,10 +96,11 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def run_load(setup: str, port: int, sink, args, rss: PeakRss | None = None) -> Result:
+def run_load(setup: str, port: int, sink, args, rss: PeakRss | None = None, bootstrap: str | None = None) -> Result:
     probe = Probe(port)
     before = sink.transactions()
     cpu_before = cpu_seconds()
+    offsets_before = topic_offsets(bootstrap) if bootstrap else {}
     started = time.perf_counter()
     probe.start()
     load = smtp_source(port, args.messages, args.sessions, args.size, timeout=args.timeout)
@@ -100,6 +109,9 @@ def run_load(setup: str, port: int, sink, args, rss: PeakRss | None = None) -> R
     count, seconds = wait_delivered(sink, before + expected, started)
     cpu_after = cpu_seconds()
     relayed = max(count - before, 1)
+    offsets_after = topic_offsets(bootstrap) if bootstrap else {}
+    records = {t: (n - offsets_before.get(t, 0)) / relayed for t, n in offsets_after.items()
+               if n - offsets_before.get(t, 0) > 0}
     cpu_ms = {k: 1000 * (v - cpu_before.get(k, 0.0)) / relayed for k, v in cpu_after.items()
               if v - cpu_before.get(k, 0.0) > 0.005}
     deliveries = sink.deliveries()
@@ -117,6 +129,7 @@ def run_load(setup: str, port: int, sink, args, rss: PeakRss | None = None) -> R
         load_seconds=load.seconds,
         rss_mib=None if rss is None else rss.peak_kib / 1024,
         cpu_ms=cpu_ms,
+        records=records or None,
         note="; ".join(problems[-3:] + probe.errors),
     )
 
@@ -159,15 +172,18 @@ async def _reconcile(settings: Settings) -> tuple[dict, dict]:
              "unjudged": len(received - set(verdicts))}, actions)
 
 
-def run_bulwark(root: Path, args, inline_refusal: bool) -> Result:
-    setup = "bulwark" if inline_refusal else "bulwark-async"
+def run_bulwark(root: Path, args, inline_refusal: bool, per_core: bool = True) -> Result:
+    setup = ("bulwark" if per_core else "bulwark-single") if inline_refusal else "bulwark-async"
+    # As bulwark up runs it by default: a process of each per core.
+    processes = str(os.cpu_count() or 1) if per_core else "1"
+    scale = {"BULWARK_INGEST_PROCESSES": processes, "BULWARK_STREAMS_WORKERS": processes}
     with smtp_sink(root / setup) as sink:
         policy = bulwark_policy(sink.port, inline_refusal)
         components = ("quarantine", "delivery", "streams", "ingest")
-        with local_stack(policy, components=components) as (settings, stack):
+        with local_stack(policy, components=components, extra_env=scale) as (settings, stack):
             warm_up(settings.smtp_port, sink)
             with PeakRss(lambda: [p.pid for n, p in stack.procs.items() if n.startswith(BULWARK_PROCESSES)]) as rss:
-                result = run_load(setup, settings.smtp_port, sink, args, rss)
+                result = run_load(setup, settings.smtp_port, sink, args, rss, settings.kafka_bootstrap)
             counts, actions = asyncio.run(_reconcile(settings))
             accepted = counts["received"] - counts["refused"]
             accounted = result.delivered + 1 + counts["quarantined"]  # +1: the warm-up message
@@ -211,6 +227,10 @@ def report(results: list[Result], args) -> None:
         if r.cpu_ms:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.cpu_ms.items(), key=lambda kv: -kv[1]))
             print(f"  {r.setup}: CPU ms per relayed message: {parts} (total {sum(r.cpu_ms.values()):.1f})")
+        if r.records:
+            top = sorted(r.records.items(), key=lambda kv: -kv[1])
+            parts = ", ".join(f"{t} {n:.1f}" for t, n in top[:8] if n >= 0.05)
+            print(f"  {r.setup}: Kafka records per relayed message: {sum(r.records.values()):.1f} ({parts})")
     for r in results:
         if r.reconciliation:
             print(f"  {r.setup}: {r.reconciliation}")
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=10240, help="message size in bytes (smtp-source -l)")
-    parser.add_argument("--only", action="append", choices=SETUPS, help="run only these set-ups (repeatable)")
+    parser.add_argument("--only", action="append", choices=SETUPS + EXTRA_SETUPS, help="run only these set-ups (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the load may take")
     args = parser.parse_args(argv)
     require("smtp-source", "smtp-sink", "postfix", "clamav-milter")
@@ -235,7 +255,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if setup.startswith("postfix"):
             results.append(run_postfix(root, args, milter=setup == "postfix+clamav"))
         else:
-            results.append(run_bulwark(root, args, inline_refusal=setup == "bulwark"))
+            results.append(run_bulwark(root, args, inline_refusal=setup != "bulwark-async",
+                                       per_core=setup != "bulwark-single"))
     report(results, args)
     return results
 

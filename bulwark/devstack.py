@@ -74,6 +74,10 @@ def private_environment(root: Path, policy: Path) -> dict[str, str]:
         "BULWARK_CLAMD_PORT": str(free_port()),
         "BULWARK_CLAMD_DIR": str(root / "clamd"),
         "BULWARK_CLAMAV_DB": "",
+        # One of each: tests kill and restart "the" ingest or worker; a test
+        # of several sets these itself.
+        "BULWARK_INGEST_PROCESSES": "1",
+        "BULWARK_STREAMS_WORKERS": "1",
     }
 
 
@@ -164,6 +168,24 @@ class LocalStack:
         return subprocess.run([sys.executable, "-m", "bulwark.cli", *args], env=self.env, check=check,
                               capture_output=True, text=True)
 
+    def instances(self) -> list[tuple[str, str, list[str], dict[str, str]]]:
+        """Every process to run: (name, component, command, environment), in start order.
+
+        Ingest and the Faust worker run once per core unless the settings say
+        otherwise (``ingest_processes``, ``streams_workers``); the second is
+        named ``ingest-2``, and so on.
+        """
+        counts = {"ingest": self.settings.ingest_processes, "streams": self.settings.streams_workers}
+        found = []
+        for name, args in COMPONENTS:
+            for i in range(counts.get(name, 1)):
+                env = {"BULWARK_INSTANCE": str(i)}
+                if name == "streams":
+                    # Each worker serves its tables on a port of its own.
+                    env["BULWARK_STREAMS_WEB_PORT"] = str(self.settings.streams_web_port + i)
+                found.append((name if i == 0 else f"{name}-{i + 1}", name, args, env))
+        return found
+
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -192,7 +214,7 @@ class LocalStack:
         """
         restarted = []
         now = time.monotonic()
-        for name, args in COMPONENTS:
+        for name, _, args, env in self.instances():
             proc = self.procs.get(name)
             if proc is None or proc.poll() is None:
                 continue
@@ -201,7 +223,7 @@ class LocalStack:
                 raise RuntimeError(f"{name} exited 5 times in a minute; see {self.log_dir / (name + '.log')}")
             report(f"{name} exited with {proc.returncode}; restarting (log: {self.log_dir / (name + '.log')})")
             self.restarts[name] = [*recent, now]
-            self.start(name, args)
+            self.start(name, args, env)
             restarted.append(name)
         return restarted
 
@@ -210,8 +232,8 @@ class LocalStack:
         self.start_clamd()
         self.ensure_topics()
         self.apply_policy()
-        for name, args in COMPONENTS:
-            proc = self.start(name, args)
+        for name, _, args, env in self.instances():
+            proc = self.start(name, args, env)
             if name == "mailbox":
                 wait_for_port(self.settings.mailbox_host, self.settings.mailbox_port, 30, proc)
             if name == "ingest":
@@ -223,10 +245,11 @@ class LocalStack:
                 wait_for_port(self.settings.console_host, self.settings.console_port, 60, proc)
 
     def stop_all(self, kafka: bool = True) -> None:
-        # Extra processes first (a second worker, say), then the components in reverse order.
-        for name in [n for n in self.procs if n not in dict(COMPONENTS)]:
+        # Extra processes first (a test's second worker, say), then the components in reverse order.
+        ours = [name for name, *_ in self.instances()]
+        for name in [n for n in self.procs if n not in ours]:
             self.stop(name)
-        for name, _ in reversed(COMPONENTS):
+        for name in reversed(ours):
             self.stop(name)
         if kafka:  # the infrastructure: clamd and the broker
             self.stop_clamd()
@@ -244,7 +267,7 @@ def run_local(settings: Settings) -> int:
         stack.start_all()
     except Exception as exc:
         print(f"could not start the gateway: {exc}", file=sys.stderr)
-        for name, _ in COMPONENTS:
+        for name, *_ in stack.instances():
             tail = stack.log_tail(name)
             if tail:
                 print(f"--- {name} log ---\n{tail}", file=sys.stderr)

@@ -92,6 +92,22 @@ class Settings:
     #: gateway's certificate). 127.0.0.1 on a host; 0.0.0.0 in a container.
     console_host: str = "127.0.0.1"
     console_port: int = 8445
+    #: How many ingest processes and Faust workers ``bulwark up`` starts:
+    #: one per core by default, as Postfix runs an smtpd per connection and
+    #: Kafka Streams a thread per core. The ingest processes share the SMTP
+    #: ports (SO_REUSEPORT); the workers share the partitions (one consumer
+    #: group). Each process is told its number in ``instance``.
+    ingest_processes: int = 1
+    streams_workers: int = 1
+    #: This process's number among its component's processes (0, 1, ...):
+    #: it names the ingest's transactional id and a worker's table
+    #: directory and web port.
+    instance: int = 0
+
+    @property
+    def streams_dir(self) -> Path:
+        """This Faust worker's own table directory (RocksDB) and clean-stop marker."""
+        return self.data_dir / ("streams" if self.instance == 0 else f"streams-{self.instance + 1}")
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -150,6 +166,9 @@ class Settings:
             delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
             console_host=_env("BULWARK_CONSOLE_HOST", "127.0.0.1"),
             console_port=int(_env("BULWARK_CONSOLE_PORT", "8445")),
+            ingest_processes=max(1, int(_env("BULWARK_INGEST_PROCESSES", str(os.cpu_count() or 1)))),
+            streams_workers=max(1, int(_env("BULWARK_STREAMS_WORKERS", str(os.cpu_count() or 1)))),
+            instance=int(_env("BULWARK_INSTANCE", "0")),
         )
 
     def with_(self, **changes) -> "Settings":

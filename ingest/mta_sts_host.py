@@ -61,9 +61,10 @@ def app(current_policy) -> web.Application:
     return application
 
 
-async def start(current_policy, host: str, port: int, context: ssl.SSLContext) -> web.AppRunner:
+async def start(current_policy, host: str, port: int, context: ssl.SSLContext,
+                reuse_port: bool = False) -> web.AppRunner:
     runner = web.AppRunner(app(current_policy), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, ssl_context=context).start()
+    await web.TCPSite(runner, host, port, ssl_context=context, reuse_port=reuse_port).start()
     log.info("serving MTA-STS policies on https://%s:%d%s", host, port, WELL_KNOWN)
     return runner

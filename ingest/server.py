@@ -753,6 +753,14 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def transactional_id(settings: Settings) -> str:
+    """This ingest process's transactional id: the same after a restart, so
+    the broker fences its previous incarnation and aborts what it left open;
+    distinct from every other ingest process's."""
+    base = f"bulwark-ingest-{socket.gethostname()}-{settings.smtp_port}"
+    return base if settings.instance == 0 else f"{base}-{settings.instance + 1}"
+
+
 async def serve(settings: Settings) -> None:
     configure_logging("ingest")
     log.info("open files limit: %d", raise_open_files_limit())
@@ -760,7 +768,7 @@ async def serve(settings: Settings) -> None:
     policy = PolicyHolder(settings=settings)
     await policy.start()
     publisher = await start_publisher(settings, "bulwark-ingest")
-    durable = DurableLog(settings, f"bulwark-ingest-{socket.gethostname()}-{settings.smtp_port}")
+    durable = DurableLog(settings, transactional_id(settings))
     await durable.start()
     accounts = AccountDirectory(settings, policy)
     await accounts.start()
@@ -792,7 +800,7 @@ async def serve(settings: Settings) -> None:
     handler.guards.insert(0, EventBacklogGuard(publisher))
 
     # Shared by every listener: stress is how many sessions are open in all.
-    timeouts = SessionTimeouts(policy)
+    timeouts = SessionTimeouts(policy, share=1 / settings.ingest_processes)
 
     def smtp_factory(handler: IngestHandler, implicit_tls: bool):
         def make() -> GatewaySMTP:
@@ -827,6 +835,9 @@ async def serve(settings: Settings) -> None:
         implicit_tls = name == "submissions"
         servers.append(await asyncio.get_running_loop().create_server(
             smtp_factory(listener, implicit_tls), host=settings.smtp_host, port=port, backlog=LISTEN_BACKLOG,
+            # Several ingest processes share the ports; the kernel spreads
+            # the connections between them (bulwark up starts one per core).
+            reuse_port=settings.ingest_processes > 1,
             ssl=tls.context if implicit_tls else None,
             # The listening socket's own handshakes (implicit TLS): read once,
             # at start; STARTTLS reads the policy in force at each handshake.
@@ -837,7 +848,7 @@ async def serve(settings: Settings) -> None:
     mta_sts = None
     if settings.mta_sts_port:
         mta_sts = await mta_sts_host.start(lambda: policy.current, settings.smtp_host, settings.mta_sts_port,
-                                           tls.context)
+                                           tls.context, reuse_port=settings.ingest_processes > 1)
     try:
         await run_until_signalled(*(server.serve_forever() for server in servers))
     finally:

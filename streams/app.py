@@ -112,7 +112,7 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         # Faust's Kafka driver, reading committed records only (streams/transport.py).
         broker=f"{transport.SCHEME}://{settings.kafka_bootstrap}",
         store="rocksdb://",
-        datadir=str(settings.data_dir / "streams"),
+        datadir=str(settings.streams_dir),
         autodiscover=False,
         # web_host is the address this worker advertises to the others (its
         # canonical URL), so never a wildcard; in a container the worker
@@ -221,7 +221,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     # Faust's worker command would reset the canonical URL to http://.
     web.serve_https(app, settings)
     sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel]
-    datadir = settings.data_dir / "streams"
+    datadir = settings.streams_dir
     datadir.mkdir(parents=True, exist_ok=True)
     clean_stop = datadir / "clean-shutdown"
     if not clean_stop.exists() and Path(app.conf.tabledir).exists():
