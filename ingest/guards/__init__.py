@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Refusal:
 PHASES = ("on_connect", "on_command", "on_auth", "on_mail", "on_rcpt", "on_data")
 
 
-async def judge(guards: list[Any], phase: str, session: "GatewaySession", *args) -> Refusal | None:
+async def judge(guards: list[Any], phase: str, session: "GuardSession", *args) -> Refusal | None:
     for guard in guards:
         hook = getattr(guard, phase, None)
         if hook is None:

@@ -22,7 +22,7 @@ from schemas.events import utcnow
 if TYPE_CHECKING:
     from bulwark.kafka import EventPublisher
     from bulwark.policy import Policy
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class BackscatterGuard:
     def _settings(self):
         return self.current_policy().backscatter
 
-    def _excluded(self, session: "GatewaySession") -> bool:
+    def _excluded(self, session: "GuardSession") -> bool:
         cfg, policy = self._settings(), self.current_policy()
         return (
             (cfg.exclude_authenticated and bool(session.authenticated))
@@ -51,12 +51,12 @@ class BackscatterGuard:
             or (cfg.exclude_allow_listed and bool(getattr(session, "allow_listed_client", None)))
         )
 
-    def _checks(self, session: "GatewaySession") -> dict[str, Check]:
+    def _checks(self, session: "GuardSession") -> dict[str, Check]:
         if not hasattr(session, "backscatter_checks"):
             session.backscatter_checks = {}
         return session.backscatter_checks
 
-    def rewrite_rcpt(self, session: "GatewaySession", address: str) -> str:
+    def rewrite_rcpt(self, session: "GuardSession", address: str) -> str:
         """Untag a signed local recipient, remembering whether its signature held."""
         cfg = self._settings()
         if not cfg.enabled:
@@ -67,7 +67,7 @@ class BackscatterGuard:
         self._checks(session)[check.address.lower()] = check
         return check.address if check.status == "valid" else address
 
-    def _flag(self, session: "GatewaySession", phase: str, check: Check, refused: bool) -> None:
+    def _flag(self, session: "GuardSession", phase: str, check: Check, refused: bool) -> None:
         self.publisher.emit(
             ev.SessionFlagged(
                 session_id=session.id, client_ip=session.client_ip, phase=phase,
@@ -76,14 +76,14 @@ class BackscatterGuard:
             )
         )
 
-    def _suspect(self, session: "GatewaySession", recipient: str) -> Check | None:
+    def _suspect(self, session: "GuardSession", recipient: str) -> Check | None:
         local_domain = self.current_policy().is_local_domain(recipient.rpartition("@")[2])
         if not local_domain:
             return None
         check = self._checks(session).get(recipient.lower())
         return None if check is not None and check.status == "valid" else (check or Check("missing", recipient))
 
-    async def on_rcpt(self, session: "GatewaySession", recipient: str, params: list[str]) -> Refusal | None:
+    async def on_rcpt(self, session: "GuardSession", recipient: str, params: list[str]) -> Refusal | None:
         cfg = self._settings()
         envelope = getattr(session, "envelope", None)
         # A DSN comes from the null sender (RFC 5321 4.5.5); auto-replies are
@@ -96,7 +96,7 @@ class BackscatterGuard:
         self._flag(session, "rcpt", check, cfg.reject)
         return REFUSAL if cfg.reject else None
 
-    async def on_data(self, session: "GatewaySession", raw: bytes) -> Refusal | None:
+    async def on_data(self, session: "GuardSession", raw: bytes) -> Refusal | None:
         cfg = self._settings()
         envelope = getattr(session, "envelope", None)
         if not cfg.enabled or envelope is None or envelope.mail_from in ("", "<>") or self._excluded(session):

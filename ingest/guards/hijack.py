@@ -26,10 +26,10 @@ from schemas import events as ev
 from streams.hijack import account_key
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 
-def _login(session: "GatewaySession") -> str | None:
+def _login(session: "GuardSession") -> str | None:
     if not session.authenticated:
         return None
     login = getattr(session.auth_data, "login", None)
@@ -48,7 +48,7 @@ class AccountHijackGuard:
     def policy(self):
         return getattr(self._policy, "current", self._policy)
 
-    def _account(self, session: "GatewaySession", sender: str) -> str | None:
+    def _account(self, session: "GuardSession", sender: str) -> str | None:
         login = _login(session)
         if login:
             return account_key(login)
@@ -63,14 +63,14 @@ class AccountHijackGuard:
         return Refusal(f"550 5.7.1 Account {account} is disabled; contact your administrator",
                        "Account Hijack Detection: account disabled", close=True)
 
-    async def on_auth(self, session: "GatewaySession", login: str) -> Refusal | None:
+    async def on_auth(self, session: "GuardSession", login: str) -> Refusal | None:
         # Before the password is checked, and the session is dropped: whoever
         # holds a disabled account's password has no more to do here.
         if not self.is_disabled(account_key(login)):
             return None
         return Refusal(AUTH_DISABLED, "account disabled", close=True)
 
-    async def on_mail(self, session: "GatewaySession", sender: str, params: list[str]) -> Refusal | None:
+    async def on_mail(self, session: "GuardSession", sender: str, params: list[str]) -> Refusal | None:
         account = self._account(session, sender)
         if account is None:
             return None

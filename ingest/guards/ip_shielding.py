@@ -22,7 +22,7 @@ from ingest.guards import Refusal
 from ingest.guards.lists import allow_listed
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 _headers = BytesHeaderParser()
 
@@ -72,19 +72,19 @@ class IPShieldingGuard:
     def __init__(self, policy: Policy):
         self.policy = policy  # a PolicyHolder in the server: read when judging
 
-    def _exempt(self, policy: Policy, session: "GatewaySession") -> bool:
+    def _exempt(self, policy: Policy, session: "GuardSession") -> bool:
         shielding = policy.ip_shielding
         return (not shielding.enabled
                 or (shielding.exempt_authenticated and bool(session.authenticated))
                 or allow_listed(policy, session, "ip_shielding"))
 
-    async def on_mail(self, session: "GatewaySession", sender: str, params: list[str]) -> Refusal | None:
+    async def on_mail(self, session: "GuardSession", sender: str, params: list[str]) -> Refusal | None:
         policy = current(self.policy)
         if not sender or "@" not in sender or self._exempt(policy, session):
             return None
         return judge_domain(policy, session.client_ip, sender.rpartition("@")[2].lower(), "from")
 
-    async def on_data(self, session: "GatewaySession", raw: bytes) -> Refusal | None:
+    async def on_data(self, session: "GuardSession", raw: bytes) -> Refusal | None:
         policy = current(self.policy)
         if not policy.ip_shielding.check_from_header or self._exempt(policy, session):
             return None

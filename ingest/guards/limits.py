@@ -34,7 +34,7 @@ from ingest.guards import Refusal
 from ingest.guards.lists import allow_listed
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ class SessionLimitsGuard:
     def __init__(self, policy: Policy):
         self.policy = policy  # a PolicyHolder in the server: read when judging
 
-    async def on_rcpt(self, session: "GatewaySession", recipient: str, params: list[str]) -> Refusal | None:
+    async def on_rcpt(self, session: "GuardSession", recipient: str, params: list[str]) -> Refusal | None:
         policy = current(self.policy)
         if allow_listed(policy, session, "session_limits"):
             return None
         envelope = getattr(session, "envelope", None)
         return recipients_refusal(policy, len(envelope.rcpt_tos) if envelope is not None else 0)
 
-    async def on_command(self, session: "GatewaySession", command: str) -> Refusal | None:
+    async def on_command(self, session: "GuardSession", command: str) -> Refusal | None:
         policy = current(self.policy)
         limits = policy.session_limits
         envelope = getattr(session, "envelope", None)

@@ -24,7 +24,7 @@ from bulwark.policy_sections import ClientAndSenderList
 from ingest.guards import Refusal
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 RDNS_TIMEOUT = 5.0
 
 
-def allow_listed(policy: Policy, session: "GatewaySession", skip: str) -> bool:
+def allow_listed(policy: Policy, session: "GuardSession", skip: str) -> bool:
     """Is this session allow-listed (by client or sender) for skipping ``skip``?"""
     if skip not in policy.allow_list.skips:
         return False
@@ -94,7 +94,7 @@ class ListsGuard:
     def __init__(self, policy: Policy):
         self.policy = policy  # a PolicyHolder in the server: read when judging
 
-    async def on_connect(self, session: "GatewaySession") -> Refusal | None:
+    async def on_connect(self, session: "GuardSession") -> Refusal | None:
         policy = current(self.policy)
         allow, block = policy.allow_list, policy.block_list
         host = None
@@ -109,7 +109,7 @@ class ListsGuard:
                            f"block list: {blocked}", close=True)
         return None
 
-    async def on_mail(self, session: "GatewaySession", sender: str, params: list[str]) -> Refusal | None:
+    async def on_mail(self, session: "GuardSession", sender: str, params: list[str]) -> Refusal | None:
         policy = current(self.policy)
         allowed = sender_match(policy.allow_list, sender)
         session.allow_listed_sender = allowed  # per transaction: each MAIL sets it anew

@@ -24,7 +24,7 @@ from ingest.guards import Refusal
 from ingest.guards.lists import allow_listed
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class LocationGuard:
         # A missing database is a clear error at start-up, not at the first client.
         check_database(current(policy))
 
-    def _country(self, policy: Policy, session: "GatewaySession") -> tuple[str | None, Refusal | None]:
+    def _country(self, policy: Policy, session: "GuardSession") -> tuple[str | None, Refusal | None]:
         try:
             country = country_of(policy, session.client_ip)
         except LocationDatabaseError as exc:
@@ -116,7 +116,7 @@ class LocationGuard:
         session.client_country = country
         return country, None
 
-    def _screen(self, session: "GatewaySession", refuse, reply: str, reason: str, close: bool) -> Refusal | None:
+    def _screen(self, session: "GuardSession", refuse, reply: str, reason: str, close: bool) -> Refusal | None:
         """Refuse when the client's country is in ``refuse(screening)``."""
         policy = current(self.policy)
         screening = policy.location_screening
@@ -129,14 +129,14 @@ class LocationGuard:
             return Refusal(reply.format(country=country), reason.format(country=country), close=close)
         return None
 
-    async def on_connect(self, session: "GatewaySession") -> Refusal | None:
+    async def on_connect(self, session: "GuardSession") -> Refusal | None:
         # RFC 5321 3.1: 554 instead of the greeting refuses the session.
         return self._screen(
             session, lambda s: s.refuse_connections_from,
             "554 5.7.1 No SMTP service for connections from your location ({country})",
             "location screening: connection from {country}", close=True)
 
-    async def on_auth(self, session: "GatewaySession", login: str) -> Refusal | None:
+    async def on_auth(self, session: "GuardSession", login: str) -> Refusal | None:
         return self._screen(
             session, lambda s: {*s.refuse_auth_from, *s.refuse_connections_from},
             "554 5.7.1 Authentication is not accepted from your location ({country})",

@@ -36,13 +36,13 @@ from bulwark.policy_verification import sources_for_domain
 from ingest.guards import Refusal
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
     from ingest.verification import Outcome, Verifier
 
 RELAY_DENIED = Refusal("554 5.7.1 Relay access denied", "relay denied")
 
 
-def may_relay(policy: Policy, session: "GatewaySession") -> bool:
+def may_relay(policy: Policy, session: "GuardSession") -> bool:
     """May this session send to non-local domains? AUTH or a domain mail server
     (or an address the relay exceptions list, which the guide advises against)."""
     return (
@@ -124,7 +124,7 @@ def check_recipient(policy: Policy, address: str, may_relay: bool) -> Refusal | 
     return None if may_relay else RELAY_DENIED
 
 
-def check_sender(policy: Policy, session: "GatewaySession", sender: str) -> Refusal | None:
+def check_sender(policy: Policy, session: "GuardSession", sender: str) -> Refusal | None:
     """The guide's first MAIL setting: local mail without AUTH only from the domain's servers."""
     domain = _local_domain_of(policy, sender)
     if domain is None or not policy.relay_control.only_domain_mail_servers_send_local_mail:
@@ -155,7 +155,7 @@ class UnknownSender:
     note: str | None = None
 
 
-def sender_existence(policy: Policy, session: "GatewaySession", sender: str, accounts: Any) -> UnknownSender | None:
+def sender_existence(policy: Policy, session: "GuardSession", sender: str, accounts: Any) -> UnknownSender | None:
     """The guide's second MAIL setting. None: nothing to judge (not local, the
     rule is off, or the account is known)."""
     domain = _local_domain_of(policy, sender)
@@ -201,7 +201,7 @@ def _local_domain_of(policy: Policy, sender: str) -> str | None:
     return domain if policy.is_local_domain(domain) else None
 
 
-def take_sender_note(session: "GatewaySession") -> str | None:
+def take_sender_note(session: "GuardSession") -> str | None:
     """How this MAIL's unknown local sender was let through, for its session.mail event."""
     note = getattr(session, "sender_note", None)
     session.sender_note = None
@@ -220,7 +220,7 @@ class RelayGuard:
         #: only a source could vouch for cannot be verified (4xx).
         self.verifier = verifier
 
-    async def on_mail(self, session: "GatewaySession", sender: str, params: list[str]) -> Refusal | None:
+    async def on_mail(self, session: "GuardSession", sender: str, params: list[str]) -> Refusal | None:
         policy = current(self.policy)
         session.sender_note = None
         refusal = check_sender(policy, session, sender)
@@ -242,7 +242,7 @@ class RelayGuard:
             session.sender_note = f"local sender verified by {_answered_by(outcome)}"
         return refusal
 
-    async def on_rcpt(self, session: "GatewaySession", recipient: str, params: list[str]) -> Refusal | None:
+    async def on_rcpt(self, session: "GuardSession", recipient: str, params: list[str]) -> Refusal | None:
         policy = current(self.policy)
         # A recipient a default verification source vouched for in an
         # automatically created domain is local (ingest/guards/verification.py).

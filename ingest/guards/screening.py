@@ -28,7 +28,7 @@ from schemas import events as ev
 from streams.screening import exempt
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 #: Commands still answered for a banned session: it is leaving anyway.
 LEAVING = {"QUIT"}
@@ -55,7 +55,7 @@ class DynamicScreeningGuard:
             return None
         return ban
 
-    def _banned(self, session: "GatewaySession", close: bool = True) -> Refusal | None:
+    def _banned(self, session: "GuardSession", close: bool = True) -> Refusal | None:
         ip = session.client_ip
         ban = self.active_ban(ip)
         if ban is None or allow_listed(self.policy, session, "dynamic_screening"):
@@ -65,15 +65,15 @@ class DynamicScreeningGuard:
         return Refusal(f"421 4.7.0 {ip} is banned by Dynamic Screening until {until} ({why})",
                        f"Dynamic Screening ban: {ban.reason}", close=close)
 
-    async def on_connect(self, session: "GatewaySession") -> Refusal | None:
+    async def on_connect(self, session: "GuardSession") -> Refusal | None:
         return self._banned(session)
 
-    async def on_command(self, session: "GatewaySession", command: str) -> Refusal | None:
+    async def on_command(self, session: "GuardSession", command: str) -> Refusal | None:
         if command in LEAVING or not self.policy.screening.close_session_after_ban:
             return None
         return self._banned(session)
 
-    async def on_auth(self, session: "GatewaySession", login: str) -> Refusal | None:
+    async def on_auth(self, session: "GuardSession", login: str) -> Refusal | None:
         # A password from a banned address is never checked, even in a
         # session left open ("close SMTP session after banning" off).
         return self._banned(session, close=self.policy.screening.close_session_after_ban)

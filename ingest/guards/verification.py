@@ -46,7 +46,7 @@ from ingest.verification import Outcome, Verifier
 from schemas import events as ev
 
 if TYPE_CHECKING:
-    from ingest.server import GatewaySession
+    from ingest.guards.session import GuardSession
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ RECORD_FAILED = Refusal("451 4.3.0 Temporary failure recording the account; plea
                         "account not recorded")
 
 
-def mark_local(session: "GatewaySession", address: str) -> None:
+def mark_local(session: "GuardSession", address: str) -> None:
     """A recipient of an automatically created domain: local for relay control."""
     marked = getattr(session, "created_domain_recipients", None)
     if marked is None:
@@ -75,14 +75,14 @@ def mark_local(session: "GatewaySession", address: str) -> None:
     marked.add(address.lower())
 
 
-def _record(session: "GatewaySession", address: str, verification: ev.RecipientVerification) -> None:
+def _record(session: "GuardSession", address: str, verification: ev.RecipientVerification) -> None:
     outcomes = getattr(session, "recipient_verifications", None)
     if outcomes is None:
         outcomes = session.recipient_verifications = {}
     outcomes[address] = verification
 
 
-def take_verification(session: "GatewaySession", address: str) -> ev.RecipientVerification | None:
+def take_verification(session: "GuardSession", address: str) -> ev.RecipientVerification | None:
     """The verification outcome of this RCPT, for its session.rcpt event."""
     return (getattr(session, "recipient_verifications", None) or {}).pop(address, None)
 
@@ -99,7 +99,7 @@ class VerificationGuard:
         self.verifier = verifier
         self.created_domains = created_domains if created_domains is not None else CreatedDomains()
 
-    async def on_rcpt(self, session: "GatewaySession", recipient: str, params: list[str]) -> Refusal | None:
+    async def on_rcpt(self, session: "GuardSession", recipient: str, params: list[str]) -> Refusal | None:
         policy = current(self.policy)
         address = recipient.strip()
         local, _, domain = address.rpartition("@")
@@ -133,7 +133,7 @@ class VerificationGuard:
             return _unknown(address) if is_local or created else None
         return _cannot_verify(address)
 
-    async def _create(self, session: "GatewaySession", address: str, domain: str, outcome: Outcome,
+    async def _create(self, session: "GuardSession", address: str, domain: str, outcome: Outcome,
                       new_domain: bool) -> Refusal | None:
         try:
             if new_domain:
