@@ -43,7 +43,7 @@ from sinks.dkim_sign import OutboundSigner, SigningFailed
 from sinks.dsn import build_dsn
 from sinks.first_verdict import FirstVerdicts
 from sinks.mta_sts import MtaStsResolver, mx_matches
-from sinks.notify import queue_notifications
+from sinks.notify import notifications
 from sinks.outbound_tls import (TlsFailure, TlsRequirement, client_context, open_connection, requirement,
                                 route_allowed, tls_required_no)
 from sinks.routing import Destination, Route, RouteError, mx_routes, resolver_for
@@ -175,9 +175,25 @@ class DeliverySink:
             entry["subject_prefix"] = self.policy.tag_subject_prefix
         return entry
 
+    async def _queue_notifications(self, events: list[ev.Event]) -> None:
+        """Queue the administrators' notifications these events call for (sinks/notify.py)."""
+        policy = self.policy.current if hasattr(self.policy, "current") else self.policy
+        for note in notifications(policy, events):
+            if note.message_id in self.queue:
+                continue  # queued when this event came before
+            digest = await self.blobs.put(note.raw)
+            envelope = ev.Envelope(
+                mail_from="", rcpt_to=note.recipients, sha256=digest, size=len(note.raw),
+                client_ip="127.0.0.1", client_helo=policy.hostname, received_at=utcnow(),
+            )
+            entry = self._entry(note.message_id, note.session_id, "notification", envelope, envelope.rcpt_to)
+            self.queue.put(note.message_id, entry)
+            await self._announce(entry)
+            self._schedule(entry)
+
     async def take(self, events: list[ev.Event]) -> None:
         """Queue the work these events ask for; idempotent on message id."""
-        await queue_notifications(self, events)  # administrators told of disabled accounts
+        await self._queue_notifications(events)
         if self.first_verdicts is not None:
             events = self.first_verdicts.admit(events)
         new: dict[str, dict] = {}

@@ -5,7 +5,7 @@ administrators the policy names (``hijack.notify``, else postmaster at the
 first local domain) get an email with the account, the counts, the window,
 the client addresses involved and how to re-enable it.
 
-A notification is queued like any other delivery, under the id of the event
+The delivery sink queues each notification like any other delivery, under the id of the event
 that caused it, so a redelivered event finds it already queued and nobody is
 told twice. It is sent from the null sender, like a DSN, so a failed
 notification never bounces back into the gateway.
@@ -13,6 +13,8 @@ notification never bounces back into the gateway.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -23,7 +25,6 @@ from schemas.events import utcnow
 
 if TYPE_CHECKING:
     from bulwark.policy import Policy
-    from sinks.delivery import DeliverySink
 
 HIJACK_DETECTION = "account-hijack-detection"
 #: A disable older than this when first seen (a new sink reading old history)
@@ -66,22 +67,23 @@ Event {event.event_id} on accounts.state (bulwark trace {event.event_id}).
     return msg.as_bytes()
 
 
-async def queue_notifications(sink: "DeliverySink", events: list[ev.Event]) -> None:
-    """Queue a notification for each account the hijack detection disabled."""
-    policy = sink.policy.current if hasattr(sink.policy, "current") else sink.policy
+@dataclass(frozen=True)
+class Notification:
+    """A message for the administrators, for the delivery sink to queue."""
+
+    #: The id of the event that caused it: a redelivered event finds it queued.
+    message_id: str
+    session_id: str | None
+    raw: bytes
+    recipients: list[str]
+
+
+def notifications(policy: "Policy", events: list[ev.Event]) -> Iterator[Notification]:
+    """A notification for each account the hijack detection disabled, unless that is old news."""
     for event in events:
         if not (isinstance(event, ev.AccountStateChanged) and not event.enabled and event.by == HIJACK_DETECTION):
             continue
-        message_id = event.event_id
-        if message_id in sink.queue or utcnow() - event.occurred_at > STALE_AFTER:
+        if utcnow() - event.occurred_at > STALE_AFTER:
             continue
-        raw = hijack_notification(policy, event)
-        digest = await sink.blobs.put(raw)
-        envelope = ev.Envelope(
-            mail_from="", rcpt_to=administrators(policy), sha256=digest, size=len(raw),
-            client_ip="127.0.0.1", client_helo=policy.hostname, received_at=utcnow(),
-        )
-        entry = sink._entry(message_id, event.session_id, "notification", envelope, envelope.rcpt_to)
-        sink.queue.put(message_id, entry)
-        await sink._announce(entry)
-        sink._schedule(entry)
+        yield Notification(event.event_id, event.session_id, hijack_notification(policy, event),
+                           administrators(policy))
