@@ -9,7 +9,7 @@ from aiohttp import web
 
 from bulwark.blobstore import BlobStore
 from bulwark.kafka import start_publisher
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from console.admins import AdminStore, admins_path

@@ -21,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.kafka import DurableLog, EventPublisher, start_publisher
 from bulwark.policy import Policy
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from ingest import guards as guard_phases

@@ -30,7 +30,7 @@ from bulwark.blobstore import BlobStore
 from bulwark.created_domains import CreatedDomains
 from bulwark.kafka import EventPublisher, consume, start_publisher
 from bulwark.policy import Policy
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from bulwark.state import StateView

@@ -68,7 +68,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from bulwark.policy_dkim import DkimKey
+from bulwark.policy.dkim import DkimKey
 from schemas import events as ev
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import logging
 from bulwark.blobstore import BlobStore
 from bulwark.kafka import EventPublisher, consume, start_publisher
 from bulwark.policy import Policy
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from schemas import events as ev

@@ -29,7 +29,7 @@ import dns.rdatatype
 import dns.resolver
 
 from bulwark import dns as shared_dns
-from bulwark.policy_sections import SmtpCredentials
+from bulwark.policy.sections import SmtpCredentials
 
 #: The resolver delivery asks. It lives in bulwark.dns, shared with the
 #: stream worker's sender authentication checks; this name stays for delivery.

@@ -19,7 +19,7 @@ import faust
 
 from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.policy import Policy
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from bulwark.settings import Settings
 from schemas import codec
 from schemas.events import CheckResult, MessageReceived

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from bulwark.policy import parse
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from ingest.guards.ip_shielding import IPShieldingGuard
 from ingest.guards.limits import SessionLimitsGuard, size_reply
 from ingest.guards.lists import ListsGuard

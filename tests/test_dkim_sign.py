@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 from bulwark.cli import main
 from bulwark.policy import PolicyError, parse
-from bulwark.policy_dkim import DkimKey
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.dkim import DkimKey
+from bulwark.policy.runtime import PolicyHolder
 from schemas import events as ev
 from sinks.dkim_sign import (
     KeyProblem, OutboundSigner, SigningFailed, author_domain, generate_private_key, headers_to_sign,
@@ -376,7 +376,7 @@ def test_keygen_writes_the_key_and_prints_its_record_and_policy_entry(tmp_path):
 
 
 def test_check_reads_each_key_and_compares_the_published_record(tmp_path, keys, monkeypatch):
-    from bulwark import dkim_cli
+    from bulwark.cli import dkim as dkim_cli
 
     broken = {"domain": "gw.example.com", "selector": "gone", "key_file": str(tmp_path / "gone.key")}
     policy = tmp_path / "policy.yaml"

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import jsonschema
 import pytest
 
-from bulwark.dmarc_cli import summarise
+from bulwark.cli.dmarc import summarise
 from bulwark.policy import Policy, PolicyError, parse
 from bulwark.settings import Settings
 from schemas import codec
@@ -401,7 +401,7 @@ def test_parts_of_one_report_are_summed_as_one_report():
 def test_bulwark_dmarc_report_prints_the_summary_and_json(monkeypatch):
     from click.testing import CliRunner
 
-    from bulwark import dmarc_cli
+    from bulwark.cli import dmarc as dmarc_cli
     from bulwark.cli import main
 
     async def topic(settings):

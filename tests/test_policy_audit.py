@@ -10,11 +10,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from bulwark import policy_audit
+from bulwark.policy import audit as policy_audit
 from bulwark.cli import main
 from bulwark.policy import Policy, PolicyError, load, parse
-from bulwark.policy_audit import apply_fixes, audit, merge
-from bulwark.policy_sections import ALLOW_LOCAL_REASON
+from bulwark.policy.audit import apply_fixes, audit, merge
+from bulwark.policy.sections import ALLOW_LOCAL_REASON
 from streams.checks.dlp.rules import BY_NAME, Category
 
 from .geodb import write_country_db

@@ -4,7 +4,7 @@ policy; an invalid published document never replaces the running one."""
 from __future__ import annotations
 
 from bulwark.policy import parse
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from bulwark.settings import Settings
 from schemas.events import PolicyPublished
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bulwark.policy import PolicyError, from_document, parse
-from bulwark.policy_sections import LOCALDOMAIN
+from bulwark.policy.sections import LOCALDOMAIN
 
 BASE = "hostname: gw.example.com\nlocal_domains: [example.com]\n"
 

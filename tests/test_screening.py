@@ -12,7 +12,7 @@ import faust
 import pytest
 
 from bulwark.policy import Policy
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from schemas import codec
 from schemas import events as ev
 from schemas.topics import ACCOUNT_STATE, BANS, HIJACK_LIMITS, RECEIVED, SESSIONS

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web as aioweb
 
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from bulwark.policy import parse
 from ingest.tls import client_context, self_signed
 from streams import web

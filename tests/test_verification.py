@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from bulwark.policy import PolicyError, parse
-from bulwark.policy_verification import default_sources, sources_for_domain
+from bulwark.policy.verification import default_sources, sources_for_domain
 from ingest.verification import Verifier, minger
 from ingest.verification.base import Finding, SourceUnavailable
 

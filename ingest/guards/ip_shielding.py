@@ -16,8 +16,8 @@ from email.utils import getaddresses
 from typing import TYPE_CHECKING
 
 from bulwark.policy import Policy
-from bulwark.policy_runtime import current
-from bulwark.policy_sections import ShieldPair
+from bulwark.policy.runtime import current
+from bulwark.policy.sections import ShieldPair
 from ingest.guards import Refusal
 from ingest.guards.lists import allow_listed
 

@@ -29,7 +29,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from bulwark.policy import Policy
-from bulwark.policy_runtime import current
+from bulwark.policy.runtime import current
 from ingest.guards import Refusal
 from ingest.guards.lists import allow_listed
 

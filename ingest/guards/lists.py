@@ -19,8 +19,8 @@ import socket
 from typing import TYPE_CHECKING
 
 from bulwark.policy import Policy
-from bulwark.policy_runtime import current
-from bulwark.policy_sections import ClientAndSenderList
+from bulwark.policy.runtime import current
+from bulwark.policy.sections import ClientAndSenderList
 from ingest.guards import Refusal
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import geoip2.errors
 import maxminddb
 
 from bulwark.policy import Policy
-from bulwark.policy_runtime import current
+from bulwark.policy.runtime import current
 from ingest.guards import Refusal
 from ingest.guards.lists import allow_listed
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bulwark.policy import Policy
-from bulwark.policy_runtime import current
-from bulwark.policy_verification import sources_for_domain
+from bulwark.policy.runtime import current
+from bulwark.policy.verification import sources_for_domain
 from ingest.guards import Refusal
 
 if TYPE_CHECKING:

@@ -36,8 +36,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from bulwark.policy_runtime import current
-from bulwark.policy_verification import default_sources, sources_for_domain
+from bulwark.policy.runtime import current
+from bulwark.policy.verification import default_sources, sources_for_domain
 from bulwark.created_domains import CreatedDomains
 from bulwark.settings import Settings
 from ingest.guards import Refusal

@@ -28,7 +28,7 @@ from ldap3 import NONE, SUBTREE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
-from bulwark.policy_verification import ActiveDirectorySource, LdapSource
+from bulwark.policy.verification import ActiveDirectorySource, LdapSource
 
 from .base import Finding, SourceUnavailable, invalid, valid
 

@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import httpx
 
-from bulwark.policy_verification import M365Source
+from bulwark.policy.verification import M365Source
 
 from .base import Finding, SourceUnavailable, invalid, valid
 

@@ -50,7 +50,7 @@ import asyncio
 import base64
 import hashlib
 
-from bulwark.policy_verification import MingerSource
+from bulwark.policy.verification import MingerSource
 
 from .base import Finding, SourceUnavailable, invalid, valid
 

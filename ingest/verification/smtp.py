@@ -19,7 +19,7 @@ import time
 
 import aiosmtplib
 
-from bulwark.policy_verification import SmtpSource
+from bulwark.policy.verification import SmtpSource
 
 from .base import Finding, SourceUnavailable, invalid, valid
 

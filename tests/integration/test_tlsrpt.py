@@ -23,7 +23,7 @@ import pytest
 
 from bulwark.kafka import start_publisher
 from bulwark.policy import load
-from bulwark.policy_runtime import PolicyHolder
+from bulwark.policy.runtime import PolicyHolder
 from schemas import events as ev
 from schemas.events import utcnow
 from sinks import tlsrpt

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from bulwark.policy_sections import _Section, domain_name
+from bulwark.policy.sections import _Section, domain_name
 
 if TYPE_CHECKING:
     from bulwark.policy import Policy

@@ -16,7 +16,7 @@ async def _policy(settings: Settings, from_file: bool):
         from bulwark.policy import load
 
         return load(settings.policy_path)
-    from bulwark.policy_runtime import policy_in_force
+    from bulwark.policy.runtime import policy_in_force
 
     return await policy_in_force(settings)
 
@@ -31,7 +31,7 @@ def sources() -> None:
 def sources_list(from_file: bool) -> None:
     """Every source, and the domains that ask it."""
     policy = asyncio.run(_policy(Settings.from_env(), from_file))
-    from bulwark.policy_verification import sources_for_domain
+    from bulwark.policy.verification import sources_for_domain
 
     for source in policy.verification_sources:
         domains = [d for d in policy.local_domains if source in sources_for_domain(policy, d)]

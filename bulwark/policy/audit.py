@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from bulwark.policy import Policy
-from bulwark.policy_sections import ALLOW_LOCAL_REASON, DEFAULT_SHIELD_PAIRS, is_local_address
+from bulwark.policy.sections import ALLOW_LOCAL_REASON, DEFAULT_SHIELD_PAIRS, is_local_address
 
 #: The guide's one hour of retrying a destination without TLS after a failed negotiation.
 CLEARTEXT_RETRY_MINUTES = 60

@@ -25,13 +25,13 @@ from pydantic import (
 
 from bulwark.backscatter import BackscatterSettings
 from bulwark.networks import checked_networks
-from bulwark.policy_dkim import DkimSigning, dkim_problems
-from bulwark.policy_dmarc import DmarcReports, dmarc_report_problems
-from bulwark.policy_sections import (
+from bulwark.policy.dkim import DkimSigning, dkim_problems
+from bulwark.policy.dmarc import DmarcReports, dmarc_report_problems
+from bulwark.policy.sections import (
     AllowList, BlockList, IPShielding, LocationScreening, RelayControl, SessionLimits, SmtpCredentials,
     allow_list_problems,
 )
-from bulwark.policy_verification import UserVerification, VerificationSource, check_verification
+from bulwark.policy.verification import UserVerification, VerificationSource, check_verification
 
 # "tag" delivers the message marked (X-Bulwark-Tags, tag_subject_prefix):
 # a modifier of "deliver", never stronger than any other action.
@@ -290,7 +290,7 @@ class Policy(_Strict):
     tls: TlsRules = Field(default_factory=TlsRules)
     auth: Auth = Field(default_factory=Auth)
     listeners: Listeners = Field(default_factory=Listeners)
-    # The SMTP dialogue's defences (bulwark/policy_sections.py).
+    # The SMTP dialogue's defences (bulwark/policy/sections.py).
     inline_refusal: InlineRefusal = Field(default_factory=InlineRefusal)
     backscatter: BackscatterSettings = Field(default_factory=BackscatterSettings)
     relay_control: RelayControl = Field(default_factory=RelayControl)
@@ -299,12 +299,12 @@ class Policy(_Strict):
     block_list: BlockList = Field(default_factory=BlockList)
     location_screening: LocationScreening = Field(default_factory=LocationScreening)
     session_limits: SessionLimits = Field(default_factory=SessionLimits)
-    # The guide's user verification sources (bulwark/policy_verification.py).
+    # The guide's user verification sources (bulwark/policy/verification.py).
     verification_sources: list[VerificationSource] = Field(default_factory=list)
     user_verification: UserVerification = Field(default_factory=UserVerification)
-    # Outbound DKIM signing (bulwark/policy_dkim.py); keys are files, never in here.
+    # Outbound DKIM signing (bulwark/policy/dkim.py); keys are files, never in here.
     dkim_signing: DkimSigning = Field(default_factory=DkimSigning)
-    # DMARC aggregate reports received for the local domains (bulwark/policy_dmarc.py).
+    # DMARC aggregate reports received for the local domains (bulwark/policy/dmarc.py).
     dmarc_reports: DmarcReports = Field(default_factory=DmarcReports)
 
     @field_validator("local_domains")

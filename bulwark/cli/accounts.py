@@ -19,7 +19,7 @@ import sys
 import click
 
 from bulwark.kafka import publish_once
-from bulwark.policy_runtime import policy_in_force
+from bulwark.policy.runtime import policy_in_force
 from bulwark.settings import Settings
 from schemas import events as ev
 from schemas.topics import ACCOUNT_STATE, ACCOUNTS

@@ -37,7 +37,7 @@ def dkim_keygen(domain: str, selector: str, algorithm: str, bits: str, directory
     """Write a new private key (mode 0600) and print its DNS record and policy entry."""
     from pydantic import ValidationError
 
-    from bulwark.policy_dkim import DkimKey
+    from bulwark.policy.dkim import DkimKey
     from sinks.dkim_sign import generate_private_key, read_private_key, record_value, write_private_key, zone_line
 
     directory = (directory or _default_dir()).resolve()

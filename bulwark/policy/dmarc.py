@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, Field, field_validator
 
-from bulwark.policy_sections import _Section, mail_address
+from bulwark.policy.sections import _Section, mail_address
 
 if TYPE_CHECKING:
     from bulwark.policy import Policy

@@ -1,0 +1,5 @@
+"""``python -m bulwark.cli``: how bulwark up and the tests start each component."""
+
+from bulwark.cli import main
+
+main()
