@@ -763,6 +763,12 @@ def transactional_id(settings: Settings) -> str:
 
 async def serve(settings: Settings) -> None:
     configure_logging("ingest")
+    # aiosmtpd logs every command line, and its AUTH mechanisms, at INFO:
+    # about twelve lines a message, the dialogue the smtp.sessions events
+    # already record (with the decisions, which its log lacks), and 3 % of
+    # ingest's CPU in a py-spy profile under bench/e2e_relay.py. Its
+    # warnings and errors still come through.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     log.info("open files limit: %d", raise_open_files_limit())
     bound_tls_buffers()
     policy = PolicyHolder(settings=settings)
