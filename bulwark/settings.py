@@ -18,6 +18,21 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+#: Where each long-running process serves its Prometheus metrics
+#: (bulwark/metrics.py): component -> (variable, default port). 0 turns one
+#: off; a second process of a component on the same host needs its own port.
+METRICS_PORTS = {
+    "ingest": ("BULWARK_INGEST_METRICS_PORT", 9461),
+    "streams": ("BULWARK_STREAMS_METRICS_PORT", 9462),
+    "delivery": ("BULWARK_DELIVERY_METRICS_PORT", 9463),
+    "quarantine": ("BULWARK_QUARANTINE_METRICS_PORT", 9464),
+    "dmarc-reports": ("BULWARK_DMARC_REPORTS_METRICS_PORT", 9465),
+    "console": ("BULWARK_CONSOLE_METRICS_PORT", 9466),
+    "export": ("BULWARK_EXPORT_METRICS_PORT", 9467),
+    "mailbox": ("BULWARK_MAILBOX_METRICS_PORT", 9468),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka_bootstrap: str
@@ -88,6 +103,15 @@ class Settings:
     #: gateway's certificate). 127.0.0.1 on a host; 0.0.0.0 in a container.
     console_host: str = "127.0.0.1"
     console_port: int = 8445
+    #: Where the processes serve their Prometheus metrics (plain HTTP, counts
+    #: only): 127.0.0.1 on a host; 0.0.0.0 in a container.
+    metrics_host: str = "127.0.0.1"
+    #: (component, port) pairs, from METRICS_PORTS.
+    metrics_ports: tuple[tuple[str, int], ...] = tuple((c, p) for c, (_, p) in METRICS_PORTS.items())
+
+    def metrics_port(self, component: str) -> int:
+        """The port ``component``'s process serves /metrics on; 0: none."""
+        return dict(self.metrics_ports).get(component, 0)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -128,6 +152,8 @@ class Settings:
             delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
             console_host=_env("BULWARK_CONSOLE_HOST", "127.0.0.1"),
             console_port=int(_env("BULWARK_CONSOLE_PORT", "8445")),
+            metrics_host=_env("BULWARK_METRICS_HOST", "127.0.0.1"),
+            metrics_ports=tuple((c, int(_env(var, str(port)))) for c, (var, port) in METRICS_PORTS.items()),
         )
 
     def with_(self, **changes) -> "Settings":
