@@ -17,6 +17,7 @@ from pathlib import Path
 
 import faust
 
+from bulwark import metrics
 from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.policy import Policy
 from bulwark.policy_runtime import PolicyHolder
@@ -82,20 +83,51 @@ async def _judge_and_publish(event: MessageReceived, blobs: BlobStore, policy: P
         try:
             verdict = await judge(event, blobs, policy)
             value, headers = codec.encode(verdict)
-            sent = await verdicts.send(
-                key=record_key(VERDICTS, verdict),
-                value=value,
-                headers=headers,
-                timestamp=verdict.occurred_at.timestamp(),
-            )
-            # Wait for the broker's ack before this record counts as
-            # processed (and its offset may be committed).
-            await sent
+            try:
+                sent = await verdicts.send(
+                    key=record_key(VERDICTS, verdict),
+                    value=value,
+                    headers=headers,
+                    timestamp=verdict.occurred_at.timestamp(),
+                )
+                # Wait for the broker's ack before this record counts as
+                # processed (and its offset may be committed).
+                await sent
+            except Exception:
+                metrics.event_published(VERDICTS.name, verdict.TYPE, ok=False)
+                raise
+            metrics.event_published(VERDICTS.name, verdict.TYPE)
+            metrics.VERDICTS.labels(action=verdict.action).inc()
             return verdict
         except Exception:
             log.exception("could not judge message %s; retrying in %.1fs", event.message_id, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
+
+
+#: How often the worker's consumer lag is measured (from what Faust's monitor already holds).
+LAG_EVERY_SECONDS = 5.0
+
+
+def record_lag(app: faust.App) -> dict[str, int]:
+    """Set the consumer-lag gauge of each topic the worker consumes: records not yet committed.
+
+    Faust's monitor keeps, per partition of this worker, the end offset seen
+    at the last fetch and the last committed offset (or, before the first
+    commit, the last read): no request to the broker.
+    """
+    monitor = app.monitor
+    ends, committed, read = (dict(monitor.tp_end_offsets), dict(monitor.tp_committed_offsets),
+                             dict(monitor.tp_read_offsets))
+    lag: dict[str, int] = {}
+    for tp, end in ends.items():
+        done = committed.get(tp, read.get(tp, -1) + 1)
+        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - done)
+    known = getattr(app, "bulwark_lag_topics", set()) | set(lag)
+    app.bulwark_lag_topics = known  # type: ignore[attr-defined]
+    for topic in known:  # a partition moved to another worker: its lag is that worker's now
+        metrics.CONSUMER_LAG.labels(group=app.conf.id, topic=topic).set(lag.get(topic, 0))
+    return lag
 
 
 def advertised_web_host(listen: str) -> str:
@@ -188,6 +220,10 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
             log.info("message %s: %s %s", event.message_id, verdict.action, ",".join(verdict.reasons))
 
     app.bulwark_agents = {"content": content}  # type: ignore[attr-defined]
+
+    @app.timer(interval=LAG_EVERY_SECONDS)
+    async def consumer_lag():
+        record_lag(app)
     app.bulwark_policy = holder  # type: ignore[attr-defined]
 
     # Outbreak Protection: fingerprints counted across senders (streams/outbreak.py).
@@ -220,6 +256,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     # give each worker on a host its own port. No --web-host/--web-port here:
     # Faust's worker command would reset the canonical URL to http://.
     web.serve_https(app, settings)
+    # Prometheus metrics on a port of their own (plain HTTP, like every
+    # component's), not on the HTTPS table views: no certificate to scrape.
+    metrics.start("streams", settings)
     sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel]
     datadir = settings.data_dir / "streams"
     datadir.mkdir(parents=True, exist_ok=True)
