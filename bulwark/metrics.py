@@ -141,6 +141,20 @@ EXPOSED: dict[str, tuple] = {
 }
 
 
+#: Label values a process knows from the start, served as 0 before the first
+#: increment: a rate or an alert over a series that does not exist yet sees nothing.
+INITIAL: dict[str, list[tuple[object, dict[str, str]]]] = {
+    "ingest": [(MESSAGES, {"action": a}) for a in ("accepted", "refused", "tempfailed")],
+    "streams": [(VERDICTS, {"action": a}) for a in ("deliver", "redirect", "quarantine", "reject")],
+    "delivery": [*((MESSAGES, {"action": a}) for a in ("delivered", "deferred", "bounced")),
+                 *((DELIVERY_RECIPIENTS, {"outcome": o}) for o in ("delivered", "deferred", "bounced"))],
+    "quarantine": [(MESSAGES, {"action": a}) for a in ("quarantined", "released", "deleted")],
+    "dmarc-reports": [(DMARC_REPORTS, {"outcome": o}) for o in ("received", "unreadable")],
+    "console": [*((CONSOLE_LOGINS, {"outcome": o}) for o in ("success", "failure")),
+                *((CONSOLE_ACTIONS, {"action": a}) for a in ("release", "delete"))],
+}
+
+
 def registry_for(component: str) -> CollectorRegistry:
     """A registry with the metrics ``component`` serves, and the process's own (CPU, memory, files, GC)."""
     registry = CollectorRegistry(auto_describe=True)
@@ -160,6 +174,8 @@ def serve(component: str, host: str, port: int):
     """
     if not port:
         return None
+    for metric, labels in INITIAL.get(component, ()):
+        metric.labels(**labels)
     server, _ = start_http_server(port, addr=host, registry=registry_for(component))
     log.info("metrics on http://%s:%d/metrics", host, port)
     return server

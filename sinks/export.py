@@ -281,6 +281,8 @@ def serve(settings: Settings, export: ExportSettings) -> None:
     output = open_output(export)
     hostname = export.hostname or socket.getfqdn()
     metrics.start("export", settings)
+    for counter in (metrics.EXPORTED, metrics.EXPORT_WRITE_FAILURES):
+        counter.labels(export=export.name)  # 0 from the start, for rates and alerts
     try:
         Exporter(settings, export, output, renderer(export, hostname), stop).run()
     except confluent_kafka.KafkaException as exc:

@@ -259,6 +259,8 @@ def test_stats_reads_a_served_endpoint_and_reports_one_that_does_not_answer(serv
     assert up.up and not down.up and "not reachable" in down.error
     [series] = [s for s in up.series if s.name == "bulwark_messages_total" and s.labels == {"action": "quarantined"}]
     assert series.value == expected
+    # What the process may count is served from the start, as 0 until it happens.
+    assert any(s.name == "bulwark_messages_total" and s.labels == {"action": "deleted"} for s in up.series)
     table = render([up, down])
     assert re.search(rf"bulwark_messages_total\s+action=quarantined\s+{int(expected)}\n", table)
     assert "process_" not in table  # the process's own metrics only with --all
