@@ -105,24 +105,36 @@ async def _judge_and_publish(event: MessageReceived, blobs: BlobStore, policy: P
             backoff = min(backoff * 2, 30)
 
 
-#: How often the worker's consumer lag is measured (from what Faust's monitor already holds).
+#: How often the worker's consumer lag is measured.
 LAG_EVERY_SECONDS = 5.0
 
 
-def record_lag(app: faust.App) -> dict[str, int]:
-    """Set the consumer-lag gauge of each topic the worker consumes: records not yet committed.
+async def record_lag(app: faust.App) -> dict[str, int]:
+    """Set the consumer-lag gauge of each topic this worker consumes: records it has not fetched yet.
 
-    Faust's monitor keeps, per partition of this worker, the end offset seen
-    at the last fetch and the last committed offset (or, before the first
-    commit, the last read): no request to the broker.
+    Per active partition, the end offset (the high watermark of the last
+    fetch) less the consumer's position, both asked of Faust's consumer
+    thread from what it already knows (no request to the broker). Not the committed offset: ingest writes ``mail.received`` in
+    transactions, and the commit marker that ends each one takes an offset
+    no record ever commits past, so a partition at rest would show a lag of
+    one. Table changelogs are left out: the worker writes them, it does not
+    consume them.
     """
-    monitor = app.monitor
-    ends, committed, read = (dict(monitor.tp_end_offsets), dict(monitor.tp_committed_offsets),
-                             dict(monitor.tp_read_offsets))
+    consumer = app.consumer
+    changelogs = set(app.tables.changelog_topics)
+    partitions = [tp for tp in app.assignor.assigned_actives() & consumer.assignment()
+                  if tp.topic not in changelogs]
+    ends = await consumer.highwaters(*partitions) if partitions else {}
     lag: dict[str, int] = {}
-    for tp, end in ends.items():
-        done = committed.get(tp, read.get(tp, -1) + 1)
-        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - done)
+    for tp in partitions:
+        end = ends.get(tp)
+        try:
+            position = await consumer.position(tp)
+        except Exception:  # revoked meanwhile (a rebalance): another worker reports it
+            continue
+        if end is None or end < 0 or position is None:  # nothing fetched from it yet
+            continue
+        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - position)
     known = getattr(app, "bulwark_lag_topics", set()) | set(lag)
     app.bulwark_lag_topics = known  # type: ignore[attr-defined]
     for topic in known:  # a partition moved to another worker: its lag is that worker's now
@@ -223,7 +235,8 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
 
     @app.timer(interval=LAG_EVERY_SECONDS)
     async def consumer_lag():
-        record_lag(app)
+        await record_lag(app)
+
     app.bulwark_policy = holder  # type: ignore[attr-defined]
 
     # Outbreak Protection: fingerprints counted across senders (streams/outbreak.py).

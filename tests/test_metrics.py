@@ -129,25 +129,44 @@ async def test_each_check_has_its_latency_observed_and_its_results_counted_even_
     assert value("streams", "bulwark_check_results_total", check="metrics_fast", outcome="pass") >= 1
 
 
-def test_the_workers_consumer_lag_is_end_minus_committed_per_topic():
+class _FaustConsumer:
+    """What record_lag asks of Faust's consumer: its assignment, end offsets and positions."""
+
+    def __init__(self, ends: dict, positions: dict):
+        self.ends, self.positions = ends, positions
+
+    def assignment(self):
+        return set(self.ends) | set(self.positions)
+
+    async def highwaters(self, *partitions):
+        return {tp: self.ends.get(tp) for tp in partitions}
+
+    async def position(self, tp):
+        return self.positions.get(tp)
+
+
+async def test_the_workers_consumer_lag_is_what_it_has_not_fetched_per_topic_changelogs_aside():
     from faust.types import TP
 
     from streams.app import record_lag
 
-    monitor = SimpleNamespace(
-        tp_end_offsets={TP("mail.received", 0): 120, TP("mail.received", 1): 40, TP("smtp.sessions", 0): 10},
-        tp_committed_offsets={TP("mail.received", 0): 100, TP("mail.received", 1): 40},
-        # Never committed yet: the last record read (offset 6) says where it is.
-        tp_read_offsets={TP("smtp.sessions", 0): 6})
-    app = SimpleNamespace(monitor=monitor, conf=SimpleNamespace(id="metrics-test-streams"))
-    assert record_lag(app) == {"mail.received": 20, "smtp.sessions": 3}
+    received, sessions, changelog = (TP("mail.received", 0), TP("mail.received", 1)), TP("smtp.sessions", 0), \
+        TP("metrics-test-content-judged-changelog", 0)
+    consumer = _FaustConsumer(
+        ends={received[0]: 120, received[1]: 40, sessions: 10, changelog: 500},
+        # smtp.sessions: nothing fetched from it yet (no position); the changelog is only written.
+        positions={received[0]: 100, received[1]: 40, changelog: 0})
+    assignor = SimpleNamespace(assigned_actives=lambda: {*received, sessions, changelog})
+    app = SimpleNamespace(consumer=consumer, assignor=assignor, conf=SimpleNamespace(id="metrics-test-streams"),
+                          tables=SimpleNamespace(changelog_topics={changelog.topic}))
+    assert await record_lag(app) == {"mail.received": 20}
     assert value("streams", "bulwark_consumer_lag_records", group="metrics-test-streams",
                  topic="mail.received") == 20
     # The partitions moved to another worker: this one reports no lag for them any more.
-    monitor.tp_end_offsets = {}
-    record_lag(app)
+    assignor.assigned_actives = lambda: set()
+    await record_lag(app)
     assert value("streams", "bulwark_consumer_lag_records", group="metrics-test-streams",
-                 topic="smtp.sessions") == 0
+                 topic="mail.received") == 0
 
 
 # -- the sinks ---------------------------------------------------------------------------------------
