@@ -186,12 +186,26 @@ def start(component: str, settings) -> object | None:
     return serve(component, settings.metrics_host, settings.metrics_port(component))
 
 
+#: Label children by their values, for the counters every SMTP command and
+#: every event moves: prometheus_client's labels() costs several times the
+#: increment itself (measured: 31 us against 8 us on a loaded machine).
+_children: dict[tuple, object] = {}
+
+
+def _child(metric, *values: str):
+    key = (metric, *values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def smtp_reply(status: str) -> None:
     """Count one SMTP reply (its last line: continuation lines are the same reply)."""
     code = status[:3]
     if len(status) > 3 and status[3] == "-" or not code.isdigit():
         return
-    SMTP_REPLIES.labels(**{"class": f"{code[0]}xx", "code": code}).inc()
+    _child(SMTP_REPLIES, f"{code[0]}xx", code).inc()
 
 
 def message_after_data(reply: str) -> None:
@@ -201,7 +215,7 @@ def message_after_data(reply: str) -> None:
 
 
 def event_published(topic: str, event_type: str, ok: bool = True) -> None:
-    (EVENTS_PUBLISHED if ok else PUBLISH_FAILURES).labels(topic=topic, type=event_type).inc()
+    _child(EVENTS_PUBLISHED if ok else PUBLISH_FAILURES, topic, event_type).inc()
 
 
 def publishing(topic: str, event_type: str, future) -> None:
