@@ -63,6 +63,9 @@ PRUNE_EVERY_SECONDS = 3600
 DESTINATION_CONCURRENCY = 20
 #: Deliveries at once in all (Postfix's default_process_limit is 100).
 MAX_CONCURRENT_DELIVERIES = 64
+#: How often the queue depth is measured: it reads the whole due index, and
+#: the scheduler wakes at every finished delivery.
+DEPTH_EVERY_SECONDS = 1.0
 
 
 def received_header(policy: Policy, message_id: str, envelope: ev.Envelope, recipients: list[str]) -> bytes:
@@ -93,6 +96,7 @@ class DeliverySink:
         self._due: list[tuple[float, str]] = []
         self.retention = timedelta(days=settings.delivery_retention_days)
         self._pruned_at = 0.0
+        self._depth_at = 0.0
         #: Entries whose outbox a broker outage left unpublished.
         self._unpublished: set[str] = set()
         self._publishing: set[str] = set()
@@ -685,7 +689,9 @@ class DeliverySink:
             for entry in self.due():
                 self._in_flight.add(entry["message_id"])
                 asyncio.create_task(self._deliver_guarded(entry))
-            self.record_depth()
+            if asyncio.get_running_loop().time() - self._depth_at >= DEPTH_EVERY_SECONDS:
+                self._depth_at = asyncio.get_running_loop().time()
+                self.record_depth()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.delivery_poll_seconds)
