@@ -28,6 +28,7 @@ from sinks.store import JsonIndex
 from streams.checks import CheckModule, CheckSettings, _run_one
 from tests.outbound_servers import free_port
 from tests.test_delivery_queue import make_sink, run_until, verdicts
+from tests.test_screening import published  # noqa: F401  (the fixture: what the agents publish, captured)
 
 
 def value(component: str, name: str, **labels) -> float:
@@ -167,6 +168,25 @@ async def test_the_workers_consumer_lag_is_what_it_has_not_fetched_per_topic_cha
     await record_lag(app)
     assert value("streams", "bulwark_consumer_lag_records", group="metrics-test-streams",
                  topic="mail.received") == 0
+
+
+async def test_bans_limits_and_disabled_accounts_are_counted_as_the_streams_issue_them(published):
+    from tests.test_screening import connects, policy, received, run_hijack, run_screening
+
+    before = [value("streams", "bulwark_screening_bans_total"),
+              value("streams", "bulwark_screening_ban_triggers_total", counter="connections"),
+              value("streams", "bulwark_hijack_limits_reached_total"),
+              value("streams", "bulwark_hijack_accounts_disabled_total")]
+    await run_screening(policy(), connects("198.51.100.70", 14))  # one ban, for its connections
+    await run_hijack(policy(hijack={"message_limit": 5, "window_minutes": 10}), received("metrics@example.test", 8))
+    await run_hijack(policy(hijack={"message_limit": 3, "window_minutes": 10, "disable_account": True}),
+                     received("metrics2@example.test", 6))
+    assert [type(e).__name__ for e in published] == ["BanIssued", "AccountLimitReached", "AccountStateChanged"]
+    after = [value("streams", "bulwark_screening_bans_total"),
+             value("streams", "bulwark_screening_ban_triggers_total", counter="connections"),
+             value("streams", "bulwark_hijack_limits_reached_total"),
+             value("streams", "bulwark_hijack_accounts_disabled_total")]
+    assert [a - b for a, b in zip(after, before)] == [1, 1, 1, 1]
 
 
 # -- the sinks ---------------------------------------------------------------------------------------
