@@ -115,6 +115,7 @@ def run() -> None:
 
         second_env = {"BULWARK_DATA_DIR": str(settings.data_dir / "worker-2"),
                       "BULWARK_STREAMS_WEB_PORT": str(second_port),
+                      "BULWARK_STREAMS_METRICS_PORT": str(free_port()),
                       "BULWARK_TLS_CERT": str(certificate_path(settings)),
                       "BULWARK_TLS_KEY": str(certificate_path(settings).with_suffix(".key"))}
         while counted(settings, first_port, CLIENTS[0]) is None:

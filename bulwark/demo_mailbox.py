@@ -13,6 +13,7 @@ import mailbox
 
 from aiosmtpd.smtp import SMTP
 
+from bulwark import metrics
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 
@@ -27,6 +28,7 @@ class MaildirHandler:
         for rcpt in envelope.rcpt_tos:
             trace = f"Return-Path: <{envelope.mail_from}>\r\nDelivered-To: {rcpt}\r\n".encode()
             key = self.maildir.add(trace + envelope.original_content)
+            metrics.MAILBOX_MESSAGES.inc()
             log.info("delivered to %s as %s", rcpt, key)
         return "250 2.0.0 Ok: delivered"
 
@@ -34,6 +36,7 @@ class MaildirHandler:
 async def serve(settings: Settings) -> None:
     configure_logging("mailbox")
     handler = MaildirHandler(settings.mailbox_dir)
+    metrics.start("mailbox", settings)
     server = await asyncio.get_running_loop().create_server(
         lambda: SMTP(handler, hostname="mailbox.local", decode_data=False, enable_SMTPUTF8=True),
         host=settings.mailbox_host,

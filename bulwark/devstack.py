@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bulwark.settings import REPO_ROOT, Settings
+from bulwark.settings import METRICS_PORTS, REPO_ROOT, Settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 CLAMD_SCRIPT = REPO_ROOT / "infra" / "clamav" / "clamd.sh"
@@ -70,6 +70,8 @@ def private_environment(root: Path, policy: Path) -> dict[str, str]:
         "BULWARK_STREAMS_WEB_PORT": str(free_port()),
         "BULWARK_MTA_STS_PORT": str(free_port()),
         "BULWARK_CONSOLE_PORT": str(free_port()),
+        # Every process's Prometheus metrics (bulwark/metrics.py).
+        **{variable: str(free_port()) for variable, _ in METRICS_PORTS.values()},
         # A private clamd with the project's own signature database.
         "BULWARK_CLAMD_PORT": str(free_port()),
         "BULWARK_CLAMD_DIR": str(root / "clamd"),
@@ -291,6 +293,7 @@ Bulwark is running.
   Quarantine        .venv/bin/bulwark quarantine list
   DMARC reports     .venv/bin/bulwark dmarc report   (mailed to dmarc_reports.addresses)
   Web console       https://{settings.console_host}:{settings.console_port}/   (first: .venv/bin/bulwark console add-admin NAME --role admin)
+  Metrics           .venv/bin/bulwark stats   (Prometheus: http://{settings.metrics_host}:PORT/metrics, ingest on {settings.metrics_port("ingest")})
 
 Ctrl-C stops everything.""",
         flush=True,

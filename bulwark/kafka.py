@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from bulwark import metrics
 from bulwark.settings import Settings
 from schemas import codec
 from schemas.events import Event
@@ -166,9 +168,15 @@ class EventPublisher:
     async def _send(self, event: Event) -> asyncio.Future:
         spec = topic_for(type(event))
         value, headers = codec.encode(event)
-        return await self.producer.send(
-            spec.name, value=value, key=record_key(spec, event), headers=headers, timestamp_ms=event.timestamp_ms,
-        )
+        try:
+            future = await self.producer.send(
+                spec.name, value=value, key=record_key(spec, event), headers=headers, timestamp_ms=event.timestamp_ms,
+            )
+        except Exception:
+            metrics.event_published(spec.name, event.TYPE, ok=False)
+            raise
+        metrics.publishing(spec.name, event.TYPE, future)
+        return future
 
     async def publish(self, event: Event):
         """Send and wait until the broker has the event; raises on failure."""
@@ -182,6 +190,7 @@ class EventPublisher:
     def emit(self, event: Event) -> None:
         if self.backlog >= 2 * self.backlog_limit:
             self.dropped += 1
+            metrics.EVENTS_DROPPED.inc()
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.error("audit events dropped: %d (the broker has not acknowledged %d)", self.dropped, self.backlog)
             return
@@ -302,13 +311,15 @@ class DurableLog:
                     raise TimeoutError(f"no commit within {self.deadline:g}s")
                 attempt.result()
             except Exception as exc:  # timeout, broker gone, fenced...
-                for _, future in batch:
+                for event, future in batch:
+                    metrics.event_published(topic_for(type(event)).name, event.TYPE, ok=False)
                     if not future.done():
                         future.set_exception(ConnectionError(f"not recorded: {type(exc).__name__}"))
                 if producer is not None and producer is self._producer:
                     self._abandon(producer)
             else:
-                for _, future in batch:
+                for event, future in batch:
+                    metrics.event_published(topic_for(type(event)).name, event.TYPE)
                     if not future.done():
                         future.set_result(None)
 
@@ -495,11 +506,13 @@ async def consume(
         client_id=group_id,
     )
     await consumer.start()
+    lag_at = 0.0
     try:
         while True:
             batch = await consumer.getmany(timeout_ms=500, max_records=200)
             events = []
-            for records in batch.values():
+            for tp, records in batch.items():
+                metrics.EVENTS_CONSUMED.labels(group=group_id, topic=tp.topic).inc(len(records))
                 for record in records:
                     try:
                         events.append(codec.decode(record.value, record.headers))
@@ -509,8 +522,39 @@ async def consume(
                 await handle(events)
             if batch:
                 await consumer.commit()
+            if time.monotonic() - lag_at >= LAG_EVERY_SECONDS:
+                lag_at = time.monotonic()
+                await record_lag(consumer, group_id, topics)
     finally:
         await consumer.stop()
+
+
+#: How often a consumer's lag is measured (a local computation: no request).
+LAG_EVERY_SECONDS = 1.0
+
+
+async def record_lag(consumer: AIOKafkaConsumer, group_id: str, topics: list[str]) -> dict[str, int]:
+    """Set the consumer-lag gauge of each topic: records committed to it and not yet consumed here.
+
+    The end is the last stable offset (this consumer reads committed
+    records only), as of the last fetch; a partition nothing was fetched
+    from yet is left out.
+    """
+    lag = {topic: 0 for topic in topics}
+    for tp in consumer.assignment():
+        end = consumer.last_stable_offset(tp)
+        if end is None:
+            end = consumer.highwater(tp)
+        if end is None:
+            continue
+        try:
+            position = await consumer.position(tp)
+        except Exception:  # revoked meanwhile (a rebalance): another member reports it
+            continue
+        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - position)
+    for topic, records in lag.items():
+        metrics.CONSUMER_LAG.labels(group=group_id, topic=topic).set(records)
+    return lag
 
 
 async def start_publisher(settings: Settings, client_id: str) -> EventPublisher:

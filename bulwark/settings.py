@@ -18,8 +18,25 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+#: Where each long-running process serves its Prometheus metrics
+#: (bulwark/metrics.py): component -> (variable, default port). 0 turns one
+#: off; a second process of a component on the same host needs its own port.
+METRICS_PORTS = {
+    "ingest": ("BULWARK_INGEST_METRICS_PORT", 9461),
+    "streams": ("BULWARK_STREAMS_METRICS_PORT", 9462),
+    "delivery": ("BULWARK_DELIVERY_METRICS_PORT", 9463),
+    "quarantine": ("BULWARK_QUARANTINE_METRICS_PORT", 9464),
+    "dmarc-reports": ("BULWARK_DMARC_REPORTS_METRICS_PORT", 9465),
+    "console": ("BULWARK_CONSOLE_METRICS_PORT", 9466),
+    "export": ("BULWARK_EXPORT_METRICS_PORT", 9467),
+    "mailbox": ("BULWARK_MAILBOX_METRICS_PORT", 9468),
+}
+
 #: The last environment's settings (Settings.from_env).
 _FROM_ENV: dict[tuple, "Settings"] = {}
+
+#: The metrics port of a component's next process: its port + 10 (Settings.metrics_port).
+METRICS_INSTANCE_STEP = 10
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,22 @@ class Settings:
     def streams_dir(self) -> Path:
         """This Faust worker's own table directory (RocksDB) and clean-stop marker."""
         return self.data_dir / ("streams" if self.instance == 0 else f"streams-{self.instance + 1}")
+    #: Where the processes serve their Prometheus metrics (plain HTTP, counts
+    #: only): 127.0.0.1 on a host; 0.0.0.0 in a container.
+    metrics_host: str = "127.0.0.1"
+    #: (component, port) pairs, from METRICS_PORTS.
+    metrics_ports: tuple[tuple[str, int], ...] = tuple((c, p) for c, (_, p) in METRICS_PORTS.items())
+
+    def metrics_port(self, component: str, instance: int | None = None) -> int:
+        """The port ``component``'s process serves /metrics on; 0: none.
+
+        The second ingest process or worker (``bulwark up`` runs one per
+        core) serves on the component's port + 10, the third + 20: every
+        process of the host has its own.
+        """
+        base = dict(self.metrics_ports).get(component, 0)
+        n = self.instance if instance is None else instance
+        return base + METRICS_INSTANCE_STEP * n if base else 0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -169,6 +202,8 @@ class Settings:
             ingest_processes=max(1, int(_env("BULWARK_INGEST_PROCESSES", str(os.cpu_count() or 1)))),
             streams_workers=max(1, int(_env("BULWARK_STREAMS_WORKERS", str(os.cpu_count() or 1)))),
             instance=int(_env("BULWARK_INSTANCE", "0")),
+            metrics_host=_env("BULWARK_METRICS_HOST", "127.0.0.1"),
+            metrics_ports=tuple((c, int(_env(var, str(port)))) for c, (var, port) in METRICS_PORTS.items()),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -31,6 +31,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from bulwark import metrics
 from console.admins import Admin, AdminStore
 from schemas import events as ev
 
@@ -211,12 +212,14 @@ class Console:
                 await self.publish(ev.ConsoleLoginFailed(login=name or "(empty)", client_ip=client_ip))
             except Exception as exc:  # the refusal stands even when the event cannot be written
                 log.error("could not record the refused login: %s", type(exc).__name__)
+            metrics.CONSOLE_LOGINS.labels(outcome="failure").inc()
             return await self.login_form(request, failed=True, name=name)
         now = time.monotonic()
         for stale in [t for t, s in self.sessions.items() if s.expired(now)]:
             del self.sessions[stale]
         token = secrets.token_urlsafe(32)
         self.sessions[token] = Session(admin, secrets.token_urlsafe(32))
+        metrics.CONSOLE_LOGINS.labels(outcome="success").inc()
         log.info("console login: %s (%s) from %s", admin.name, admin.role, request.remote)
         response = see_other("/")
         self._cookie(response, SESSION_COOKIE, token)
@@ -291,6 +294,7 @@ class Console:
         except BaseException:
             self.requested.pop(message_id, None)
             raise
+        metrics.CONSOLE_ACTIONS.labels(action=action).inc()
         log.info("%s %s by %s (console)", action, message_id, by)
         return see_other(f"/quarantine/{message_id}?done={action}")
 

@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from bulwark import metrics
 from bulwark.blobstore import BlobStore
 from bulwark.kafka import start_publisher
 from bulwark.policy.runtime import PolicyHolder
@@ -47,8 +48,16 @@ async def serve(settings: Settings) -> None:
         # A renewed certificate goes into the listening context for the next
         # connections (two stat calls when nothing changed).
         tls.refresh()
-        return await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # the router's 404 and 405
+            metrics.CONSOLE_RESPONSES.labels(code=str(exc.status)).inc()
+            raise
+        metrics.CONSOLE_RESPONSES.labels(code=str(response.status)).inc()
+        return response
 
+    metrics.EVENT_BACKLOG.set_function(lambda: publisher.backlog)
+    metrics_server = metrics.start("console", settings)
     app = make_app(console, first=[renewed_certificate])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -60,6 +69,8 @@ async def serve(settings: Settings) -> None:
     try:
         await run_until_signalled(asyncio.Event().wait())
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         await runner.cleanup()
         await publisher.stop()
         await policy.stop()

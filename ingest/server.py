@@ -18,6 +18,7 @@ from email.parser import BytesHeaderParser
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
+from bulwark import metrics
 from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.kafka import DurableLog, EventPublisher, start_publisher
 from bulwark.policy import Policy
@@ -194,6 +195,7 @@ class GatewaySMTP(SMTP):
         if self._closing():
             raise SessionClosed()
         self._last_line = self.loop.time()  # a reply: from now on the client is the one to speak
+        metrics.smtp_reply(status)
         await super().push(status)
 
     def _closing(self) -> bool:
@@ -242,6 +244,7 @@ class GatewaySMTP(SMTP):
             return
         log.info("closing the session from %s: %s", self.session.client_ip, refusal.reason)
         transport.write(f"{refusal.reply}\r\n".encode())
+        metrics.smtp_reply(refusal.reply)
         self.handler.record_refusal(self.session, "session", refusal)
         # Gone from now on, not from connection_lost on a later loop turn:
         # sessions looked at in this same turn see the stress as it now is.
@@ -433,6 +436,7 @@ class IngestHandler:
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("sockname") or ("", 0)
         session.client_ip = peer[0]
+        metrics.SMTP_SESSIONS.labels(listener=self.listener).inc()
         self.publisher.emit(
             ev.SessionConnected(
                 session_id=session.id,
@@ -621,6 +625,7 @@ class IngestHandler:
         version = self.policy.version
 
         def data_event(accepted: bool, reply: str, reason: str | None = None) -> None:
+            metrics.message_after_data(reply)
             self.publisher.emit(
                 ev.SessionData(
                     session_id=session.id,
@@ -807,6 +812,10 @@ async def serve(settings: Settings) -> None:
 
     # Shared by every listener: stress is how many sessions are open in all.
     timeouts = SessionTimeouts(policy, share=1 / settings.ingest_processes)
+    # Read when scraped (on the metrics thread): two integers.
+    metrics.SMTP_SESSIONS_OPEN.set_function(lambda: timeouts.open)
+    metrics.EVENT_BACKLOG.set_function(lambda: publisher.backlog)
+    metrics_server = metrics.start("ingest", settings)
 
     def smtp_factory(handler: IngestHandler, implicit_tls: bool):
         def make() -> GatewaySMTP:
@@ -860,6 +869,8 @@ async def serve(settings: Settings) -> None:
     finally:
         for server in servers:
             server.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         if mta_sts is not None:
             await mta_sts.cleanup()
         await stop_verification_guard(verification)

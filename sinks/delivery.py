@@ -24,7 +24,7 @@ from email.utils import format_datetime
 
 import aiosmtplib
 
-from bulwark import auth_results
+from bulwark import auth_results, metrics
 from bulwark.backscatter import Keyring, sign
 from bulwark.blobstore import BlobStore
 from bulwark.created_domains import CreatedDomains
@@ -63,6 +63,9 @@ PRUNE_EVERY_SECONDS = 3600
 DESTINATION_CONCURRENCY = 20
 #: Deliveries at once in all (Postfix's default_process_limit is 100).
 MAX_CONCURRENT_DELIVERIES = 64
+#: How often the queue depth is measured: it reads the whole due index, and
+#: the scheduler wakes at every finished delivery.
+DEPTH_EVERY_SECONDS = 1.0
 
 
 def received_header(policy: Policy, message_id: str, envelope: ev.Envelope, recipients: list[str]) -> bytes:
@@ -93,6 +96,7 @@ class DeliverySink:
         self._due: list[tuple[float, str]] = []
         self.retention = timedelta(days=settings.delivery_retention_days)
         self._pruned_at = 0.0
+        self._depth_at = 0.0
         #: Entries whose outbox a broker outage left unpublished.
         self._unpublished: set[str] = set()
         self._publishing: set[str] = set()
@@ -375,6 +379,10 @@ class DeliverySink:
         return sign(mail_from, key, now, cfg.validity_days)
 
     async def deliver(self, entry: dict) -> None:
+        with metrics.DELIVERY_SECONDS.time():
+            await self._deliver(entry)
+
+    async def _deliver(self, entry: dict) -> None:
         envelope = ev.Envelope.model_validate(entry["envelope"])
         message_id = entry["message_id"]
         pending = [r for r, s in entry["recipients"].items() if s["state"] == "pending"]
@@ -541,6 +549,9 @@ class DeliverySink:
             if result.outcome == "bounced":
                 bounced.append(result)
         still_pending = any(s["state"] == "deferred" for s in entry["recipients"].values())
+        for result in outcomes:
+            metrics.DELIVERY_RECIPIENTS.labels(outcome=entry["recipients"][result.recipient]["state"]).inc()
+        metrics.MESSAGES.labels(action="bounced" if bounced else "deferred" if still_pending else "delivered").inc()
         for state in entry["recipients"].values():
             if state["state"] == "deferred":
                 state["state"] = "pending"
@@ -607,6 +618,13 @@ class DeliverySink:
                 self._schedule(current)
         finally:
             self._in_flight.discard(message_id)
+
+    def record_depth(self) -> int:
+        """Set the queue-depth gauges: entries waiting for an attempt (the due index) or being delivered."""
+        depth = len({message_id for _, message_id in self._due} | self._in_flight)
+        metrics.DELIVERY_QUEUE.set(depth)
+        metrics.DELIVERY_IN_FLIGHT.set(len(self._in_flight))
+        return depth
 
     def due(self) -> list[dict]:
         """The entries whose next attempt is due, from the due index."""
@@ -687,6 +705,9 @@ class DeliverySink:
             for entry in self.due():
                 self._in_flight.add(entry["message_id"])
                 asyncio.create_task(self._deliver_guarded(entry))
+            if asyncio.get_running_loop().time() - self._depth_at >= DEPTH_EVERY_SECONDS:
+                self._depth_at = asyncio.get_running_loop().time()
+                self.record_depth()
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.delivery_poll_seconds)
@@ -759,6 +780,8 @@ async def serve(settings: Settings) -> None:
     await sink.created_domains.start()
     sink.keyring = Keyring(settings)
     await sink.keyring.start()
+    metrics.EVENT_BACKLOG.set_function(lambda: publisher.backlog)
+    metrics_server = metrics.start("delivery", settings)
     try:
         await run_until_signalled(
             consume(settings, "bulwark-delivery", [VERDICTS.name, QUARANTINE.name, ACCOUNT_STATE.name], sink.take),
@@ -766,6 +789,8 @@ async def serve(settings: Settings) -> None:
             reporter(settings, sink),
         )
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         await sink.connections.close()
         await sink.created_domains.stop()
         await sink.tls_fallbacks.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from bulwark import metrics
 from bulwark.blobstore import BlobStore
 from bulwark.kafka import EventPublisher, consume, start_publisher
 from bulwark.policy import Policy
@@ -81,6 +82,8 @@ class DmarcReportSink:
         events = to_events(event, envelope, dmarc, from_address(raw) if raw else None, found)
         for out in events:
             await self.publisher.publish(out)
+            metrics.DMARC_REPORTS.labels(
+                outcome="unreadable" if isinstance(out, ev.DmarcReportUnreadable) else "received").inc()
             if isinstance(out, ev.DmarcReportUnreadable):
                 log.warning("unreadable DMARC report in %s from <%s>: %s", event.message_id, envelope.mail_from,
                             out.error)
@@ -120,9 +123,13 @@ async def serve(settings: Settings) -> None:
     handled = JsonIndex(settings.data_dir / "dmarc-reports" / "handled")
     publisher = await start_publisher(settings, GROUP)
     sink = DmarcReportSink(settings, policy, publisher, handled)
+    metrics.EVENT_BACKLOG.set_function(lambda: publisher.backlog)
+    metrics_server = metrics.start("dmarc-reports", settings)
     try:
         await run_until_signalled(consume(settings, GROUP, [VERDICTS.name, QUARANTINE.name], sink.take))
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         await publisher.stop()
         await policy.stop()
         handled.close()

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import confluent_kafka
 
+from bulwark import metrics
 from bulwark.kafka import consumer_config
 from bulwark.service import configure_logging
 from bulwark.settings import ExportSettings, Settings
@@ -50,6 +51,7 @@ SYSLOG_TLS_PORT = 6514  # RFC 5425 section 4.1
 BATCH = 500
 MAX_BACKOFF_SECONDS = 30.0
 PROGRESS_SECONDS = 60.0
+LAG_EVERY_SECONDS = 1.0
 
 Render = Callable[[ExportRecord], bytes]
 
@@ -149,10 +151,13 @@ class Exporter:
         consumer.subscribe(self.topics, on_assign=self._assigned)
         log.info("exporting %s as %s to %s (consumer group %s)", ", ".join(self.topics), self.export.format,
                  self.output, group_id(self.export))
-        progress = time.monotonic()
+        progress = lag_at = time.monotonic()
         try:
             while not self.stop.is_set():
                 batch = self._poll(consumer)
+                if time.monotonic() - lag_at >= LAG_EVERY_SECONDS:
+                    lag_at = time.monotonic()
+                    self.record_lag(consumer)
                 if not batch:
                     continue
                 payloads = [self._render(record) for record in batch]
@@ -160,6 +165,7 @@ class Exporter:
                     break  # stopping: nothing of this batch is committed, so it is sent again next time
                 self._commit(consumer, batch)
                 self.exported += len(batch)
+                metrics.EXPORTED.labels(export=self.export.name).inc(len(batch))
                 if time.monotonic() - progress > PROGRESS_SECONDS:
                     progress = time.monotonic()
                     log.info("%d records exported so far", self.exported)
@@ -167,6 +173,32 @@ class Exporter:
             consumer.close()
             self.output.close()
             log.info("stopped after %d records", self.exported)
+
+    def record_lag(self, consumer: confluent_kafka.Consumer) -> dict[str, int]:
+        """Set the consumer-lag gauge of each exported topic: records after this export's position.
+
+        The end is librdkafka's cached high watermark (updated with every
+        fetch): no request to the broker.
+        """
+        lag = {topic: 0 for topic in self.topics}
+        try:
+            positions = consumer.position(consumer.assignment())
+        except confluent_kafka.KafkaException:
+            return lag
+        for tp in positions:
+            try:
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+            except confluent_kafka.KafkaException:
+                continue
+            if high < 0:
+                continue
+            # Before the first record of a partition the position is unknown (negative).
+            position = tp.offset if tp.offset >= 0 else high
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
+        group = group_id(self.export)
+        for topic, records in lag.items():
+            metrics.CONSUMER_LAG.labels(group=group, topic=topic).set(records)
+        return lag
 
     def _assigned(self, consumer, partitions) -> None:
         log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing")
@@ -180,6 +212,7 @@ class Exporter:
                     raise confluent_kafka.KafkaException(error)
                 log.warning("%s", error)
                 continue
+            metrics.EVENTS_CONSUMED.labels(group=group_id(self.export), topic=message.topic()).inc()
             kind, timestamp_ms = message.timestamp()
             if kind == confluent_kafka.TIMESTAMP_NOT_AVAILABLE:
                 timestamp_ms = int(time.time() * 1000)
@@ -208,6 +241,7 @@ class Exporter:
                 self.output.write(payloads)
                 return True
             except OutputError as exc:
+                metrics.EXPORT_WRITE_FAILURES.labels(export=self.export.name).inc()
                 log.warning("not written (%s); again in %.1fs", exc, delay)
             if self.stop.wait(delay):
                 return False
@@ -246,6 +280,9 @@ def serve(settings: Settings, export: ExportSettings) -> None:
         signal.signal(sig, lambda *_: stop.set())
     output = open_output(export)
     hostname = export.hostname or socket.getfqdn()
+    metrics.start("export", settings)
+    for counter in (metrics.EXPORTED, metrics.EXPORT_WRITE_FAILURES):
+        counter.labels(export=export.name)  # 0 from the start, for rates and alerts
     try:
         Exporter(settings, export, output, renderer(export, hostname), stop).run()
     except confluent_kafka.KafkaException as exc:

@@ -18,6 +18,7 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
+from bulwark import metrics
 from bulwark.kafka import EventPublisher, consume, start_publisher
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
@@ -73,6 +74,7 @@ class QuarantineSink:
                 "announced": False,
             }
             self.index.put(verdict.message_id, record)
+            metrics.MESSAGES.labels(action="quarantined").inc()
         if not record["announced"]:
             await self.publisher.publish(
                 ev.QuarantineAdded(
@@ -98,7 +100,10 @@ class QuarantineSink:
             record["state"] = "refused"
             record["by"] = "ingest (550 at end of DATA)"
         else:
-            record["state"] = "released" if isinstance(event, ev.QuarantineReleased) else "deleted"
+            state = "released" if isinstance(event, ev.QuarantineReleased) else "deleted"
+            if record["state"] != state:  # not a record read again
+                metrics.MESSAGES.labels(action=state).inc()
+            record["state"] = state
             record["by"] = event.by
         record["updated_at"] = event.occurred_at.isoformat()
         self.index.put(event.message_id, record)
@@ -110,6 +115,8 @@ async def serve(settings: Settings) -> None:
     publisher = await start_publisher(settings, "bulwark-quarantine")
     first = JsonIndex(settings.data_dir / "quarantine" / "first-verdicts")
     sink = QuarantineSink(publisher, index, FirstVerdicts(first, timedelta(days=settings.delivery_retention_days)))
+    metrics.EVENT_BACKLOG.set_function(lambda: publisher.backlog)
+    metrics_server = metrics.start("quarantine", settings)
 
     async def prune_hourly() -> None:
         while True:
@@ -120,6 +127,8 @@ async def serve(settings: Settings) -> None:
         await run_until_signalled(consume(settings, "bulwark-quarantine", [VERDICTS.name, QUARANTINE.name], sink.take),
                                   prune_hourly())
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         await publisher.stop()
         index.close()
         first.close()

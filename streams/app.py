@@ -17,6 +17,7 @@ from pathlib import Path
 
 import faust
 
+from bulwark import metrics
 from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.policy import Policy
 from bulwark.policy.runtime import PolicyHolder
@@ -82,20 +83,63 @@ async def _judge_and_publish(event: MessageReceived, blobs: BlobStore, policy: P
         try:
             verdict = await judge(event, blobs, policy)
             value, headers = codec.encode(verdict)
-            sent = await verdicts.send(
-                key=record_key(VERDICTS, verdict),
-                value=value,
-                headers=headers,
-                timestamp=verdict.occurred_at.timestamp(),
-            )
-            # Wait for the broker's ack before this record counts as
-            # processed (and its offset may be committed).
-            await sent
+            try:
+                sent = await verdicts.send(
+                    key=record_key(VERDICTS, verdict),
+                    value=value,
+                    headers=headers,
+                    timestamp=verdict.occurred_at.timestamp(),
+                )
+                # Wait for the broker's ack before this record counts as
+                # processed (and its offset may be committed).
+                await sent
+            except Exception:
+                metrics.event_published(VERDICTS.name, verdict.TYPE, ok=False)
+                raise
+            metrics.event_published(VERDICTS.name, verdict.TYPE)
+            metrics.VERDICTS.labels(action=verdict.action).inc()
             return verdict
         except Exception:
             log.exception("could not judge message %s; retrying in %.1fs", event.message_id, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
+
+
+#: How often the worker's consumer lag is measured.
+LAG_EVERY_SECONDS = 5.0
+
+
+async def record_lag(app: faust.App) -> dict[str, int]:
+    """Set the consumer-lag gauge of each topic this worker consumes: records it has not fetched yet.
+
+    Per active partition, the end offset (the high watermark of the last
+    fetch) less the consumer's position, both asked of Faust's consumer
+    thread from what it already knows (no request to the broker). Not the committed offset: ingest writes ``mail.received`` in
+    transactions, and the commit marker that ends each one takes an offset
+    no record ever commits past, so a partition at rest would show a lag of
+    one. Table changelogs are left out: the worker writes them, it does not
+    consume them.
+    """
+    consumer = app.consumer
+    changelogs = set(app.tables.changelog_topics)
+    partitions = [tp for tp in app.assignor.assigned_actives() & consumer.assignment()
+                  if tp.topic not in changelogs]
+    ends = await consumer.highwaters(*partitions) if partitions else {}
+    lag: dict[str, int] = {}
+    for tp in partitions:
+        end = ends.get(tp)
+        try:
+            position = await consumer.position(tp)
+        except Exception:  # revoked meanwhile (a rebalance): another worker reports it
+            continue
+        if end is None or end < 0 or position is None:  # nothing fetched from it yet
+            continue
+        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - position)
+    known = getattr(app, "bulwark_lag_topics", set()) | set(lag)
+    app.bulwark_lag_topics = known  # type: ignore[attr-defined]
+    for topic in known:  # a partition moved to another worker: its lag is that worker's now
+        metrics.CONSUMER_LAG.labels(group=app.conf.id, topic=topic).set(lag.get(topic, 0))
+    return lag
 
 
 def advertised_web_host(listen: str) -> str:
@@ -188,6 +232,11 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
             log.info("message %s: %s %s", event.message_id, verdict.action, ",".join(verdict.reasons))
 
     app.bulwark_agents = {"content": content}  # type: ignore[attr-defined]
+
+    @app.timer(interval=LAG_EVERY_SECONDS)
+    async def consumer_lag():
+        await record_lag(app)
+
     app.bulwark_policy = holder  # type: ignore[attr-defined]
 
     # Outbreak Protection: fingerprints counted across senders (streams/outbreak.py).
@@ -220,6 +269,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     # give each worker on a host its own port. No --web-host/--web-port here:
     # Faust's worker command would reset the canonical URL to http://.
     web.serve_https(app, settings)
+    # Prometheus metrics on a port of their own (plain HTTP, like every
+    # component's), not on the HTTPS table views: no certificate to scrape.
+    metrics.start("streams", settings)
     sys.argv = ["bulwark-streams", "worker", "--loglevel", loglevel]
     datadir = settings.streams_dir
     datadir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import logging
 
 import faust
 
+from bulwark import metrics
 from schemas import codec
 from schemas.events import Event
 from schemas.topics import record_key, topic_for
@@ -40,10 +41,17 @@ async def send_event(topic: faust.TopicT, event: Event, key: bytes | None = None
     record timestamp is the event's own time, as everywhere in Bulwark.
     """
     value, codec_headers = codec.encode(event)
-    sent = await topic.send(
-        key=key if key is not None else record_key(topic_for(type(event)), event),
-        value=value,
-        headers=[*codec_headers, *headers],
-        timestamp=event.occurred_at.timestamp(),
-    )
-    await sent
+    # Counted under the topic it goes to: a repartition topic is not the event's own.
+    name = topic.get_topic_name()
+    try:
+        sent = await topic.send(
+            key=key if key is not None else record_key(topic_for(type(event)), event),
+            value=value,
+            headers=[*codec_headers, *headers],
+            timestamp=event.occurred_at.timestamp(),
+        )
+        await sent
+    except Exception:
+        metrics.event_published(name, event.TYPE, ok=False)
+        raise
+    metrics.event_published(name, event.TYPE)

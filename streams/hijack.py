@@ -43,6 +43,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from bulwark import metrics
 from schemas import events as ev
 from streams.screening import STEPS_PER_WINDOW, _dt, window_bounds
 
@@ -212,6 +213,7 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
                     continue  # already at the limit for this window
                 reached[account] = fact.model_dump(mode="json")
                 await send_event(limits_topic, fact)
+                metrics.HIJACK_LIMITS.inc()
                 log.warning("account %s reached its limit: %d messages; 452 until %s",
                             account, fact.messages, fact.until.isoformat(timespec="seconds"))
             else:
@@ -219,6 +221,7 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
                 # so the messages in between do not disable it twice.
                 states[account] = fact.model_dump(mode="json")
                 await send_event(account_state, fact)
+                metrics.HIJACK_DISABLED.inc()
                 log.warning("account %s disabled: %s", account, fact.reason)
 
     return {"counters": counters, "states": states, "limits": reached, "account_messages": account_messages,

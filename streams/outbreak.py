@@ -44,6 +44,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from html.parser import HTMLParser
 
+from bulwark import metrics
 from streams.message import Message, UnreadableMessage
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,7 @@ def register(app, settings_, received_topic, blobs, current_policy) -> dict:
                 value, headers = codec.encode(detected)
                 await alerts_topic.send(key=record_key(OUTBREAK_ALERTS, detected), value=value,
                                         headers=headers, timestamp=detected.occurred_at.timestamp())
+                metrics.OUTBREAKS.labels(kind=observed.kind).inc()
                 log.warning("outbreak: %s seen from %d senders", fp, senders)
 
     return {"outbreak_observe": outbreak_observe, "outbreak_count": outbreak_count}

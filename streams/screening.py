@@ -32,6 +32,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from bulwark import metrics
 from schemas import events as ev
 
 if TYPE_CHECKING:
@@ -218,6 +219,9 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
             if ban is None:
                 continue
             await send_event(bans, ban)
+            metrics.BANS.inc()
+            for name in crossed(counts, policy.screening):
+                metrics.BAN_TRIGGERS.labels(counter=name).inc()
             # The evidence is spent: after the ban (or its early lifting) the
             # client starts from zero, so the ban is not issued again at
             # once. A client that keeps hammering while banned (refused

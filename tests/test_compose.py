@@ -180,7 +180,16 @@ def listeners(project: dict) -> dict[str, tuple[str, str, int]]:
     found["Kafka (host listener)"] = ("kafka", address or "0.0.0.0", int(port))
     clamd = clamd_conf(services["clamd"]["environment"])
     found["clamd (INSTREAM)"] = ("clamd", clamd["TCPAddr"], int(clamd["TCPSocket"]))
+    # Every long-running Bulwark process's Prometheus metrics (docs/operations.md, Metrics).
+    for component in METRICS_SERVICES:
+        settings = settings_of(services[component])
+        found[f"{component} metrics"] = (component, settings.metrics_host, settings.metrics_port(component))
     return found
+
+
+#: The compose services that serve metrics: every long-running Bulwark
+#: process (the export is not part of the compose stack: it needs a destination).
+METRICS_SERVICES = ("ingest", "streams", "delivery", "quarantine", "dmarc-reports", "console", "mailbox")
 
 
 #: The host ports docs/deployment.md promises, all on 127.0.0.1.
@@ -193,6 +202,13 @@ HOST_PORTS = {
     "web console": 8445,
     "Kafka (host listener)": 29092,
     "clamd (INSTREAM)": 3310,
+    "ingest metrics": 9461,
+    "streams metrics": 9462,
+    "delivery metrics": 9463,
+    "quarantine metrics": 9464,
+    "dmarc-reports metrics": 9465,
+    "console metrics": 9466,
+    "mailbox metrics": 9468,
 }
 
 
@@ -289,7 +305,7 @@ def test_the_streams_worker_scans_with_the_compose_clamd_once_it_answers(project
 
 
 def test_the_published_ports_are_the_ones_docs_deployment_md_lists(project):
-    table = re.findall(r"^\| (\w+) \| (\d+) \|", (REPO_ROOT / "docs" / "deployment.md").read_text(), re.M)
+    table = re.findall(r"^\| ([\w-]+) \| (\d+) \|", (REPO_ROOT / "docs" / "deployment.md").read_text(), re.M)
     documented = {(service, int(port)) for service, port in table}
     published = {(name, int(p["published"])) for name, service in project["services"].items()
                  for p in service.get("ports", [])}

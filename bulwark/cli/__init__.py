@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from bulwark.settings import Settings
+from bulwark.settings import METRICS_PORTS, Settings
 
 
 def _settings() -> Settings:
@@ -99,7 +99,9 @@ def sinks_dmarc_reports() -> None:
 @click.option("--enterprise-number", type=int, help="IANA enterprise number of the syslog SD-IDs (default 32473)")
 @click.option("--start", type=click.Choice(["earliest", "latest"]),
               help="Where a new export starts (default earliest: all history kept)")
-def sinks_export(fmt, topics, **flags) -> None:
+@click.option("--metrics-port", type=int,
+              help="Serve Prometheus metrics here (default $BULWARK_EXPORT_METRICS_PORT, 9467; 0: none)")
+def sinks_export(fmt, topics, metrics_port, **flags) -> None:
     """Export the audit topics to a SIEM, at least once and in order per key (docs/operations.md)."""
     from dataclasses import replace
     from pathlib import Path
@@ -120,7 +122,10 @@ def sinks_export(fmt, topics, **flags) -> None:
         validate(export)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    serve(_settings(), export)
+    settings = _settings()
+    if metrics_port is not None:  # a second export on the host needs a port of its own
+        settings = settings.with_(metrics_ports=(*settings.metrics_ports, ("export", metrics_port)))
+    serve(settings, export)
 
 
 @main.command("demo-mailbox")
@@ -313,6 +318,32 @@ def trace(ident: str, as_json: bool) -> None:
         else:
             when = record.event.occurred_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
             click.echo(f"{when}  {record.topic:17} {record.event.TYPE:21} {describe(record.event)}")
+
+
+@main.command()
+@click.option("--component", "components", multiple=True, type=click.Choice(list(METRICS_PORTS)),
+              help="Only this process, repeatable (default: every one with a metrics port)")
+@click.option("--url", "urls", multiple=True,
+              help="Scrape this /metrics URL instead, repeatable (a second ingest, another host)")
+@click.option("--all", "include_process", is_flag=True, help="Also the process_* and python_* metrics")
+@click.option("--json", "as_json", is_flag=True, help="The parsed metrics as one JSON document")
+def stats(components: tuple[str, ...], urls: tuple[str, ...], include_process: bool, as_json: bool) -> None:
+    """Every process's Prometheus metrics (docs/operations.md, Metrics), as a table.
+
+    Exits 1 when a process asked for by --component or --url does not
+    answer, or when none does.
+    """
+    from bulwark.stats import endpoints, render, scrape_all
+
+    targets = {url: url for url in urls} if urls else endpoints(_settings(), list(components) or None)
+    scrapes = scrape_all(targets)
+    if as_json:
+        click.echo(json.dumps({"components": [s.as_json(include_process) for s in scrapes]}, indent=2))
+    else:
+        click.echo(render(scrapes, include_process))
+    named = bool(components or urls)
+    down = [s for s in scrapes if not s.up]
+    sys.exit(1 if (named and down) or len(down) == len(scrapes) else 0)
 
 
 @main.command()

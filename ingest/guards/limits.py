@@ -28,6 +28,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from bulwark import metrics
 from bulwark.policy import Policy
 from bulwark.policy.runtime import current
 from ingest.guards import Refusal
@@ -128,6 +129,7 @@ class SessionClock:
             return
         refusal = duration_refusal(self._policy)
         transport.write(f"{refusal.reply}\r\n".encode())
+        metrics.smtp_reply(refusal.reply)
         self._on_expiry(session, refusal)
         transport.close()
 

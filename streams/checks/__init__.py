@@ -28,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import pkgutil
+import time
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bulwark import metrics
 from schemas.events import CheckResult
 
 if TYPE_CHECKING:
@@ -115,6 +117,17 @@ def validate_settings(policy: "Policy") -> list[tuple[tuple, str]]:
 
 
 async def _run_one(check: CheckModule, message: "Message", settings: CheckSettings) -> list[CheckResult]:
+    started = time.monotonic()
+    results = await _results(check, message, settings)
+    # Measured here, once for every check, so a check module stays a pure
+    # adapter (a timed-out check counts its whole timeout).
+    metrics.CHECK_SECONDS.labels(check=check.name).observe(time.monotonic() - started)
+    for result in results:
+        metrics.CHECK_RESULTS.labels(check=check.name, outcome=result.outcome).inc()
+    return results
+
+
+async def _results(check: CheckModule, message: "Message", settings: CheckSettings) -> list[CheckResult]:
     try:
         return await asyncio.wait_for(check.run(message, settings), settings.timeout_seconds)
     except asyncio.TimeoutError:

@@ -25,6 +25,8 @@ from collections import defaultdict
 
 import pytest
 
+from bulwark.devstack import free_port
+from bulwark.stats import scrape
 from schemas.topics import ALL_TOPICS
 
 from tests.outbound_servers import Authority
@@ -109,8 +111,11 @@ def test_exports_survive_sigkill_with_nothing_lost_and_each_key_in_order(gateway
     ecs_file = tmp_path / "siem" / "bulwark.jsonl"
     run = uuid.uuid4().hex[:8]
     exports = {
-        "export-ecs": ["sinks", "export", "--name", f"it-ecs-{run}", "--format", "ecs", "--to", str(ecs_file)],
+        # Two exports on one host: each serves its metrics on a port of its own.
+        "export-ecs": ["sinks", "export", "--name", f"it-ecs-{run}", "--format", "ecs", "--to", str(ecs_file),
+                       "--metrics-port", str(free_port())],
         "export-syslog": ["sinks", "export", "--name", f"it-syslog-{run}", "--format", "syslog",
+                          "--metrics-port", str(free_port()),
                           "--to", f"tls://127.0.0.1:{collector.port}", "--ca-file", str(authority.ca_file),
                           "--hostname", "gateway.example.test"],
     }
@@ -195,13 +200,14 @@ def test_a_second_export_with_the_same_name_fences_the_first(gateway, tmp_path):
     first_file, second_file = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     args = ["sinks", "export", "--name", name, "--topic", "mail.received", "--to"]
     try:
-        first = stack.start("export-first", [*args, str(first_file)])
+        first = stack.start("export-first", [*args, str(first_file), "--metrics-port", str(free_port())])
         deadline = time.monotonic() + 60
         while not file_records(first_file):  # the session's earlier messages
             assert first.poll() is None, stack.log_tail("export-first", 40)
             assert time.monotonic() < deadline, stack.log_tail("export-first", 40)
             time.sleep(0.2)
-        stack.start("export-second", [*args, str(second_file)])
+        second_metrics = free_port()
+        stack.start("export-second", [*args, str(second_file), "--metrics-port", str(second_metrics)])
         assert first.wait(60) != 0
         assert "fenced" in stack.log_tail("export-first", 40).lower()
         send(gateway, [40], "siem fence")  # only the second can export it now
@@ -210,6 +216,18 @@ def test_a_second_export_with_the_same_name_fences_the_first(gateway, tmp_path):
             assert stack.procs["export-second"].poll() is None, stack.log_tail("export-second", 40)
             assert time.monotonic() < deadline, stack.log_tail("export-second", 40)
             time.sleep(0.2)
+        # Its metrics: what it wrote, and how far behind the topic it is (nothing left once all is written).
+        records = ("bulwark_export_records_total", (("export", name),))
+        lag = ("bulwark_consumer_lag_records", (("group", f"bulwark-export-{name}"), ("topic", "mail.received")))
+        deadline = time.monotonic() + 30
+        while True:
+            exported = scrape("export", f"http://127.0.0.1:{second_metrics}/metrics")
+            assert exported.up, exported.error
+            series = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in exported.series}
+            if series.get(lag) == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert series[records] >= 1 and series[lag] == 0, series
     finally:
         stack.stop("export-first")
         stack.stop("export-second")

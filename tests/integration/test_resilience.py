@@ -69,9 +69,10 @@ def test_blob_store_unavailable_gives_451(gateway, tmp_path):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the blob store should be")
     port = free_port()
-    # Only an inbound listener: the session's ingest holds the submission and MTA-STS ports (0 leaves them off).
+    # Only an inbound listener: the session's ingest holds the submission, MTA-STS and metrics ports (0 leaves them off).
     env = {**gateway.stack.env, "BULWARK_SMTP_PORT": str(port), "BULWARK_BLOB_DIR": str(blocker / "blobs"),
-           "BULWARK_SUBMISSION_PORT": "0", "BULWARK_SUBMISSIONS_PORT": "0", "BULWARK_MTA_STS_PORT": "0"}
+           "BULWARK_SUBMISSION_PORT": "0", "BULWARK_SUBMISSIONS_PORT": "0", "BULWARK_MTA_STS_PORT": "0",
+           "BULWARK_INGEST_METRICS_PORT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "bulwark.cli", "ingest"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

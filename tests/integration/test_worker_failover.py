@@ -33,10 +33,11 @@ def ensure_worker_running(gateway) -> None:
 
 
 def second_worker_env(gateway, tmp_path) -> dict[str, str]:
-    """A worker of the same app on this host: its own store and web port, the deployment's certificate."""
+    """A worker of the same app on this host: its own store, web and metrics ports, the deployment's certificate."""
     return {"BULWARK_DATA_DIR": str(tmp_path / "worker-2"),
             "BULWARK_BLOB_DIR": str(gateway.settings.blob_dir),
             "BULWARK_STREAMS_WEB_PORT": str(free_port()),
+            "BULWARK_STREAMS_METRICS_PORT": str(free_port()),
             "BULWARK_TLS_CERT": str(certificate_path(gateway.settings)),
             "BULWARK_TLS_KEY": str(certificate_path(gateway.settings).with_suffix(".key"))}
 
