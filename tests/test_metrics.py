@@ -21,7 +21,7 @@ import pytest
 from bulwark import metrics
 from bulwark.kafka import EventPublisher, LoopProducer, producer_config
 from bulwark.settings import METRICS_PORTS, REPO_ROOT, Settings
-from bulwark.stats import endpoints, parse, quantile, render, scrape_all
+from bulwark.cli.stats import endpoints, parse, quantile, render, scrape_all
 from schemas import events as ev
 from sinks.quarantine import QuarantineSink
 from sinks.store import JsonIndex
@@ -316,7 +316,7 @@ bulwark_check_duration_seconds_sum{check="spf"} 0.06
 """
     [series] = parse(text)
     assert (series.name, series.labels, series.count) == ("bulwark_check_duration_seconds", {"check": "spf"}, 4)
-    from bulwark.stats import Scrape
+    from bulwark.cli.stats import Scrape
 
     table = render([Scrape("streams", "http://x/metrics", [series])])
     assert "check=spf  4 observed, mean 15.0 ms, p50 6.7 ms, p95 " in table

@@ -333,7 +333,7 @@ def stats(components: tuple[str, ...], urls: tuple[str, ...], include_process: b
     Exits 1 when a process asked for by --component or --url does not
     answer, or when none does.
     """
-    from bulwark.stats import endpoints, render, scrape_all
+    from bulwark.cli.stats import endpoints, render, scrape_all
 
     targets = {url: url for url in urls} if urls else endpoints(_settings(), list(components) or None)
     scrapes = scrape_all(targets)

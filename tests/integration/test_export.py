@@ -26,7 +26,7 @@ from collections import defaultdict
 import pytest
 
 from bulwark.devstack import free_port
-from bulwark.stats import scrape
+from bulwark.cli.stats import scrape
 from schemas.topics import ALL_TOPICS
 
 from tests.outbound_servers import Authority

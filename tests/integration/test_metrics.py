@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bulwark.stats import Scrape, endpoints, scrape
+from bulwark.cli.stats import Scrape, endpoints, scrape
 
 from .conftest import LOCAL_DOMAIN
 
