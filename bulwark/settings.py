@@ -88,6 +88,23 @@ class Settings:
     #: gateway's certificate). 127.0.0.1 on a host; 0.0.0.0 in a container.
     console_host: str = "127.0.0.1"
     console_port: int = 8445
+    #: How every Kafka client connects (bulwark/kafka_security.py): PLAINTEXT
+    #: (the loopback default of `make run`) or SASL_SSL, the secure profile
+    #: (docs/operations.md, "Securing Kafka").
+    kafka_security_protocol: str = "PLAINTEXT"
+    #: SCRAM-SHA-512 (or SCRAM-SHA-256), with SASL_SSL.
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    #: PEM trust anchors the broker's certificate must chain to; unset: the system's.
+    kafka_ca_file: Path | None = None
+    #: This process's principal: a file of ``username=`` and ``password=``
+    #: lines that only its owner may read (0600), read when a client is built.
+    kafka_credentials_file: Path | None = None
+    #: What ``bulwark up`` (`make run`) starts: ``plaintext`` (loopback, no
+    #: access control) or ``secure`` (TLS, SCRAM principals and ACLs, each
+    #: component with its own credentials from the secure directory).
+    kafka_profile: str = "plaintext"
+    #: The secure profile's CA, broker certificate and credentials files (bulwark/kafka_secure.py).
+    kafka_secure_dir: Path | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -128,6 +145,12 @@ class Settings:
             delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
             console_host=_env("BULWARK_CONSOLE_HOST", "127.0.0.1"),
             console_port=int(_env("BULWARK_CONSOLE_PORT", "8445")),
+            kafka_security_protocol=_env("BULWARK_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
+            kafka_sasl_mechanism=_env("BULWARK_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512").upper(),
+            kafka_ca_file=Path(v) if (v := _env("BULWARK_KAFKA_CA_FILE", "")) else None,
+            kafka_credentials_file=Path(v) if (v := _env("BULWARK_KAFKA_CREDENTIALS_FILE", "")) else None,
+            kafka_profile=_env("BULWARK_KAFKA_PROFILE", "plaintext").lower(),
+            kafka_secure_dir=Path(_env("BULWARK_KAFKA_SECURE_DIR", str(data_dir / "kafka-secure"))).resolve(),
         )
 
     def with_(self, **changes) -> "Settings":

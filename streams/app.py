@@ -20,8 +20,10 @@ import faust
 from bulwark.blobstore import BlobStore, BlobStoreError
 from bulwark.policy import Policy
 from bulwark.policy_runtime import PolicyHolder
+from bulwark.kafka_security import faust_credentials
 from bulwark.settings import Settings
 from schemas import codec
+from schemas.acl import STREAMS_APP_ID
 from schemas.events import CheckResult, MessageReceived
 from schemas.topics import RECEIVED, VERDICTS, TopicSpec, record_key
 from streams import transport
@@ -108,9 +110,11 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
     holder = PolicyHolder.fixed(policy) if policy is not None else PolicyHolder(settings=settings)
     blobs = BlobStore(settings.blob_dir)
     app = faust.App(
-        "bulwark-streams",
+        STREAMS_APP_ID,
         # Faust's Kafka driver, reading committed records only (streams/transport.py).
         broker=f"{transport.SCHEME}://{settings.kafka_bootstrap}",
+        # SASL_SSL with this worker's principal in the secure profile (bulwark/kafka_security.py).
+        broker_credentials=faust_credentials(settings),
         store="rocksdb://",
         datadir=str(settings.data_dir / "streams"),
         autodiscover=False,
