@@ -10,7 +10,8 @@ listed here: an ingest process cannot publish a policy, and a SIEM principal
 reads the audit topics and writes nothing.
 
 The table was derived from the code (who calls ``publish``/``record`` for
-which event, who follows which topic): a component that starts reading or
+which event, who follows which topic, which topics the Faust agents
+subscribe to): a component that starts reading or
 writing a new topic needs a line here, or the secure profile refuses it
 with TopicAuthorizationFailed, which the integration test of the secure
 profile (tests/integration/test_kafka_secure.py) would show.
@@ -69,7 +70,10 @@ PRINCIPALS: tuple[Principal, ...] = (
     Principal(
         "streams", "bulwark streams worker (Faust)",
         writes=(t.VERDICTS, t.BANS, t.ACCOUNT_STATE, t.HIJACK_LIMITS, t.OUTBREAK_FINGERPRINTS, t.OUTBREAK_ALERTS),
-        reads=(t.RECEIVED, t.SESSIONS, t.POLICY, t.OUTBREAK_FINGERPRINTS, t.OUTBREAK_ALERTS),
+        # screening.bans and accounts.state too: its agents follow what an
+        # administrator lifts or re-enables (streams/screening.py, hijack.py).
+        reads=(t.RECEIVED, t.SESSIONS, t.POLICY, t.OUTBREAK_FINGERPRINTS, t.OUTBREAK_ALERTS, t.BANS,
+               t.ACCOUNT_STATE),
         groups=(STREAMS_APP_ID,),
         owns_prefix=(f"{STREAMS_APP_ID}-*",),
         notes="its tables' changelogs and repartition topics are its own",
