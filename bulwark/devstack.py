@@ -289,6 +289,9 @@ class LocalStack:
 def run_local(settings: Settings) -> int:
     stack = LocalStack.from_settings(settings)
     print(f"Starting Kafka on {settings.kafka_bootstrap} (data in {stack.kafka_dir}) ...", flush=True)
+    if stack.secure:
+        print(f"Secure profile: TLS, a SCRAM principal per component, ACLs (CA and credentials in "
+              f"{settings.kafka_secure_dir}; docs/operations.md, Securing Kafka)", flush=True)
     try:
         stack.start_all()
     except Exception as exc:
