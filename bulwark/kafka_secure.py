@@ -229,7 +229,8 @@ def provision(settings: Settings, files: SecureFiles, principals: tuple[Principa
             keep = {_acl(b) for b in wanted}
             stale = [b for b in existing if b not in keep]
             if stale:
-                _wait(admin.delete_acls(stale))
+                _wait(admin.delete_acls([AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal,
+                                                          b.host, b.operation, b.permission_type) for b in stale]))
                 log.info("removed %d ACLs of User:%s that the table no longer has", len(stale), principal.name)
         _wait(admin.create_acls([_acl(b) for b in wanted]))
         counts[principal.name] = len(wanted)

@@ -243,3 +243,58 @@ def test_no_password_appears_in_any_log(secure):
     for path in logs:
         text = path.read_text(errors="replace")
         assert not [p for p in passwords if p in text], f"a password is in {path}"
+
+
+def _poll(config: dict, group: str, topic: str, until, seconds: float) -> list:
+    """Consume ``topic`` in ``group`` until ``until(messages, errors)`` or the time is up."""
+    messages, errors = [], []
+    consumer = confluent_kafka.Consumer({**config, "group.id": group, "auto.offset.reset": "earliest",
+                                         "isolation.level": "read_committed", "error_cb": errors.append})
+    consumer.subscribe([topic])
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until(messages, errors):
+            for message in consumer.consume(num_messages=100, timeout=1.0):
+                (errors if message.error() else messages).append(message.error() or message)
+    finally:
+        consumer.close()
+    return messages, errors
+
+
+def test_an_added_reader_reads_the_verdicts_in_its_own_consumer_groups_only(secure):
+    added = secure.stack.run_cli(["kafka", "add-reader", "splunk"], check=False)
+    assert added.returncode == 0, added.stderr
+    assert secure.files.credentials("splunk").stat().st_mode & 0o777 == 0o600
+    queue_id = _send(secure, "secure profile added reader")
+    splunk = secure.librdkafka("splunk")
+
+    def has_verdict(messages, _errors):
+        return any(m.key() == queue_id.encode() for m in messages)
+
+    messages, errors = _poll(splunk, "splunk-archive", VERDICTS.name, has_verdict, 120)
+    assert has_verdict(messages, errors), errors
+
+    # Another principal's groups are not its to join (or to reset).
+    def refused(_messages, errors):
+        return any(e.code() == confluent_kafka.KafkaError.GROUP_AUTHORIZATION_FAILED for e in errors)
+
+    messages, errors = _poll(splunk, "siem-archive", VERDICTS.name, refused, 30)
+    assert refused(messages, errors) and not messages, errors
+
+
+def test_provision_takes_back_a_grant_the_table_does_not_have(secure):
+    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    # Someone granted siem a write by hand, with the broker's own principal ...
+    broker = AdminClient(secure.librdkafka("broker"))
+    stray = AclBinding(ResourceType.TOPIC, POLICY.name, ResourcePatternType.LITERAL, "User:siem", "*",
+                       AclOperation.WRITE, AclPermissionType.ALLOW)
+    for future in broker.create_acls([stray]).values():
+        future.result(30)
+    forged = ev.PolicyPublished(policy_version="forged-while-granted", document={}, source="siem", applied_by="siem")
+    assert _produce(secure.librdkafka("siem"), POLICY.name, forged, b"forged-while-granted") is None
+    # ... the next provisioning makes the ACLs the table's again.
+    provisioned = secure.stack.run_cli(["kafka", "provision"], check=False)
+    assert provisioned.returncode == 0, provisioned.stderr
+    error = _produce(secure.librdkafka("siem"), POLICY.name, forged, b"forged-again")
+    assert error is not None and error.code() == confluent_kafka.KafkaError.TOPIC_AUTHORIZATION_FAILED, error
