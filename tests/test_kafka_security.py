@@ -5,6 +5,7 @@ tests/integration/test_kafka_secure.py runs the profile against a real broker.
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 
@@ -194,3 +195,36 @@ def test_the_secure_stack_gives_each_component_its_own_principal(tmp_path):
 def test_the_operations_guide_shows_the_table_as_declared():
     guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     assert acl.table_markdown() in guide, "docs/operations.md: paste `bulwark kafka acls` under 'Who may do what'"
+
+
+# -- every client honours the settings -----------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENT_CALL = re.compile(r"\b(AIOKafkaConsumer|AIOKafkaProducer|AIOKafkaAdminClient|AIOKafkaClient"
+                         r"|confluent_kafka\.Producer|confluent_kafka\.Consumer|AdminClient|faust\.App)\(")
+#: What a call's arguments must mention so that it connects as the settings say.
+SECURED_BY = ("aiokafka_options(", "producer_config(", "consumer_config(", "librdkafka_config(", "self.config",
+              "broker_credentials=")
+
+
+def _arguments(source: str, start: int) -> str:
+    depth, i = 0, start
+    while True:
+        depth += {"(": 1, ")": -1}.get(source[i], 0)
+        if depth == 0:
+            return source[start:i + 1]
+        i += 1
+
+
+def test_every_kafka_client_bulwark_builds_takes_the_security_settings():
+    """A client built without them would connect in plaintext and, on the secure profile, fail in production only."""
+    unsecured = []
+    for folder in ("bulwark", "ingest", "streams", "sinks", "console", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            source = path.read_text()
+            for call in CLIENT_CALL.finditer(source):
+                arguments = _arguments(source, call.end() - 1)
+                if not any(marker in arguments for marker in SECURED_BY):
+                    line = source.count("\n", 0, call.start()) + 1
+                    unsecured.append(f"{path.relative_to(REPO)}:{line}: {call.group(1)}")
+    assert not unsecured, "Kafka clients without bulwark/kafka_security.py's settings:\n" + "\n".join(unsecured)
