@@ -54,7 +54,6 @@ class Principal:
     creates_topics: bool = False
     #: Reads only; the role of outside consumers.
     reader: bool = False
-    notes: str = ""
 
 
 PRINCIPALS: tuple[Principal, ...] = (
@@ -63,9 +62,9 @@ PRINCIPALS: tuple[Principal, ...] = (
         writes=(t.SESSIONS, t.RECEIVED, t.VERDICTS, t.ACCOUNTS, t.DOMAINS),
         reads=(t.POLICY, t.ACCOUNTS, t.ACCOUNT_STATE, t.BANS, t.HIJACK_LIMITS, t.VERDICTS, t.BACKSCATTER_KEYS,
                t.DOMAINS),
+        # mail.received and message.refused in transactions (the durable log);
+        # accounts and domains that a verification source vouched for.
         transactional_ids=("bulwark-ingest-*",),
-        notes="mail.received and message.refused in transactions (the durable log); accounts and domains that a "
-              "verification source vouched for",
     ),
     Principal(
         "streams", "bulwark streams worker (Faust)",
@@ -75,8 +74,8 @@ PRINCIPALS: tuple[Principal, ...] = (
         reads=(t.RECEIVED, t.SESSIONS, t.POLICY, t.OUTBREAK_FINGERPRINTS, t.OUTBREAK_ALERTS, t.BANS,
                t.ACCOUNT_STATE),
         groups=(STREAMS_APP_ID,),
+        # Its tables' changelogs and repartitioned streams are its own.
         owns_prefix=(f"{STREAMS_APP_ID}-*",),
-        notes="its tables' changelogs and repartition topics are its own",
     ),
     Principal(
         "quarantine", "bulwark sinks quarantine",
@@ -100,8 +99,7 @@ PRINCIPALS: tuple[Principal, ...] = (
     Principal(
         "console", "bulwark console (web)",
         writes=(t.QUARANTINE, t.CONSOLE_LOGINS),
-        reads=(t.POLICY,),
-        notes="quarantine releases and deletions; refused logins",
+        reads=(t.POLICY,),  # it writes quarantine releases and deletions, and refused logins
     ),
     Principal(
         "export", "bulwark sinks export (SIEM exports)",
@@ -116,14 +114,12 @@ PRINCIPALS: tuple[Principal, ...] = (
         reads=t.ALL_TOPICS,
         owns_prefix=(f"{STREAMS_APP_ID}-*",),
         creates_topics=True,
-        notes="creates the declared topics and the stream processor's; publishes policies and what the CLI changes",
     ),
     Principal(
         "siem", "an outside SIEM consumer (examples/siem_consumer.py)",
         reads=AUDIT_TOPICS,
         groups=("siem-*",),
-        reader=True,
-        notes="audit topics only: never directory.accounts (password hashes) or the other state topics",
+        reader=True,  # audit topics only: never directory.accounts (password hashes) nor the other state topics
     ),
 )
 
