@@ -7,12 +7,15 @@ each with its own credentials (bulwark/devstack.py), provisioned from the
 ownership table (schemas/acl.py). What a user of the profile relies on:
 
 - mail still goes through ingest -> streams -> delivery, so every
-  component's grants are enough for its work;
+  component's grants are enough for its work; the SIEM export runs too;
 - an outside SIEM principal reads ``mail.verdicts`` (with the example
   consumer of the consumer guide) and is refused when it writes a policy
   or an account;
 - a client without credentials, or with a wrong password, gets nothing;
 - the ingest principal cannot publish a policy;
+- a reader added with ``bulwark kafka add-reader`` reads, in its own
+  consumer groups only; ``bulwark kafka provision`` takes back a grant made
+  by hand;
 - no password appears in any component's log.
 """
 
@@ -179,6 +182,24 @@ def test_a_siem_principal_reads_the_verdicts_with_the_example_consumer(secure):
         proc.wait(30)
     assert any(line["message_id"] == queue_id and line["type"] == "message.verdict" for line in lines), \
         proc.stderr.read()
+
+
+def test_the_siem_export_runs_as_its_own_principal(secure, tmp_path):
+    """`bulwark sinks export` (the export principal): reads the audit topics in its bulwark-export-* group."""
+    queue_id = _send(secure, "secure profile export")
+    out = tmp_path / "verdicts.jsonl"
+    proc = secure.stack.start("export-secure", ["sinks", "export", "--name", "secure", "--topic", VERDICTS.name,
+                                                "--to", str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and queue_id in out.read_text()):
+            assert proc.poll() is None, secure.stack.log_tail("export-secure", 40)
+            assert time.monotonic() < deadline, secure.stack.log_tail("export-secure", 40)
+            time.sleep(0.3)
+    finally:
+        secure.stack.stop("export-secure")
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert any(queue_id in json.dumps(doc) and doc["event"]["action"] == "message.verdict" for doc in exported)
 
 
 def test_a_siem_principal_cannot_publish_a_policy_or_an_account(secure):
