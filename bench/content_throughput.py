@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer
 from bench._stack import local_stack
 from bulwark.blobstore import BlobStore
 from bulwark.kafka import EventPublisher, make_producer
+from bulwark.kafka_security import aiokafka_options
 from schemas import events as ev
 from schemas.events import new_id, utcnow
 from schemas.topics import VERDICTS
@@ -63,7 +64,7 @@ async def _run_once(settings, attachments: bool, count: int = COUNT) -> float:
 
     consumer = AIOKafkaConsumer(VERDICTS.name, bootstrap_servers=settings.kafka_bootstrap,
                                 auto_offset_reset="latest", isolation_level="read_committed",
-                                group_id=f"bench-{new_id()}")
+                                group_id=f"bench-{new_id()}", **aiokafka_options(settings))
     await consumer.start()
     await consumer.getmany(timeout_ms=1000)  # join and position at the end before producing
     publisher = EventPublisher(make_producer(settings, "bench"))

@@ -108,10 +108,19 @@ class LocalStack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     restarts: dict[str, list[float]] = field(default_factory=dict)
 
+    @property
+    def secure(self) -> bool:
+        """The secure Kafka profile: TLS, a SCRAM principal per component, ACLs (bulwark/kafka_secure.py)."""
+        return self.settings.kafka_profile == "secure"
+
     @classmethod
     def from_settings(cls, settings: Settings, extra_env: dict[str, str] | None = None) -> "LocalStack":
+        if settings.kafka_profile not in ("plaintext", "secure"):
+            raise ValueError(f"BULWARK_KAFKA_PROFILE={settings.kafka_profile}: plaintext or secure")
         port = int(settings.kafka_bootstrap.rpartition(":")[2])
-        kafka_dir = settings.data_dir / "kafka"
+        # The secure broker keeps its data apart: a data directory formatted
+        # for the plaintext profile has no credential for the broker itself.
+        kafka_dir = settings.data_dir / ("kafka" if settings.kafka_profile == "plaintext" else "kafka.secure")
         env = {
             **os.environ,
             **(extra_env or {}),
@@ -123,7 +132,35 @@ class LocalStack:
             "BULWARK_CLAMD_PORT": str(settings.clamd_port),
             "BULWARK_CLAMD_DIR": os.environ.get("BULWARK_CLAMD_DIR", str(settings.data_dir / "clamd")),
         }
+        if settings.kafka_profile == "secure":
+            secure_dir = settings.kafka_secure_dir
+            env.update({
+                "BULWARK_KAFKA_PROFILE": "secure",
+                "BULWARK_KAFKA_SECURE_DIR": str(secure_dir),
+                "BULWARK_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "BULWARK_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                "BULWARK_KAFKA_CA_FILE": str(secure_dir / "ca.pem"),
+                # The command line (topics ensure, policy apply, the tests'
+                # CLI calls) is the administrator's; each component gets
+                # its own principal in start().
+                "BULWARK_KAFKA_CREDENTIALS_FILE": str(secure_dir / "credentials" / "admin.properties"),
+            })
         return cls(settings, env, port, kafka_dir, settings.data_dir / "logs")
+
+    def component_env(self, name: str) -> dict[str, str]:
+        """The principal a process connects as: its component's (a second worker "streams-2" is "streams")."""
+        if not self.secure:
+            return {}
+        from schemas.acl import COMPONENT_PRINCIPALS
+
+        component = name if name in COMPONENT_PRINCIPALS else name.rsplit("-", 1)[0]
+        if component not in COMPONENT_PRINCIPALS:
+            raise ValueError(f"{name}: no Kafka principal for this component (schemas/acl.py COMPONENT_PRINCIPALS)")
+        principal = COMPONENT_PRINCIPALS[component]
+        if principal is None:  # no Kafka client, so no credentials either
+            return {"BULWARK_KAFKA_CREDENTIALS_FILE": ""}
+        return {"BULWARK_KAFKA_CREDENTIALS_FILE": str(self.settings.kafka_secure_dir / "credentials"
+                                                      / f"{principal}.properties")}
 
     # -- Kafka ------------------------------------------------------------------
 
@@ -132,9 +169,20 @@ class LocalStack:
                               capture_output=True, text=True)
 
     def start_kafka(self) -> None:
+        files = None
+        if self.secure:
+            from bulwark.kafka_secure import prepare
+
+            # The CA, the broker's certificate and every principal's password, made once.
+            files = prepare(self.settings.kafka_secure_dir, [self.settings.kafka_bootstrap.rpartition(":")[0]])
         result = self.kafka("start", check=False)
         if result.returncode != 0:
             raise RuntimeError(f"Kafka did not start:\n{result.stdout}\n{result.stderr}")
+        if files is not None:
+            from bulwark.kafka_secure import provision
+
+            # As the broker's own principal: every component's SCRAM credential and ACLs.
+            provision(self.settings, files)
 
     def stop_kafka(self) -> None:
         self.kafka("stop", check=False)
@@ -191,7 +239,8 @@ class LocalStack:
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "bulwark.cli", *args], env={**self.env, **(env or {})},
+        proc = subprocess.Popen([sys.executable, "-m", "bulwark.cli", *args],
+                                env={**self.env, **self.component_env(name), **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -265,6 +314,9 @@ class LocalStack:
 def run_local(settings: Settings) -> int:
     stack = LocalStack.from_settings(settings)
     print(f"Starting Kafka on {settings.kafka_bootstrap} (data in {stack.kafka_dir}) ...", flush=True)
+    if stack.secure:
+        print(f"Secure profile: TLS, a SCRAM principal per component, ACLs (CA and credentials in "
+              f"{settings.kafka_secure_dir}; docs/operations.md, Securing Kafka)", flush=True)
     try:
         stack.start_all()
     except Exception as exc:

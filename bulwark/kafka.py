@@ -25,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from bulwark import metrics
+from bulwark.kafka_security import aiokafka_options, librdkafka_config
 from bulwark.settings import Settings
 from schemas import codec
 from schemas.events import Event
@@ -50,6 +51,7 @@ def producer_config(settings: Settings, client_id: str, **extra) -> dict:
         # partitions depending on who wrote it, and co-partitioned topics
         # (smtp.sessions and screening.bans, keyed by IP) would disagree.
         "partitioner": "murmur2_random",
+        **librdkafka_config(settings),
         **extra,
     }
 
@@ -65,6 +67,7 @@ def consumer_config(settings: Settings, group_id: str, **extra) -> dict:
         "auto.offset.reset": "earliest",
         # Never see an aborted transaction (a 451ed message's mail.received).
         "isolation.level": "read_committed",
+        **librdkafka_config(settings),
         **extra,
     }
 
@@ -364,7 +367,8 @@ class TopicReport:
 
 async def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = ALL_TOPICS) -> list[TopicReport]:
     """Create the declared topics that are missing; report how existing ones differ."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="bulwark-topics")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="bulwark-topics",
+                                **aiokafka_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -442,6 +446,7 @@ async def iter_records(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         client_id="bulwark-reader",
+        **aiokafka_options(settings),
     )
     await consumer.start()
     try:
@@ -504,6 +509,7 @@ async def consume(
         auto_offset_reset="earliest",
         isolation_level="read_committed",  # never act on an aborted transaction
         client_id=group_id,
+        **aiokafka_options(settings),
     )
     await consumer.start()
     lag_at = 0.0

@@ -142,6 +142,24 @@ class Settings:
         n = self.instance if instance is None else instance
         return base + METRICS_INSTANCE_STEP * n if base else 0
 
+    #: How every Kafka client connects (bulwark/kafka_security.py): PLAINTEXT
+    #: (the loopback default of `make run`) or SASL_SSL, the secure profile
+    #: (docs/operations.md, "Securing Kafka").
+    kafka_security_protocol: str = "PLAINTEXT"
+    #: SCRAM-SHA-512 (or SCRAM-SHA-256), with SASL_SSL.
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    #: PEM trust anchors the broker's certificate must chain to; unset: the system's.
+    kafka_ca_file: Path | None = None
+    #: This process's principal: a file of ``username=`` and ``password=``
+    #: lines that only its owner may read (0600), read when a client is built.
+    kafka_credentials_file: Path | None = None
+    #: What ``bulwark up`` (`make run`) starts: ``plaintext`` (loopback, no
+    #: access control) or ``secure`` (TLS, SCRAM principals and ACLs, each
+    #: component with its own credentials from the secure directory).
+    kafka_profile: str = "plaintext"
+    #: The secure profile's CA, broker certificate and credentials files (bulwark/kafka_secure.py).
+    kafka_secure_dir: Path | None = None
+
     @classmethod
     def from_env(cls) -> "Settings":
         """The settings the environment gives (and the working directory, for relative paths).
@@ -204,6 +222,12 @@ class Settings:
             instance=int(_env("BULWARK_INSTANCE", "0")),
             metrics_host=_env("BULWARK_METRICS_HOST", "127.0.0.1"),
             metrics_ports=tuple((c, int(_env(var, str(port)))) for c, (var, port) in METRICS_PORTS.items()),
+            kafka_security_protocol=_env("BULWARK_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper(),
+            kafka_sasl_mechanism=_env("BULWARK_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512").upper(),
+            kafka_ca_file=Path(v) if (v := _env("BULWARK_KAFKA_CA_FILE", "")) else None,
+            kafka_credentials_file=Path(v) if (v := _env("BULWARK_KAFKA_CREDENTIALS_FILE", "")) else None,
+            kafka_profile=_env("BULWARK_KAFKA_PROFILE", "plaintext").lower(),
+            kafka_secure_dir=Path(_env("BULWARK_KAFKA_SECURE_DIR", str(data_dir / "kafka-secure"))).resolve(),
         )
 
     def with_(self, **changes) -> "Settings":

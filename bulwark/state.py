@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bulwark.kafka_security import aiokafka_options
 from bulwark.settings import Settings
 from schemas import codec
 from schemas.events import Event
@@ -57,6 +58,7 @@ class StateView:
             auto_offset_reset="earliest",
             isolation_level=self.isolation_level,
             client_id=f"bulwark-view-{self.spec.name}",
+            **aiokafka_options(self.settings),
         )
         await self._consumer.start()
         partitions = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]

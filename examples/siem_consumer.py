@@ -5,6 +5,10 @@
     python siem_consumer.py --bootstrap 127.0.0.1:9092 --group my-siem
     python siem_consumer.py --group my-siem --topic mail.verdicts --type message.verdict
 
+    # A gateway on the secure profile: TLS, and a read-only principal of your own
+    python siem_consumer.py --bootstrap kafka.example.net:9093 --group siem-soc \
+        --security-protocol SASL_SSL --ca-file ca.pem --credentials-file siem.properties
+
 It prints one JSON object per event. What it shows (docs/topics.md, "Writing a consumer"):
 
 - Its own consumer group: every group gets every record; a restarted
@@ -20,6 +24,11 @@ It prints one JSON object per event. What it shows (docs/topics.md, "Writing a c
 - Upcasting: an older version of an event is lifted, one version at a time,
   to the version this code reads. Topics are never rewritten; old records
   stay old on the wire.
+- Security (docs/topics.md, "Connecting to a secured gateway"): SASL_SSL with
+  SCRAM-SHA-512, the broker's certificate checked against the gateway's CA,
+  and a principal that may read the audit topics and write nothing; its
+  consumer groups start with its name. The password comes from a file only
+  its owner can read, never from the command line (where `ps` shows it).
 """
 
 from __future__ import annotations
@@ -145,6 +154,33 @@ def handle(message, types: set[str] | None) -> None:
     }), flush=True)
 
 
+def security_config(protocol: str, ca_file: str | None, credentials_file: str | None) -> dict:
+    """librdkafka settings for SASL_SSL with SCRAM-SHA-512; nothing for PLAINTEXT."""
+    if protocol == "PLAINTEXT":
+        return {}
+    if not credentials_file:
+        raise SystemExit("--security-protocol SASL_SSL needs --credentials-file")
+    if os.stat(credentials_file).st_mode & 0o077:
+        raise SystemExit(f"{credentials_file} is readable by others: chmod 600 it")
+    values = {}
+    with open(credentials_file) as lines:
+        for line in lines:
+            key, _, value = line.strip().partition("=")
+            values[key.strip()] = value.strip()
+    if not values.get("username") or not values.get("password"):
+        raise SystemExit(f"{credentials_file} needs username= and password= lines")
+    config = {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": values["username"],
+        "sasl.password": values["password"],
+        "ssl.endpoint.identification.algorithm": "https",  # the broker's name must be in its certificate
+    }
+    if ca_file:
+        config["ssl.ca.location"] = ca_file
+    return config
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", default=os.environ.get("BULWARK_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
@@ -153,6 +189,13 @@ def main() -> int:
     parser.add_argument("--type", action="append", help="only this event type, repeatable")
     parser.add_argument("--start", choices=["earliest", "latest"], default="earliest",
                         help="where a new group starts (a known group resumes from its commits)")
+    parser.add_argument("--security-protocol", choices=["PLAINTEXT", "SASL_SSL"],
+                        default=os.environ.get("BULWARK_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
+                        help="SASL_SSL for a gateway on the secure profile")
+    parser.add_argument("--ca-file", default=os.environ.get("BULWARK_KAFKA_CA_FILE"),
+                        help="the gateway's Kafka CA certificate (PEM); default: the system's trust anchors")
+    parser.add_argument("--credentials-file", default=os.environ.get("BULWARK_KAFKA_CREDENTIALS_FILE"),
+                        help="username= and password= lines, mode 0600")
     args = parser.parse_args()
 
     consumer = Consumer({
@@ -161,6 +204,7 @@ def main() -> int:
         "auto.offset.reset": args.start,
         "enable.auto.commit": False,  # committed below, after the batch is handled
         "isolation.level": "read_committed",
+        **security_config(args.security_protocol, args.ca_file, args.credentials_file),
     })
     running = True
 

@@ -20,6 +20,7 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bulwark.kafka_security import aiokafka_options
 from bulwark.settings import Settings
 from schemas import codec
 from schemas.events import Verdict
@@ -41,6 +42,7 @@ class VerdictWaiter:
             enable_auto_commit=False,
             isolation_level="read_committed",
             client_id="bulwark-ingest-verdicts",
+            **aiokafka_options(self.settings),
         )
         await self._consumer.start()
         partitions = [TopicPartition(VERDICTS.name, p) for p in range(VERDICTS.partitions)]

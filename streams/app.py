@@ -19,10 +19,12 @@ import faust
 
 from bulwark import metrics
 from bulwark.blobstore import BlobStore, BlobStoreError
+from bulwark.kafka_security import faust_credentials
 from bulwark.policy import Policy
 from bulwark.policy.runtime import PolicyHolder
 from bulwark.settings import Settings
 from schemas import codec
+from schemas.acl import STREAMS_APP_ID
 from schemas.events import CheckResult, MessageReceived
 from schemas.topics import RECEIVED, VERDICTS, TopicSpec, record_key
 from streams import transport
@@ -152,9 +154,11 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
     holder = PolicyHolder.fixed(policy) if policy is not None else PolicyHolder(settings=settings)
     blobs = BlobStore(settings.blob_dir)
     app = faust.App(
-        "bulwark-streams",
+        STREAMS_APP_ID,
         # Faust's Kafka driver, reading committed records only (streams/transport.py).
         broker=f"{transport.SCHEME}://{settings.kafka_bootstrap}",
+        # SASL_SSL with this worker's principal in the secure profile (bulwark/kafka_security.py).
+        broker_credentials=faust_credentials(settings),
         store="rocksdb://",
         datadir=str(settings.streams_dir),
         autodiscover=False,

@@ -61,3 +61,17 @@ def test_the_example_describes_the_types_it_reads(example):
     for kind in example.UNDERSTOOD:
         assert example.describe(samples[kind]), kind
     assert example.describe(samples["message.verdict"]) == "quarantine because DLP_US_SSN (policy p-2026-11-01)"
+
+
+def test_the_example_reads_its_credentials_from_a_private_file_only(example, tmp_path):
+    credentials = tmp_path / "siem.properties"
+    credentials.write_text("username=siem\npassword=from-the-file\n")
+    credentials.chmod(0o600)
+    config = example.security_config("SASL_SSL", "ca.pem", str(credentials))
+    assert (config["security.protocol"], config["sasl.mechanism"], config["sasl.username"], config["sasl.password"],
+            config["ssl.ca.location"]) == ("SASL_SSL", "SCRAM-SHA-512", "siem", "from-the-file", "ca.pem")
+    assert example.security_config("PLAINTEXT", None, None) == {}
+    credentials.chmod(0o644)
+    with pytest.raises(SystemExit, match="readable by others") as refused:
+        example.security_config("SASL_SSL", None, str(credentials))
+    assert "from-the-file" not in str(refused.value)

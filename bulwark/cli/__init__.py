@@ -180,6 +180,75 @@ def topics_list() -> None:
 
 
 @main.group()
+def kafka() -> None:
+    """The secure Kafka profile: certificates, principals and ACLs (docs/operations.md, "Securing Kafka")."""
+
+
+def _secure_files():
+    from bulwark.kafka_secure import SecureFiles
+
+    return SecureFiles(_settings().kafka_secure_dir)
+
+
+@kafka.command("secure-init")
+@click.option("--host", "hosts", multiple=True,
+              help="A name or address clients reach the broker at, repeatable (default: the host of "
+                   "BULWARK_KAFKA_BOOTSTRAP); the broker's certificate carries them all")
+def kafka_secure_init(hosts: tuple[str, ...]) -> None:
+    """Write the CA, the broker's certificate and every principal's credentials (existing files are kept)."""
+    from bulwark.kafka_secure import broker_names, prepare
+    from schemas.acl import BROKER, PRINCIPALS
+
+    settings = _settings()
+    files = prepare(settings.kafka_secure_dir, list(hosts) or [settings.kafka_bootstrap.rpartition(":")[0]])
+    click.echo(f"CA certificate     {files.ca}   (clients: BULWARK_KAFKA_CA_FILE)")
+    click.echo(f"broker keystore    {files.broker}   (valid for {', '.join(broker_names(files))})")
+    for name in [BROKER, *(p.name for p in PRINCIPALS)]:
+        click.echo(f"principal {name:14} {files.credentials(name)}")
+
+
+@kafka.command("provision")
+def kafka_provision() -> None:
+    """As the broker's principal: create every principal's SCRAM credential and set its ACLs to the table's."""
+    from bulwark.kafka_secure import provision
+
+    for name, count in provision(_settings(), _secure_files()).items():
+        click.echo(f"User:{name:14} {count} ACLs")
+
+
+@kafka.command("add-reader")
+@click.argument("name")
+@click.option("--group-prefix", help="Its consumer groups' prefix (default NAME-)")
+def kafka_add_reader(name: str, group_prefix: str | None) -> None:
+    """A read-only principal for an outside consumer (a SIEM): the audit topics, its own consumer groups."""
+    from bulwark.kafka_secure import provision
+    from schemas.acl import reader
+
+    try:
+        principal = reader(name, f"{group_prefix}*" if group_prefix else None)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    files = _secure_files()
+    provision(_settings(), files, (principal,))
+    click.echo(f"User:{name} reads the audit topics, consumer groups {principal.groups[0]}")
+    click.echo(f"credentials: {files.credentials(name)}   CA: {files.ca}")
+
+
+@kafka.command("acls")
+@click.option("--bindings", is_flag=True, help="Every ACL, one per line, rather than the table")
+def kafka_acls(bindings: bool) -> None:
+    """Print who may write and read which topic (schemas/acl.py)."""
+    from schemas import acl
+
+    if not bindings:
+        click.echo(acl.table_markdown())
+        return
+    for principal in acl.PRINCIPALS:
+        for b in acl.bindings(principal):
+            click.echo(f"{b.principal:20} {b.operation:17} {b.resource_type:16} {b.pattern:8} {b.resource_name}")
+
+
+@main.group()
 def schemas() -> None:
     """JSON Schema files for outside consumers."""
 

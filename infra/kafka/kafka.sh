@@ -17,6 +17,7 @@
 #   tool CLASS ARGS  run any Kafka tool main class on the broker classpath
 #   logs [N]         tail the broker log
 #   bootstrap        print the bootstrap address (host:port)
+#   client-config    print the path of the tools' --command-config (secure profile)
 #
 # Environment (defaults in brackets):
 #   BULWARK_KAFKA_PORT             client listener port [9092]
@@ -31,7 +32,18 @@
 #   BULWARK_KAFKA_JVM_OPTS         extra broker JVM options []
 #   BULWARK_KAFKA_EXTRA_CONFIG     extra server.properties lines, appended last
 #                                  (so they override the generated ones) []
+#   BULWARK_KAFKA_PROFILE          plaintext (loopback default) or secure [plaintext]
+#   BULWARK_KAFKA_SECURE_DIR       the secure profile's files, written by
+#                                  `bulwark kafka secure-init` [<repo>/var/kafka-secure]:
+#                                  ca.pem, broker.pem, credentials/broker.properties
 #   JAVA_HOME                      Java 17+; otherwise `java` on PATH
+#
+# The secure profile: clients on SASL_SSL (SCRAM-SHA-512) with the broker's
+# certificate from broker.pem; broker and controller authenticate each other
+# with mutual TLS; the StandardAuthorizer denies whatever no ACL allows, and
+# User:broker is the only super user. Its SCRAM credential is bootstrapped at
+# `kafka-storage format --add-scram`; `bulwark kafka provision` creates the
+# other principals and their ACLs. docs/operations.md, "Securing Kafka".
 #
 # Several brokers can run side by side with different PORT/DIR (tests do that).
 set -euo pipefail
@@ -51,9 +63,13 @@ START_TIMEOUT="${BULWARK_KAFKA_START_TIMEOUT:-60}"
 STOP_TIMEOUT="${BULWARK_KAFKA_STOP_TIMEOUT:-30}"
 HEAP_OPTS="${BULWARK_KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 JVM_OPTS="${BULWARK_KAFKA_JVM_OPTS:-}"
+PROFILE="${BULWARK_KAFKA_PROFILE:-plaintext}"
+SECURE_DIR="${BULWARK_KAFKA_SECURE_DIR:-$REPO_ROOT/var/kafka-secure}"
 
 case "$KDIR" in /*) ;; *) KDIR="$PWD/$KDIR" ;; esac
 case "$LIBS" in /*) ;; *) LIBS="$PWD/$LIBS" ;; esac
+case "$SECURE_DIR" in /*) ;; *) SECURE_DIR="$PWD/$SECURE_DIR" ;; esac
+case "$PROFILE" in plaintext | secure) ;; *) printf 'kafka.sh: error: BULWARK_KAFKA_PROFILE=%s: plaintext or secure\n' "$PROFILE" >&2; exit 64 ;; esac
 
 PROPS="$KDIR/server.properties"
 DATA_DIR="$KDIR/data"
@@ -61,6 +77,9 @@ PID_FILE="$KDIR/kafka.pid"
 SERVER_LOG="$KDIR/server.log"
 OUT_LOG="$KDIR/kafka.out"
 STAMP="$LIBS/.pom.sha256"
+# The tools' connection settings (the secure profile: the broker's own principal).
+CLIENT_PROPS="$KDIR/client.properties"
+SCRAM_MARK="$DATA_DIR/.bulwark-scram-bootstrapped"
 
 log() { printf 'kafka.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -168,7 +187,7 @@ port_open() { # host port
 broker_answers() {
   port_open "$HOST" "$PORT" &&
     run_tool_timeout 30 org.apache.kafka.tools.BrokerApiVersionsCommand \
-      --bootstrap-server "$HOST:$PORT" >/dev/null 2>&1
+      --bootstrap-server "$HOST:$PORT" $(client_config_args) >/dev/null 2>&1
 }
 
 # wait_ready TIMEOUT [managed]: poll until answering; when managed, fail fast if
@@ -202,7 +221,85 @@ tail_logs() {
 
 # ---------------------------------------------------------------- start/stop
 
+# --command-config for a Kafka tool: nothing in the plaintext profile.
+client_config_args() {
+  if [[ "$PROFILE" == secure ]]; then
+    printf -- '--command-config\n%s\n' "$CLIENT_PROPS"
+  fi
+}
+
+# A value of credentials/NAME.properties (username=..., password=...).
+credential() { # NAME KEY
+  local file="$SECURE_DIR/credentials/$1.properties"
+  [[ -r "$file" ]] || die "missing $file: run \`bulwark kafka secure-init\` first"
+  sed -n "s/^$2=//p" "$file" | head -n 1
+}
+
+check_secure_files() {
+  local f
+  for f in ca.pem broker.pem credentials/broker.properties; do
+    [[ -s "$SECURE_DIR/$f" ]] || die "missing $SECURE_DIR/$f: run \`bulwark kafka secure-init\` first"
+  done
+}
+
+# The listeners, authentication and authorization of a profile.
+write_security_properties() {
+  if [[ "$PROFILE" == plaintext ]]; then
+    cat <<EOF
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+EOF
+    return
+  fi
+  local user password
+  user="$(credential broker username)"
+  password="$(credential broker password)"
+  cat <<EOF
+# Secure profile (BULWARK_KAFKA_PROFILE=secure): clients authenticate with
+# SCRAM over TLS; the controller listener takes only the broker's certificate.
+listeners=SASL_SSL://$HOST:$PORT,CONTROLLER://$HOST:$CPORT
+advertised.listeners=SASL_SSL://$HOST:$PORT
+inter.broker.listener.name=SASL_SSL
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$user" password="$password";
+ssl.keystore.type=PEM
+ssl.keystore.location=$SECURE_DIR/broker.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$SECURE_DIR/ca.pem
+ssl.enabled.protocols=TLSv1.3,TLSv1.2
+ssl.endpoint.identification.algorithm=https
+listener.name.controller.ssl.client.auth=required
+# CN=broker on the controller listener is the principal User:broker.
+ssl.principal.mapping.rules=RULE:^CN=([^,]+)\$/\$1/,DEFAULT
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:$user
+EOF
+}
+
+write_client_properties() {
+  [[ "$PROFILE" == secure ]] || return 0
+  local user password
+  user="$(credential broker username)"
+  password="$(credential broker password)"
+  (umask 077 && cat >"$CLIENT_PROPS" <<EOF
+# Generated by infra/kafka/kafka.sh: the tools connect as the broker's own principal.
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$user" password="$password";
+ssl.truststore.type=PEM
+ssl.truststore.location=$SECURE_DIR/ca.pem
+EOF
+  )
+}
+
 write_properties() {
+  (umask 077 && : >"$PROPS")  # it holds the broker's password in the secure profile
+  chmod 600 "$PROPS"
   cat >"$PROPS" <<EOF
 # Generated by infra/kafka/kafka.sh on every start; edit the script, not this file.
 # Single-node KRaft: this process is both broker and the only controller.
@@ -213,10 +310,7 @@ node.id=1
 # ports may change between restarts of the same BULWARK_KAFKA_DIR.
 controller.quorum.voters=1@$HOST:$CPORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+$(write_security_properties)
 
 log.dirs=$DATA_DIR
 num.partitions=1
@@ -257,13 +351,26 @@ new_cluster_id() {
 }
 
 format_storage() {
-  [[ -f "$DATA_DIR/meta.properties" ]] && return 0
+  if [[ -f "$DATA_DIR/meta.properties" ]]; then
+    if [[ "$PROFILE" == secure && ! -f "$SCRAM_MARK" ]]; then
+      die "$DATA_DIR was formatted for the plaintext profile, without the broker's SCRAM credential; \
+the secure profile needs a data directory of its own (BULWARK_KAFKA_DIR)"
+    fi
+    return 0
+  fi
   local cid
+  local -a scram=()
   cid="$(new_cluster_id)"
-  log "formatting $DATA_DIR (cluster id $cid)"
+  if [[ "$PROFILE" == secure ]]; then
+    # The broker's own credential, in the metadata log from the start
+    # (KIP-900): nobody could create it later without being a super user.
+    scram=(--add-scram "SCRAM-SHA-512=[name=$(credential broker username),password=$(credential broker password)]")
+  fi
+  log "formatting $DATA_DIR (cluster id $cid, $PROFILE profile)"
   run_tool kafka.tools.StorageTool format --config "$PROPS" --cluster-id "$cid" \
-    --ignore-formatted >"$KDIR/format.log" 2>&1 ||
+    --ignore-formatted "${scram[@]}" >"$KDIR/format.log" 2>&1 ||
     { cat "$KDIR/format.log" >&2; die "storage format failed"; }
+  if [[ "$PROFILE" == secure ]]; then : >"$SCRAM_MARK"; fi
 }
 
 cmd_start() {
@@ -293,7 +400,9 @@ cmd_start() {
 
   cmd_resolve
   check_java_version
+  if [[ "$PROFILE" == secure ]]; then check_secure_files; fi
   write_properties
+  write_client_properties
   format_storage
 
   : >"$OUT_LOG"
@@ -386,12 +495,13 @@ main() {
     wait) JAVA="$(java_bin)"; cmd_wait "$@" ;;
     topics)
       JAVA="$(java_bin)"; cmd_resolve
-      run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$PORT" "$@" ;;
+      run_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$HOST:$PORT" $(client_config_args) "$@" ;;
     tool)
       [[ $# -ge 1 ]] || die "usage: kafka.sh tool MAIN_CLASS [ARGS...]"
       JAVA="$(java_bin)"; cmd_resolve; run_tool "$@" ;;
     logs) tail -n "${1:-100}" "$SERVER_LOG" ;;
     bootstrap) echo "$HOST:$PORT" ;;
+    client-config) echo "$CLIENT_PROPS" ;;
     -h | --help | help) usage ;;
     *) usage; exit 64 ;;
   esac
