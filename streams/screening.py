@@ -14,15 +14,19 @@ worker owns an IP's counters and its bans). A ban, once on the topic, enters
 the ``screening-bans`` table the HTTP views read; a ``BanLifted`` removes it
 and clears the IP's counters, so an unbanned client starts again from zero.
 
-Windows. Every counter shares one hopping window of ``window_minutes``
-(fixed when the worker starts: a Faust table's window cannot change while it
-runs; thresholds follow the live policy). An event at time t is added to
-every window that contains t; the count "in the last M minutes" is the
-oldest of those windows, which reaches back between M - step and M. (Faust's
-``.current()`` is the newest window, holding only the last step: see
-PITFALLS.) Windows run in event time: ``bulwark.kafka`` sets every record's
-timestamp to the event's ``occurred_at``, and the table is relative to the
-stream, so replaying the topic gives the same counts and the same bans.
+Windows. Every counter counts over the last ``window_minutes`` (fixed when
+the worker starts: a Faust table's window cannot change while it runs;
+thresholds follow the live policy), in ``STEPS_PER_WINDOW`` steps. The table
+keeps one value per IP and step (a tumbling window of one step), and the
+count "in the last M minutes" is the sum of the last five steps, which
+reaches back between M - step and M. That is the count the oldest of the
+hopping windows holding the event would have, but each event writes one
+table value (one changelog record) instead of one per window: five times
+fewer records for the busiest counter of all (connections; measured with
+bench/e2e_relay.py, docs/performance.md). Windows run in event time:
+``bulwark.kafka`` sets every record's timestamp to the event's
+``occurred_at``, so replaying the topic gives the same counts and the same
+bans.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from bulwark import metrics
 from schemas import events as ev
+from streams.once import APPLIED, Source, applied, cleared, once
 
 if TYPE_CHECKING:
     import faust
@@ -56,7 +61,7 @@ COUNTERS = (FAILED_RCPT, CONNECTIONS, FAILED_AUTH, RSET, LONG_SESSIONS)
 AUTH_GUESS_REASONS = (ev.AUTH_INVALID_CREDENTIALS, ev.AUTH_NOT_UTF8_CREDENTIALS, None)
 
 #: Steps per window: finer steps follow "the last M minutes" more closely,
-#: at the cost of one table write per step for every event.
+#: at the cost of a table read per step for every event.
 STEPS_PER_WINDOW = 5
 
 
@@ -165,20 +170,86 @@ def window_bounds(window_range: tuple[float, float]) -> tuple[float, float]:
     return start, round(end + 0.1, 3)
 
 
+class StepCounters:
+    """Counters per key over the last window, one table value per key and step.
+
+    ``table`` is a Faust table with a tumbling window of one step; a value
+    maps counter names to counts, plus the marks of ``streams.once`` (the
+    last source offset applied to it). Keys and step ranges are read and
+    written directly (``table[(key, step_range)]``): the window wrappers
+    write every window of the current event, and here the one of the event
+    is all that changes.
+    """
+
+    def __init__(self, table, size: float, step: float):
+        self.table = table  # the Faust table, not its window wrapper
+        self.size, self.step = size, step
+
+    def steps(self, timestamp: float) -> list[tuple[float, float]]:
+        """The step ranges making up the window that ends with ``timestamp``'s step, oldest first."""
+        steps = round(self.size / self.step)
+        return [self.table.window.ranges(timestamp - i * self.step)[0] for i in reversed(range(steps))]
+
+    def window(self, timestamp: float) -> tuple[float, float]:
+        """Start and end (exclusive) of the window the counts at ``timestamp`` cover."""
+        steps = self.steps(timestamp)
+        return window_bounds((steps[0][0], steps[-1][1]))
+
+    def _get(self, key: str, step_range) -> dict | None:
+        return self.table.get((key, step_range))
+
+    def counts(self, key: str, timestamp: float) -> dict[str, int]:
+        """The counts over the window ending with ``timestamp``'s step."""
+        total: dict[str, int] = {}
+        for step_range in self.steps(timestamp):
+            for name, n in (self._get(key, step_range) or {}).items():
+                if name != APPLIED:
+                    total[name] = total.get(name, 0) + n
+        return total
+
+    def count_once(self, key: str, timestamp: float, increment: dict[str, int], source: Source) -> dict | None:
+        """Add ``increment`` to ``timestamp``'s step, once per source record.
+
+        Returns the counts over the window, or None when this step already
+        held the record: counted, and decided on, before this delivery.
+        """
+        step_range = self.steps(timestamp)[-1]
+        old = self._get(key, step_range)
+        if applied(old, source):
+            return None
+        self.table[(key, step_range)] = once(add_counts, source)(old, increment)
+        return self.counts(key, timestamp)
+
+    def clear(self, key: str, timestamp: float, source: Source | None = None) -> None:
+        """Start the window ending with ``timestamp``'s step again from zero (keeping the marks).
+
+        With ``source``, once per source record: a redelivered unban does
+        not clear what was counted after it.
+        """
+        op = cleared if source is None else once(cleared, source)
+        for step_range in self.steps(timestamp):
+            old = self._get(key, step_range)
+            if old is not None:
+                self.table[(key, step_range)] = op(old, None)
+
+
 def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faust.TopicT") -> dict:
     """Declare the Dynamic Screening tables and agent on the app."""
     from faust import current_event
 
     from streams.eventio import decode_record, send_event
-    from streams.once import cleared, count_once, event_id, once, source_of
+    from streams.once import event_id, source_of
 
     rules = holder.current.screening
     size = timedelta(minutes=rules.window_minutes).total_seconds()
     step = size / STEPS_PER_WINDOW
 
-    counters = app.Table(
-        "screening-counters", default=dict, partitions=sessions.partitions, key_type=str, value_type=None,
-    ).hopping(size, step, expires=size).relative_to_stream()
+    # Steps kept one step longer than the window: the oldest step of a
+    # window is still there when the window is read.
+    table = app.Table(
+        "screening-counts", default=None, partitions=sessions.partitions, key_type=str, value_type=None,
+    ).tumbling(step, expires=size + step).relative_to_stream()
+    counters = StepCounters(table.table, size, step)
     active_bans = app.Table("screening-bans", default=None, partitions=sessions.partitions, key_type=str)
 
     # Both topics on one channel: the assignor gives one worker the same
@@ -199,8 +270,8 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
                 continue
             if isinstance(event, ev.BanLifted):
                 active_bans.pop(event.client_ip, None)
-                # Every window that holds the events before the unban.
-                counters[event.client_ip].apply(once(cleared, source), None)
+                # The window that holds the events before the unban.
+                counters.clear(event.client_ip, current_event().message.timestamp, source)
                 continue
             if not isinstance(event, ev.SessionEvent):
                 continue
@@ -209,13 +280,11 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
             if counter is None or not policy.screening.enabled or exempt(policy, event.client_ip):
                 continue
             ip = event.client_ip
-            windows = counters[ip]
-            # The oldest window holding this event is the last M minutes.
-            counts = count_once(windows, add_counts, {counter: 1}, source, size - step)
+            at = current_event().message.timestamp
+            counts = counters.count_once(ip, at, {counter: 1}, source)
             if counts is None:
                 continue  # counted (and judged) before this delivery
-            oldest = counters.table.window.delta(current_event().message.timestamp, size - step)
-            ban = ban_for(event, counts, window_bounds(oldest), policy, event_id(event.occurred_at, source, "ban"))
+            ban = ban_for(event, counts, counters.window(at), policy, event_id(event.occurred_at, source, "ban"))
             if ban is None:
                 continue
             await send_event(bans, ban)
@@ -225,10 +294,8 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
             # The evidence is spent: after the ban (or its early lifting) the
             # client starts from zero, so the ban is not issued again at
             # once. A client that keeps hammering while banned (refused
-            # connections still count) earns a new, later ban. Windows that
-            # do not hold this event end before it: only what comes later
-            # counts in them.
-            windows.apply(cleared, None)
+            # connections still count) earns a new, later ban.
+            counters.clear(ip, at)
             log.warning("banned %s until %s: %s", ip, ban.expires_at.isoformat(timespec="seconds"), ban.reason)
 
     return {"counters": counters, "bans": active_bans, "agent": dynamic_screening, "size": size, "step": step}

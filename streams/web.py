@@ -145,8 +145,8 @@ def install(app: faust.App, tables: dict[str, Any], sessions: faust.TopicT) -> N
     @app.topic_route(topic=sessions, match_info="ip")
     async def screening_ip(web, request, ip: str):
         now = time.time()
-        start, end = _window(counters, now)
-        counts = counters[ip].now() or {}
+        start, end = counters.window(now)
+        counts = counters.counts(ip, now)
         ban = bans.get(ip)
         return web.json({
             "ip": ip,

@@ -139,6 +139,22 @@ async def test_more_than_n_connections_in_the_window_bans_once(published):
     assert "11 connections in 5 minutes" in ban.reason
 
 
+async def test_each_counted_event_writes_one_table_value(published, monkeypatch):
+    """The table's changelog carries one record per counted event, not one per window."""
+    app, holder, raw = make_app(policy())
+    parts = screening.install(app, holder, raw(SESSIONS), raw(BANS))
+    table = parts["counters"].table
+    writes = []
+    original = type(table).__setitem__
+    monkeypatch.setattr(type(table), "__setitem__", lambda self, k, v: (writes.append(k), original(self, k, v)))
+    async with parts["agent"].test_context() as agent:
+        await feed(agent, connects("198.51.100.9", 4, every=timedelta(seconds=70)))
+        counts = parts["counters"].counts("198.51.100.9", (T0 + timedelta(seconds=3 * 70)).timestamp())
+    assert len(writes) == 4 and counts["connections"] == 4
+    # Four events one step (a minute) or more apart: four steps, each holding one.
+    assert len({step for _, step in writes}) == 4
+
+
 async def test_connections_spread_beyond_the_window_do_not_ban(published):
     # 20 connections, one every 40 seconds: never more than 10 in 5 minutes.
     await run_screening(policy(), connects("198.51.100.8", 20, every=timedelta(seconds=40)))
