@@ -117,6 +117,11 @@ class DynamicScreening(_Strict):
     )
     failed_auth_limit: PositiveInt = Field(default=3, description="Ban IPs that fail this many authentication attempts")
     rset_limit: PositiveInt = Field(default=20, description="Ban IPs that send this many RSETs")
+    failed_console_login_limit: PositiveInt = Field(
+        # The guide's "fail this many authentication attempts" (3), for the
+        # web console's logins (the guide's HTTPS logins) as for SMTP AUTH.
+        default=3, description="Ban IPs that fail this many logins to the web console"
+    )
     long_session_limit: PositiveInt = Field(
         default=1,
         description="Ban IPs that hold this many sessions open as long as session_limits.max_duration_seconds",

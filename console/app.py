@@ -109,11 +109,17 @@ class Quarantine:
 
 class Console:
     def __init__(self, admins: AdminStore, quarantine: Quarantine,
-                 publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True):
+                 publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True,
+                 policy: Any = None, bans: Any = None):
         self.admins = admins
         self.quarantine = quarantine
         self.publish = publish
         self.secure_cookies = secure_cookies
+        #: The policy in force (a PolicyHolder) and the ``screening.bans``
+        #: view (a StateView): the console enforces bans and Location
+        #: Screening as ingest does, from memory. None: neither (unit tests).
+        self.policy = policy
+        self.bans = bans
         self.sessions: dict[str, Session] = {}
         #: Releases and deletions this process published that the quarantine
         #: index does not show yet (the sink marks it a moment later): a
@@ -141,8 +147,44 @@ class Console:
     def _same(a: str | None, b: str | None) -> bool:
         return bool(a) and bool(b) and hmac.compare_digest(a.encode(), b.encode())
 
+    def screened(self, request: web.Request) -> tuple[int, str] | None:
+        """(status, why) when Dynamic Screening or Location Screening refuses this request.
+
+        Every request, not only logins: a banned address (banned for guessing
+        console passwords, or for abusing SMTP) gets no page at all, as ingest
+        answers its connections 421. ``refuse_http_auth_from`` refuses only
+        the login itself.
+        """
+        from ingest.guards.location import LocationDatabaseError, http_refusal
+        from ingest.guards.screening import DynamicScreeningGuard
+
+        if self.policy is None:
+            return None
+        ip = request.remote or ""
+        if self.bans is not None:
+            ban = DynamicScreeningGuard(self.policy, self.bans).active_ban(ip)
+            if ban is not None:
+                return 403, (f"{ip} is banned by Dynamic Screening until "
+                             f"{ban.expires_at.strftime('%H:%M:%S UTC')} ({ban.reason.removeprefix('Dynamic Screening: ')}).")
+        try:
+            reason = http_refusal(self.policy.current, ip, login=request.path == "/login" and request.method == "POST")
+        except LocationDatabaseError as exc:
+            # Fail closed, but temporarily, as the SMTP listeners and the
+            # workers' web server do.
+            log.error("%s", exc)
+            return 503, "The console cannot check where this request comes from; try again later."
+        if reason:
+            return 403, f"Refused by Location Screening ({reason.removeprefix('location screening: ')})."
+        return None
+
     @web.middleware
     async def middleware(self, request: web.Request, handler):
+        screened = self.screened(request)
+        if screened is not None:
+            status, why = screened
+            log.warning("%s %s from %s refused: %s", request.method, request.path, request.remote, why)
+            request[SESSION_KEY] = None
+            return self.refuse(request, status, why)
         if request.path.startswith("/static/"):
             return await handler(request)
         session = self.session_of(request)

@@ -12,8 +12,10 @@ from bulwark.kafka import start_publisher
 from bulwark.policy_runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
+from bulwark.state import StateView
 from console.admins import AdminStore, admins_path
 from console.app import Console, Quarantine, make_app
+from schemas.topics import BANS
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,15 @@ async def serve(settings: Settings) -> None:
     tls = server_tls(settings, policy)
     publisher = await start_publisher(settings, "bulwark-console")
     blobs = BlobStore(settings.blob_dir)
+    # Dynamic Screening's bans, followed in memory as ingest follows them.
+    bans = StateView(settings, BANS)
+    await bans.start()
     console = Console(
         AdminStore(admins_path(settings.data_dir)),
         Quarantine(lambda: open_quarantine_index(settings), blobs.get_sync),
         publisher.publish,
+        policy=policy,
+        bans=bans,
     )
 
     @web.middleware
@@ -61,5 +68,6 @@ async def serve(settings: Settings) -> None:
         await run_until_signalled(asyncio.Event().wait())
     finally:
         await runner.cleanup()
+        await bans.stop()
         await publisher.stop()
         await policy.stop()

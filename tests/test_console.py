@@ -311,3 +311,79 @@ async def test_a_second_release_before_the_sinks_act_is_refused(client, world):
     view = await (await client.get("/quarantine/m1")).text()
     assert 'id="release"' not in view and "root asked to release this message" in view
     assert len(published) == 1
+
+
+# -- Dynamic Screening and Location Screening ---------------------------------------
+
+
+def gateway_policy(**sections):
+    from bulwark.policy import Policy
+    from bulwark.policy_runtime import PolicyHolder
+
+    return PolicyHolder.fixed(Policy.model_validate({"hostname": "gw.example.test",
+                                                     "local_domains": ["example.test"], **sections}))
+
+
+class Bans(dict):
+    """The console reads ``screening.bans`` through a StateView: ``get(ip)``."""
+
+
+async def test_a_banned_address_gets_no_page_until_the_ban_expires(world):
+    from datetime import datetime, timedelta, timezone
+
+    console, published, _ = world
+    now = datetime.now(timezone.utc)
+    ban = ev.BanIssued(client_ip="127.0.0.1", reason="Dynamic Screening: 3 failed console logins in 5 minutes",
+                       counters={"failed_console_login": 3}, expires_at=now + timedelta(minutes=10))
+    console.policy, console.bans = gateway_policy(), Bans({"127.0.0.1": ban})
+    async with TestClient(TestServer(make_app(console))) as client:
+        for path in ("/login", "/quarantine", "/static/console.css"):
+            response = await client.get(path, allow_redirects=False)
+            assert response.status == 403, path
+        text = await (await client.get("/login")).text()
+        assert "127.0.0.1 is banned by Dynamic Screening until" in text and "3 failed console logins" in text
+        # A login attempt from a banned address is not even checked (nor counted again).
+        response = await client.post("/login", data={"name": "root", "password": PASSWORD, "csrf_token": "x"})
+        assert response.status == 403 and published == []
+        # Expired (or lifted: the view then holds a BanLifted) is no ban.
+        console.bans["127.0.0.1"] = ban.model_copy(update={"expires_at": now - timedelta(seconds=1)})
+        assert (await client.get("/login")).status == 200
+        console.bans["127.0.0.1"] = ev.BanLifted(client_ip="127.0.0.1", by="root")
+        assert (await log_in(client)).status == 303
+
+
+async def test_location_screening_refuses_requests_or_only_logins(world, tmp_path):
+    from .geodb import write_country_db
+
+    console, published, _ = world
+    db = write_country_db(tmp_path / "countries.mmdb", {"127.0.0.0/8": "KP"})
+    console.bans = Bans()
+    console.policy = gateway_policy(location_screening={"enabled": True, "database": str(db),
+                                                        "refuse_http_auth_from": ["KP"]})
+    async with TestClient(TestServer(make_app(console))) as client:
+        assert (await client.get("/login")).status == 200  # the form, yes
+        response = await log_in(client)  # the login, no: before the password is checked
+        assert response.status == 403 and "Refused by Location Screening (login from KP)" in await response.text()
+        assert published == [] and "__Host-bulwark-console" not in response.cookies
+    console.policy = gateway_policy(location_screening={"enabled": True, "database": str(db),
+                                                        "refuse_http_from": ["KP"]})
+    async with TestClient(TestServer(make_app(console))) as client:
+        response = await client.get("/login")
+        assert response.status == 403 and "request from KP" in await response.text()
+    # A country the lists do not name is served.
+    console.policy = gateway_policy(location_screening={"enabled": True, "database": str(db),
+                                                        "refuse_http_from": ["RU"], "refuse_http_auth_from": ["RU"]})
+    async with TestClient(TestServer(make_app(console))) as client:
+        assert (await log_in(client)).status == 303
+
+
+async def test_an_unreadable_country_database_fails_closed_for_a_while(world, tmp_path):
+    from .geodb import write_country_db
+
+    console, _, _ = world
+    db = write_country_db(tmp_path / "countries.mmdb", {"127.0.0.0/8": "KP"})
+    console.policy = gateway_policy(location_screening={"enabled": True, "database": str(db),
+                                                        "refuse_http_from": ["RU"]})
+    db.unlink()
+    async with TestClient(TestServer(make_app(console))) as client:
+        assert (await client.get("/login")).status == 503

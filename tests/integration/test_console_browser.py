@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,13 +23,15 @@ import pytest
 
 from bulwark.devstack import wait_for_port
 from schemas import events as ev
-from schemas.topics import CONSOLE_LOGINS, QUARANTINE
+from schemas.topics import BANS, CONSOLE_LOGINS, QUARANTINE
 
 from .conftest import LOCAL_DOMAIN
 
 pytestmark = pytest.mark.integration
 
 ADMIN, HELPDESK, PASSWORD = "ops-admin", "desk-lee", "tundra quartz lantern 42"
+#: The address the console sees through the relay (the task's 127.0.12.1-30).
+BANNED_IP = "127.0.12.1"
 HOSTILE_SUBJECT = "<script>document.title='pwned'</script> invoice"
 HOSTILE_BODY = "Please pay.\n<script>document.title='pwned'</script>\n<img src=x onerror=\"document.title='pwned'\">\n"
 
@@ -98,6 +103,63 @@ def label_of(browser, field_id):
     from selenium.webdriver.common.by import By
 
     return browser.find_element(By.CSS_SELECTOR, f"label[for='{field_id}']").text
+
+
+class SourceRelay:
+    """A plain TCP relay that reaches the console from another loopback address.
+
+    Chromium cannot choose its source address, and 127.0.0.1 is allow-listed
+    in the test policy (Dynamic Screening never bans it); through this relay
+    the console sees a real connection from ``source_ip`` (the TLS session
+    is the browser's own, passed through byte for byte).
+    """
+
+    def __init__(self, target: tuple[str, int], source_ip: str):
+        self.target, self.source_ip = target, source_ip
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=30, source_address=(self.source_ip, 0))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def relay(gateway, console):
+    """(base URL through the relay, the client address the console sees)."""
+    settings = gateway.settings
+    relay = SourceRelay((settings.console_host, settings.console_port), BANNED_IP)
+    try:
+        yield f"https://127.0.0.1:{relay.port}", BANNED_IP
+    finally:
+        relay.close()
 
 
 def quarantine_hostile(gateway, sender):
@@ -204,3 +266,33 @@ def test_the_help_desk_is_refused_an_admin_page(gateway, console, browser):
     wait_for_url(browser, "/admins")
     assert "may not open this page" in browser.find_element(By.ID, "refusal").text
     browser.shot("helpdesk-refused")
+
+
+def test_failed_logins_are_counted_until_the_address_is_banned(gateway, console, relay, browser):
+    """Dynamic Screening counts the console's refused logins (console.logins) and bans
+    the address at the policy's failed_console_login_limit (3, the guide's default);
+    the console then refuses every request from it."""
+    from selenium.webdriver.common.by import By
+
+    url, ip = relay
+    for guess in range(3):
+        log_in(browser, url, ADMIN, password=f"wrong guess number {guess}")
+        assert "Wrong name or password" in browser.find_element(By.ID, "login-error").text
+    browser.shot("three-failed-logins")
+    [ban] = gateway.wait_records(lambda r: isinstance(r.event, ev.BanIssued), [BANS.name], keys={ip},
+                                 timeout=60, what="the ban for failed console logins")
+    assert ban.event.counters["failed_console_login"] == 3 and "3 failed console logins" in ban.event.reason
+    # The console follows screening.bans: the next request is refused.
+    deadline = time.monotonic() + 30
+    while True:
+        browser.get(url + "/login")
+        refusal = browser.find_elements(By.ID, "refusal")
+        if refusal or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert f"{ip} is banned by Dynamic Screening until" in refusal[0].text
+    assert not browser.find_elements(By.ID, "password")
+    browser.shot("banned")
+    # From the allow-listed 127.0.0.1 the same administrator still logs in.
+    log_in(browser, console, ADMIN)
+    assert browser.current_url.endswith("/quarantine")
