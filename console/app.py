@@ -7,8 +7,8 @@ console ends every session, and no signing key has to be kept. Every form
 carries a CSRF token (the session's; before login, one bound to a login
 cookie) and every POST without the right one is refused with 403.
 
-Roles: ``admin`` may do everything; ``helpdesk`` may use the quarantine (and,
-once built, tracking) and nothing else.
+Roles: ``admin`` may do everything; ``helpdesk`` may use the quarantine and
+tracking, and nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class Quarantine:
 class Console:
     def __init__(self, admins: AdminStore, quarantine: Quarantine,
                  publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True,
-                 policy: Any = None, bans: Any = None):
+                 policy: Any = None, bans: Any = None, tracking: Any = None):
         self.admins = admins
         self.quarantine = quarantine
         self.publish = publish
@@ -120,6 +121,8 @@ class Console:
         #: Screening as ingest does, from memory. None: neither (unit tests).
         self.policy = policy
         self.bans = bans
+        #: console.tracking.Tracking: message search and ``bulwark trace`` timelines.
+        self.tracking = tracking
         self.sessions: dict[str, Session] = {}
         #: Releases and deletions this process published that the quarantine
         #: index does not show yet (the sink marks it a moment later): a
@@ -336,6 +339,27 @@ class Console:
         log.info("%s %s by %s (console)", action, message_id, by)
         return see_other(f"/quarantine/{message_id}?done={action}")
 
+    # -- tracking (admin and help desk) ----------------------------------------------
+
+    async def tracking_search(self, request: web.Request) -> web.Response:
+        from console.tracking import Query
+
+        self.require(request, "admin", "helpdesk")
+        q, values = Query.from_form(request.query, datetime.now(timezone.utc))
+        searched = any(request.query.get(k) for k in ("message_id", "sender", "recipient", "client_ip",
+                                                       "since", "until"))
+        found, more = (await self.tracking.search(q)) if searched else ([], 0)
+        return self.render("tracking.html", request, {"q": values, "rows": found, "more": more,
+                                                      "searched": searched})
+
+    async def tracking_trace(self, request: web.Request) -> web.Response:
+        self.require(request, "admin", "helpdesk")
+        ident = request.match_info["ident"]
+        timeline = await self.tracking.timeline(ident)
+        if not timeline:
+            raise _Refused(404, "Nothing on the topics about this message or session.")
+        return self.render("trace.html", request, {"ident": ident, "timeline": timeline})
+
     # -- administrators (admin only) -------------------------------------------------
 
     async def admins_page(self, request: web.Request) -> web.Response:
@@ -436,6 +460,8 @@ def make_app(console: Console, first: list = ()) -> web.Application:
     app.router.add_get("/quarantine", console.quarantine_list)
     app.router.add_get("/quarantine/{message_id}", console.quarantine_show)
     app.router.add_post("/quarantine/{message_id}/{action:release|delete}", console.quarantine_act)
+    app.router.add_get("/tracking", console.tracking_search)
+    app.router.add_get("/tracking/{ident}", console.tracking_trace)
     app.router.add_get("/admins", console.admins_page)
     app.router.add_static("/static/", STATIC)
     return app

@@ -15,6 +15,7 @@ from bulwark.settings import Settings
 from bulwark.state import StateView
 from console.admins import AdminStore, admins_path
 from console.app import Console, Quarantine, make_app
+from console.tracking import kafka_tracking
 from schemas.topics import BANS
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ async def serve(settings: Settings) -> None:
         publisher.publish,
         policy=policy,
         bans=bans,
+        tracking=kafka_tracking(settings),
     )
 
     @web.middleware

@@ -6,10 +6,13 @@ pages in chromium against the real stack.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
+import shutil
 import stat
+from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 
 import pytest
@@ -58,8 +61,17 @@ def record(message_id: str, sender: str, rcpt: str, reasons: list[str], raw: byt
     }
 
 
+@pytest.fixture(scope="module")
+def admins_file(tmp_path_factory):
+    """Two accounts, hashed once (Argon2id is slow on purpose); each test gets its own copy."""
+    admins = AdminStore(tmp_path_factory.mktemp("console") / "admins.json")
+    admins.add("root", "admin", PASSWORD)
+    admins.add("desk", "helpdesk", PASSWORD)
+    return admins.path
+
+
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, admins_file):
     raw = hostile_message()
     blobs = {hashlib.sha256(raw).hexdigest(): raw}
     records = {
@@ -68,8 +80,8 @@ def world(tmp_path):
         "m3": record("m3", "old@partner.test", "lee@example.test", ["SPAM_SCORE"], raw, state="released"),
     }
     admins = AdminStore(tmp_path / "console" / "admins.json")
-    admins.add("root", "admin", PASSWORD)
-    admins.add("desk", "helpdesk", PASSWORD)
+    admins.path.parent.mkdir()
+    shutil.copy(admins_file, admins.path)
     published: list[ev.Event] = []
 
     async def publish(event):
@@ -329,8 +341,6 @@ class Bans(dict):
 
 
 async def test_a_banned_address_gets_no_page_until_the_ban_expires(world):
-    from datetime import datetime, timedelta, timezone
-
     console, published, _ = world
     now = datetime.now(timezone.utc)
     ban = ev.BanIssued(client_ip="127.0.0.1", reason="Dynamic Screening: 3 failed console logins in 5 minutes",
@@ -387,3 +397,104 @@ async def test_an_unreadable_country_database_fails_closed_for_a_while(world, tm
     db.unlink()
     async with TestClient(TestServer(make_app(console))) as client:
         assert (await client.get("/login")).status == 503
+
+
+# -- tracking ----------------------------------------------------------------------------
+
+
+def tracked_world():
+    """Three messages on mail.received and what became of them on mail.verdicts."""
+    from bulwark.kafka import Record
+    from console.tracking import Tracking
+
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)
+
+    def received(mid, sender, rcpt, ip, at, header=None):
+        envelope = ev.Envelope(mail_from=sender, rcpt_to=[rcpt], sha256="0" * 64, size=100, client_ip=ip,
+                               received_at=at)
+        return ev.MessageReceived(message_id=mid, session_id="s-" + mid, occurred_at=at, envelope=envelope,
+                                  direction="inbound", header_message_id=header)
+
+    def verdict(r, action, reasons=()):
+        return ev.Verdict(message_id=r.message_id, occurred_at=r.occurred_at + timedelta(seconds=1), action=action,
+                          reasons=list(reasons), results=[], policy_version="p1", envelope=r.envelope,
+                          direction="inbound")
+
+    a = received("q1", "alice@partner.test", "lee@example.test", "192.0.2.1", t0, "<abc@partner.test>")
+    b = received("q2", "<script>x</script>@evil.test", "kim@example.test", "192.0.2.2", t0 + timedelta(hours=1))
+    c = received("q3", "bob@partner.test", "lee@example.test", "192.0.2.1", t0 + timedelta(hours=2))
+    events = [a, verdict(a, "deliver"), b, verdict(b, "reject", ["VIRUS"]),
+              ev.MessageRefused(message_id="q2", reply_code=550, reasons=["VIRUS"], policy_version="p1"),
+              c, verdict(c, "quarantine", ["SPAM_SCORE"])]
+    records = [Record("mail.received" if isinstance(e, ev.MessageReceived) else "mail.verdicts", 0, i, None, e)
+               for i, e in enumerate(events)]
+    asked: list = []
+
+    async def read(topics, since):
+        asked.append((tuple(topics), since))
+        return [r for r in records if r.event.occurred_at >= since]
+
+    async def trace(ident):
+        return [r for r in records if r.event.message_id == ident]
+
+    return Tracking(read, trace), asked, t0
+
+
+def test_tracking_rows_say_what_became_of_each_message():
+    from console.tracking import Query, matches, rows
+
+    tracking, _, t0 = tracked_world()
+    found = rows(asyncio.run(tracking._read(["mail.received", "mail.verdicts"], t0)))
+    assert [(r["message_id"], r["action"]) for r in found] == [
+        ("q3", "quarantine"), ("q2", "refused (550)"), ("q1", "deliver")]
+    q1 = found[2]
+    assert matches(q1, Query(message_id="<ABC@partner.test>")) and matches(q1, Query(message_id="q1"))
+    assert matches(q1, Query(sender="ALICE", recipient="lee@", client_ip="192.0.2.1"))
+    assert not matches(q1, Query(client_ip="192.0.2.10")) and not matches(q1, Query(recipient="kim"))
+    assert matches(q1, Query(since=t0, until=t0 + timedelta(minutes=1)))
+    assert not matches(q1, Query(since=t0 + timedelta(seconds=1)))
+
+
+def test_tracking_reads_only_the_range_asked_for():
+    from console.tracking import Query
+
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    q, values = Query.from_form({}, now)
+    assert q.since == datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc) and q.until is None
+    q, values = Query.from_form({"since": "2026-11-02", "until": "2026-11-03", "sender": " a@b "}, now)
+    # A day alone: from its start, until its end.
+    assert (q.since.day, q.until.day, q.sender) == (2, 4, "a@b")
+    q, _ = Query.from_form({"since": "2026-02-30T10:00", "until": "soon"}, now)
+    assert q.since.day == 30 and q.until is None  # not a time: the default range
+
+
+@pytest.fixture
+async def tracking_client(world):
+    console, _, _ = world
+    console.tracking, asked, t0 = tracked_world()
+    async with TestClient(TestServer(make_app(console))) as client:
+        yield client, asked, t0
+
+
+async def test_the_help_desk_searches_and_reads_a_timeline(tracking_client):
+    client, asked, t0 = tracking_client
+    await log_in(client, name="desk")
+    page = await (await client.get("/tracking")).text()
+    assert 'for="client_ip">Client IP' in page and "/tracking/q" not in page and asked == []
+    page = await (await client.get("/tracking", params={"recipient": "lee@", "since": "2026-12-01T08:00"})).text()
+    assert "2 messages received since 2026-12-01 08:00 UTC" in page
+    assert page.index("/tracking/q3") < page.index("/tracking/q1") and "/tracking/q2" not in page
+    assert asked == [(("mail.received", "mail.verdicts"), t0.replace(hour=8))]
+    page = await (await client.get("/tracking", params={"client_ip": "192.0.2.2", "since": "2026-12-01"})).text()
+    assert "/tracking/q2" in page and "refused (550) (VIRUS)" in page
+    assert "&lt;script&gt;x&lt;/script&gt;@evil.test" in page and "<script>" not in page
+    page = await (await client.get("/tracking/q1")).text()
+    assert "received 100 bytes from &lt;alice@partner.test&gt; to lee@example.test" in page
+    assert "verdict deliver" in page and "mail.verdicts" in page
+    assert (await client.get("/tracking/nothing")).status == 404
+
+
+async def test_tracking_needs_a_login(tracking_client):
+    client, asked, _ = tracking_client
+    response = await client.get("/tracking", params={"sender": "a"}, allow_redirects=False)
+    assert response.status == 303 and asked == []

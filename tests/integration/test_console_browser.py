@@ -296,3 +296,34 @@ def test_failed_logins_are_counted_until_the_address_is_banned(gateway, console,
     # From the allow-listed 127.0.0.1 the same administrator still logs in.
     log_in(browser, console, ADMIN)
     assert browser.current_url.endswith("/quarantine")
+
+
+def test_the_help_desk_tracks_a_message_and_reads_its_timeline(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    sender, source_ip = "tracked-console@partner.test", "127.0.12.2"
+    msg = gateway.message(sender, [f"lee@{LOCAL_DOMAIN}"], "tracking, please")
+    queue_id = gateway.send(msg, source_ip=source_ip)
+    gateway.downstream.wait_for(lambda d: sender in d.mail_from, timeout=60, what="the tracked message")
+    log_in(browser, console, HELPDESK)
+    browser.find_element(By.LINK_TEXT, "Tracking").click()
+    wait_for_url(browser, "/tracking")
+    # The search form from the keyboard: labelled fields, Enter submits.
+    assert label_of(browser, "client_ip") == "Client IP" and label_of(browser, "message_id") == "Message id"
+    browser.find_element(By.ID, "client_ip").send_keys(source_ip)
+    browser.find_element(By.ID, "sender").send_keys("tracked-console" + Keys.ENTER)
+    wait_for_url(browser, "client_ip=")
+    links = browser.find_elements(By.CSS_SELECTOR, "#found tbody a")
+    assert [a.text for a in links] == [queue_id]
+    assert "deliver" in browser.find_element(By.CSS_SELECTOR, "#found tbody").text
+    browser.shot("tracking-search")
+    # By the Message-ID header too.
+    browser.get(console + "/tracking?message_id=" + urllib.parse.quote(msg["Message-ID"]))
+    assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#found tbody a")] == [queue_id]
+    browser.find_element(By.LINK_TEXT, queue_id).click()
+    wait_for_url(browser, f"/tracking/{queue_id}")
+    timeline = browser.find_element(By.ID, "timeline").text
+    assert f"connect from {source_ip}" in timeline and f"MAIL FROM:<{sender}>" in timeline
+    assert "verdict deliver" in timeline and "queued for delivery" in timeline
+    browser.shot("tracking-timeline")
