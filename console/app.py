@@ -18,10 +18,12 @@ import email
 import email.policy
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
@@ -111,7 +113,8 @@ class Quarantine:
 class Console:
     def __init__(self, admins: AdminStore, quarantine: Quarantine,
                  publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True,
-                 policy: Any = None, bans: Any = None, tracking: Any = None):
+                 policy: Any = None, bans: Any = None, tracking: Any = None, account_states: Any = None,
+                 tables: Any = None, policy_history: Callable[[], Awaitable[list]] | None = None):
         self.admins = admins
         self.quarantine = quarantine
         self.publish = publish
@@ -123,6 +126,12 @@ class Console:
         self.bans = bans
         #: console.tracking.Tracking: message search and ``bulwark trace`` timelines.
         self.tracking = tracking
+        #: The ``accounts.state`` view (disabled accounts) and the workers'
+        #: tables (console.tables.StreamsTables): the Screening and Accounts pages.
+        self.account_states = account_states
+        self.tables = tables
+        #: Every PolicyPublished still on config.policy, oldest first (the Policy page).
+        self.policy_history = policy_history
         self.sessions: dict[str, Session] = {}
         #: Releases and deletions this process published that the quarantine
         #: index does not show yet (the sink marks it a moment later): a
@@ -360,11 +369,126 @@ class Console:
             raise _Refused(404, "Nothing on the topics about this message or session.")
         return self.render("trace.html", request, {"ident": ident, "timeline": timeline})
 
+    # -- screening and accounts (admin only) ------------------------------------------
+
+    def active_bans(self) -> list[ev.BanIssued]:
+        now = datetime.now(timezone.utc)
+        bans = [b for _, b in (self.bans.items() if self.bans is not None else [])
+                if isinstance(b, ev.BanIssued) and b.expires_at > now]
+        return sorted(bans, key=lambda b: b.expires_at)
+
+    async def _counters(self, ask, key: str) -> tuple[dict | None, str | None]:
+        from console.tables import TablesUnavailable
+
+        try:
+            return await ask(key), None
+        except TablesUnavailable as exc:
+            return None, str(exc)
+
+    async def screening_page(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        ip, answer, unavailable = request.query.get("ip", "").strip(), None, None
+        if ip:
+            if not valid_ip(ip):
+                raise _Refused(400, "That is not an IP address.")
+            answer, unavailable = await self._counters(self.tables.ip, str(ipaddress.ip_address(ip)))
+        return self.render("screening.html", request, {
+            "bans": self.active_bans(), "ip": ip, "answer": answer, "unavailable": unavailable,
+            "csrf_token": session.csrf, "unbanned": request.query.get("unbanned"),
+            "limits": screening_limits(self.policy.current.screening) if self.policy else {},
+        })
+
+    async def unban(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        ip = request.match_info["ip"]
+        if not valid_ip(ip) or ip not in {b.client_ip for b in self.active_bans()}:
+            raise _Refused(409, f"{ip} is not banned (any more).")
+        await self.publish(ev.BanLifted(client_ip=ip, by=session.admin.name))
+        log.info("unbanned %s by %s (console)", ip, session.admin.name)
+        return see_other(f"/screening?unbanned={ip}")
+
+    def disabled_accounts(self) -> list[ev.AccountStateChanged]:
+        states = self.account_states.items() if self.account_states is not None else []
+        return sorted((s for _, s in states if isinstance(s, ev.AccountStateChanged) and not s.enabled),
+                      key=lambda s: s.address)
+
+    async def accounts_page(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        address, answer, unavailable = request.query.get("address", "").strip().lower(), None, None
+        if address:
+            answer, unavailable = await self._counters(self.tables.account, address)
+        return self.render("accounts.html", request, {
+            "disabled": self.disabled_accounts(), "address": address, "answer": answer,
+            "unavailable": unavailable, "csrf_token": session.csrf, "enabled": request.query.get("enabled"),
+        })
+
+    async def enable_account(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        address = request.match_info["address"]
+        if address not in {s.address for s in self.disabled_accounts()}:
+            raise _Refused(409, f"{address} is not disabled.")
+        form = await request.post()
+        reason = str(form.get("reason", "")).strip()[:200] or "enabled by an administrator"
+        # The event `bulwark accounts enable` publishes; ingest follows accounts.state.
+        await self.publish(ev.AccountStateChanged(address=address, enabled=True, reason=reason,
+                                                  by=session.admin.name))
+        log.info("enabled %s by %s (console)", address, session.admin.name)
+        return see_other(f"/accounts?enabled={urllib.parse.quote(address)}")
+
+    # -- policy (admin only) -------------------------------------------------------------
+
+    async def policy_page(self, request: web.Request) -> web.Response:
+        from bulwark.policy_audit import as_yaml, audit
+
+        self.require(request, "admin")
+        history = await self.policy_history()
+        in_force = self.policy.current
+        findings = await asyncio.to_thread(audit, in_force)
+        return self.render("policy.html", request, {
+            "history": list(reversed(history)), "version": in_force.version,
+            "findings": [(f, as_yaml(f.fix) if not f.met else "") for f in findings],
+            "met": sum(f.met for f in findings),
+        })
+
+    async def policy_diff(self, request: web.Request) -> web.Response:
+        from console.policy_pages import by_version, diff
+
+        self.require(request, "admin")
+        history = await self.policy_history()
+        old = by_version(history, request.query.get("from", ""))
+        new = by_version(history, request.query.get("to", ""))
+        if old is None or new is None:
+            raise _Refused(404, "Choose two versions that are on config.policy.")
+        return self.render("policy_diff.html", request, {"old": old, "new": new, "lines": diff(old, new)})
+
+    async def policy_version(self, request: web.Request) -> web.Response:
+        from console.policy_pages import as_yaml, by_version
+
+        self.require(request, "admin")
+        event = by_version(await self.policy_history(), request.match_info["version"])
+        if event is None:
+            raise _Refused(404, "No such version on config.policy.")
+        return self.render("policy_version.html", request, {"e": event, "text": "\n".join(as_yaml(event.document))})
+
     # -- administrators (admin only) -------------------------------------------------
 
     async def admins_page(self, request: web.Request) -> web.Response:
         self.require(request, "admin")
         return self.render("admins.html", request, {"admins": await asyncio.to_thread(self.admins.all)})
+
+
+def valid_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def screening_limits(rules) -> dict[str, int]:
+    from streams.screening import limits
+
+    return limits(rules)
 
 
 def see_other(location: str) -> web.Response:
@@ -462,6 +586,13 @@ def make_app(console: Console, first: list = ()) -> web.Application:
     app.router.add_post("/quarantine/{message_id}/{action:release|delete}", console.quarantine_act)
     app.router.add_get("/tracking", console.tracking_search)
     app.router.add_get("/tracking/{ident}", console.tracking_trace)
+    app.router.add_get("/screening", console.screening_page)
+    app.router.add_post("/screening/{ip}/unban", console.unban)
+    app.router.add_get("/accounts", console.accounts_page)
+    app.router.add_post("/accounts/{address}/enable", console.enable_account)
+    app.router.add_get("/policy", console.policy_page)
+    app.router.add_get("/policy/diff", console.policy_diff)
+    app.router.add_get("/policy/version/{version}", console.policy_version)
     app.router.add_get("/admins", console.admins_page)
     app.router.add_static("/static/", STATIC)
     return app

@@ -9,14 +9,16 @@ from aiohttp import web
 
 from bulwark.blobstore import BlobStore
 from bulwark.kafka import start_publisher
+from bulwark.policy_admin import published_history
 from bulwark.policy_runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from bulwark.state import StateView
 from console.admins import AdminStore, admins_path
 from console.app import Console, Quarantine, make_app
+from console.tables import streams_tables
 from console.tracking import kafka_tracking
-from schemas.topics import BANS
+from schemas.topics import ACCOUNT_STATE, BANS
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ async def serve(settings: Settings) -> None:
     blobs = BlobStore(settings.blob_dir)
     # Dynamic Screening's bans, followed in memory as ingest follows them.
     bans = StateView(settings, BANS)
-    await bans.start()
+    # Disabled accounts (Account Hijack Detection or an administrator).
+    account_states = StateView(settings, ACCOUNT_STATE)
+    await asyncio.gather(bans.start(), account_states.start())
     console = Console(
         AdminStore(admins_path(settings.data_dir)),
         Quarantine(lambda: open_quarantine_index(settings), blobs.get_sync),
@@ -49,6 +53,9 @@ async def serve(settings: Settings) -> None:
         policy=policy,
         bans=bans,
         tracking=kafka_tracking(settings),
+        account_states=account_states,
+        tables=streams_tables(settings),
+        policy_history=lambda: published_history(settings),
     )
 
     @web.middleware
@@ -71,5 +78,6 @@ async def serve(settings: Settings) -> None:
     finally:
         await runner.cleanup()
         await bans.stop()
+        await account_states.stop()
         await publisher.stop()
         await policy.stop()

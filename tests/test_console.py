@@ -498,3 +498,198 @@ async def test_tracking_needs_a_login(tracking_client):
     client, asked, _ = tracking_client
     response = await client.get("/tracking", params={"sender": "a"}, allow_redirects=False)
     assert response.status == 303 and asked == []
+
+
+# -- screening and accounts ----------------------------------------------------------------
+
+
+class Tables:
+    """The workers' answers (streams/web.py's JSON), as the console receives them."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    async def ip(self, ip):
+        self.asked.append(ip)
+        return {"ip": ip, "window": {"start": "2026-12-01T10:00:00+00:00", "end": "2026-12-01T10:05:00+00:00",
+                                     "minutes": 5.0},
+                "counters": {"connections": 4, "failed_console_login": 2},
+                "limits": {"connections": 11, "failed_console_login": 3}, "ban": None}
+
+    async def account(self, address):
+        self.asked.append(address)
+        return {"address": address, "window": {"start": "2026-12-01T09:05:00+00:00",
+                                               "end": "2026-12-01T10:05:00+00:00", "minutes": 60.0},
+                "messages": 7, "client_ips": ["192.0.2.9"], "message_limit": 1000, "limit_reached": None,
+                "state": {"address": address, "enabled": False, "by": "hijack-detection", "reason": "too many"}}
+
+
+@pytest.fixture
+def screening_world(world):
+    console, published, _ = world
+    now = datetime.now(timezone.utc)
+    console.policy = gateway_policy()
+    console.bans = Bans({
+        "192.0.2.66": ev.BanIssued(client_ip="192.0.2.66", reason="Dynamic Screening: 3 failed console logins",
+                                   counters={"failed_console_login": 3, "connections": 0},
+                                   expires_at=now + timedelta(minutes=9)),
+        "192.0.2.67": ev.BanIssued(client_ip="192.0.2.67", reason="Dynamic Screening: 11 connections",
+                                   counters={"connections": 11}, expires_at=now - timedelta(minutes=1)),
+    })
+    console.account_states = Bans({
+        "mia@example.test": ev.AccountStateChanged(address="mia@example.test", enabled=False, reason="hijacked?",
+                                                   by="hijack-detection"),
+        "noah@example.test": ev.AccountStateChanged(address="noah@example.test", enabled=True, reason="ok", by="root"),
+    })
+    console.tables = Tables()
+    return console, published
+
+
+async def test_an_admin_sees_bans_with_counters_and_expiry_and_unbans(screening_world):
+    console, published = screening_world
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client)
+        page = await (await client.get("/screening")).text()
+        assert "192.0.2.66" in page and "failed_console_login 3" in page and "192.0.2.67" not in page  # expired
+        assert "connections 0" not in page
+        response = await client.post("/screening/192.0.2.66/unban", data={"csrf_token": csrf_of(page)},
+                                     allow_redirects=False)
+        assert response.status == 303 and response.headers["Location"] == "/screening?unbanned=192.0.2.66"
+        [lifted] = published
+        assert isinstance(lifted, ev.BanLifted) and lifted.client_ip == "192.0.2.66" and lifted.by == "root"
+        # Not banned: nothing to lift, nothing published.
+        response = await client.post("/screening/192.0.2.67/unban", data={"csrf_token": csrf_of(page)})
+        assert response.status == 409 and len(published) == 1
+        # Without the token: refused, as every form.
+        assert (await client.post("/screening/192.0.2.66/unban", data={})).status == 403 and len(published) == 1
+
+
+async def test_the_counters_of_an_ip_come_from_the_workers(screening_world):
+    console, _ = screening_world
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client)
+        page = await (await client.get("/screening", params={"ip": "192.0.2.70"})).text()
+        assert console.tables.asked == ["192.0.2.70"]
+        assert re.search(r"failed_console_login</th><td>2</td><td>3</td>", page) and "Not banned." in page
+        assert (await client.get("/screening", params={"ip": "not-an-ip"})).status == 400
+
+        async def down(ip):
+            from console.tables import TablesUnavailable
+            raise TablesUnavailable("no streams worker answered at https://127.0.0.1:1 (ClientConnectorError)")
+
+        console.tables.ip = down
+        response = await client.get("/screening", params={"ip": "192.0.2.70"})
+        assert response.status == 200 and "no streams worker answered" in await response.text()
+
+
+async def test_an_admin_sees_disabled_accounts_and_enables_one(screening_world):
+    console, published = screening_world
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client)
+        page = await (await client.get("/accounts")).text()
+        assert "mia@example.test" in page and "hijacked?" in page and "noah@example.test" not in page
+        response = await client.post("/accounts/mia@example.test/enable",
+                                     data={"csrf_token": csrf_of(page), "reason": "password reset by phone"},
+                                     allow_redirects=False)
+        assert response.status == 303
+        [enabled] = published
+        assert isinstance(enabled, ev.AccountStateChanged) and enabled.enabled
+        assert (enabled.address, enabled.by, enabled.reason) == ("mia@example.test", "root", "password reset by phone")
+        response = await client.post("/accounts/noah@example.test/enable", data={"csrf_token": csrf_of(page)})
+        assert response.status == 409 and len(published) == 1
+        page = await (await client.get("/accounts", params={"address": "Mia@Example.test"})).text()
+        assert console.tables.asked == ["mia@example.test"] and "7 (no more than 1000)" in page
+        assert "disabled by hijack-detection: too many" in page
+
+
+async def test_the_help_desk_is_refused_screening_and_accounts(screening_world):
+    console, published = screening_world
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client, name="desk")
+        page = await (await client.get("/quarantine")).text()
+        assert 'href="/screening"' not in page
+        for path in ("/screening", "/accounts"):
+            assert (await client.get(path)).status == 403
+        for path in ("/screening/192.0.2.66/unban", "/accounts/mia@example.test/enable"):
+            assert (await client.post(path, data={"csrf_token": csrf_of(page)})).status == 403
+        assert published == [] and console.tables.asked == []
+
+
+async def test_streams_tables_say_when_no_worker_answers(tmp_path):
+    from bulwark.devstack import free_port
+    from console.tables import StreamsTables, TablesUnavailable
+
+    # No certificate to pin, then no worker listening: a message for the page, not a crash.
+    missing = StreamsTables(f"https://127.0.0.1:{free_port()}", tmp_path / "no-such.crt")
+    with pytest.raises(TablesUnavailable, match="no streams worker answered"):
+        await missing.ip("192.0.2.1")
+
+
+# -- policy ------------------------------------------------------------------------------------
+
+
+def policy_history():
+    from bulwark.policy import Policy
+
+    base = {"hostname": "gw.example.test", "local_domains": ["example.test"]}
+    first = Policy.model_validate(base)
+    second = Policy.model_validate({**base, "screening": {"failed_console_login_limit": 5}})
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)
+    return [
+        ev.PolicyPublished(policy_version=first.version, document=first.model_dump(mode="json"),
+                           source="/etc/bulwark/policy.yaml", applied_by="root", occurred_at=t0),
+        ev.PolicyPublished(policy_version=second.version, document=second.model_dump(mode="json"),
+                           source="/etc/bulwark/policy.yaml", applied_by="<b>kim</b>",
+                           occurred_at=t0 + timedelta(hours=1)),
+    ], second
+
+
+@pytest.fixture
+async def policy_client(world):
+    from bulwark.policy_runtime import PolicyHolder
+
+    console, _, _ = world
+    history, active = policy_history()
+
+    async def read_history():
+        return history
+
+    console.policy, console.policy_history = PolicyHolder.fixed(active), read_history
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client)
+        yield client, history
+
+
+async def test_the_policy_page_shows_the_active_version_its_history_and_the_audit(policy_client):
+    from bulwark.policy_audit import audit
+
+    client, (first, second) = policy_client
+    page = await (await client.get("/policy")).text()
+    assert f"In force: <strong>{second.policy_version}</strong>, applied 2026-12-01 10:00:00 UTC by &lt;b&gt;kim" in page
+    assert page.index(second.policy_version + "</a> (active)") < page.index(f">{first.policy_version}</a>")
+    findings = audit(policy_history()[1])
+    assert f"{sum(f.met for f in findings)} of {len(findings)} recommendations met" in page
+    assert "NOT MET" in page  # no user verification source, to start with
+    page = await (await client.get(f"/policy/version/{first.policy_version}")).text()
+    assert "failed_console_login_limit: 3" in page
+    assert (await client.get("/policy/version/nope")).status == 404
+
+
+async def test_the_diff_between_two_versions(policy_client):
+    client, (first, second) = policy_client
+    page = await (await client.get("/policy/diff", params={"from": first.policy_version,
+                                                           "to": second.policy_version})).text()
+    assert '<span class="remove">-  failed_console_login_limit: 3</span>' in page
+    assert '<span class="add">+  failed_console_login_limit: 5</span>' in page
+    assert page.count('class="add"') == 1 and page.count('class="remove"') == 1
+    same = await (await client.get("/policy/diff", params={"from": first.policy_version,
+                                                           "to": first.policy_version})).text()
+    assert "the same rules" in same
+    assert (await client.get("/policy/diff", params={"from": "x", "to": first.policy_version})).status == 404
+
+
+async def test_the_help_desk_is_refused_the_policy(world):
+    console, _, _ = world
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client, name="desk")
+        assert (await client.get("/policy")).status == 403

@@ -7,8 +7,10 @@ Screenshots of each step land in the test's tmp directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -151,15 +153,49 @@ class SourceRelay:
             sock.close()
 
 
+@contextlib.contextmanager
+def relayed(gateway, source_ip):
+    """The console's base URL through a relay from ``source_ip``."""
+    settings = gateway.settings
+    relay = SourceRelay((settings.console_host, settings.console_port), source_ip)
+    try:
+        yield f"https://127.0.0.1:{relay.port}"
+    finally:
+        relay.close()
+
+
 @pytest.fixture
 def relay(gateway, console):
     """(base URL through the relay, the client address the console sees)."""
-    settings = gateway.settings
-    relay = SourceRelay((settings.console_host, settings.console_port), BANNED_IP)
-    try:
-        yield f"https://127.0.0.1:{relay.port}", BANNED_IP
-    finally:
-        relay.close()
+    with relayed(gateway, BANNED_IP) as url:
+        yield url, BANNED_IP
+
+
+def fail_logins(browser, url, n):
+    from selenium.webdriver.common.by import By
+
+    for guess in range(n):
+        log_in(browser, url, ADMIN, password=f"wrong guess number {guess}")
+        assert "Wrong name or password" in browser.find_element(By.ID, "login-error").text
+
+
+def wait_for_ban(gateway, ip):
+    [ban] = gateway.wait_records(lambda r: isinstance(r.event, ev.BanIssued), [BANS.name], keys={ip},
+                                 timeout=60, what=f"the ban of {ip}")
+    return ban.event
+
+
+def refusal_at(browser, url, timeout=30):
+    """The refusal the console shows at ``url`` (it follows screening.bans a moment after the broker has it)."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        browser.get(url)
+        refusal = browser.find_elements(By.ID, "refusal")
+        if refusal or time.monotonic() > deadline:
+            return refusal[0].text if refusal else None
+        time.sleep(0.5)
 
 
 def quarantine_hostile(gateway, sender):
@@ -266,6 +302,10 @@ def test_the_help_desk_is_refused_an_admin_page(gateway, console, browser):
     wait_for_url(browser, "/admins")
     assert "may not open this page" in browser.find_element(By.ID, "refusal").text
     browser.shot("helpdesk-refused")
+    for page in ("/screening", "/accounts"):
+        browser.get(console + page)
+        wait_for_url(browser, page)
+        assert "may not open this page" in browser.find_element(By.ID, "refusal").text, page
 
 
 def test_failed_logins_are_counted_until_the_address_is_banned(gateway, console, relay, browser):
@@ -275,22 +315,12 @@ def test_failed_logins_are_counted_until_the_address_is_banned(gateway, console,
     from selenium.webdriver.common.by import By
 
     url, ip = relay
-    for guess in range(3):
-        log_in(browser, url, ADMIN, password=f"wrong guess number {guess}")
-        assert "Wrong name or password" in browser.find_element(By.ID, "login-error").text
+    fail_logins(browser, url, 3)
     browser.shot("three-failed-logins")
-    [ban] = gateway.wait_records(lambda r: isinstance(r.event, ev.BanIssued), [BANS.name], keys={ip},
-                                 timeout=60, what="the ban for failed console logins")
-    assert ban.event.counters["failed_console_login"] == 3 and "3 failed console logins" in ban.event.reason
+    ban = wait_for_ban(gateway, ip)
+    assert ban.counters["failed_console_login"] == 3 and "3 failed console logins" in ban.reason
     # The console follows screening.bans: the next request is refused.
-    deadline = time.monotonic() + 30
-    while True:
-        browser.get(url + "/login")
-        refusal = browser.find_elements(By.ID, "refusal")
-        if refusal or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert f"{ip} is banned by Dynamic Screening until" in refusal[0].text
+    assert f"{ip} is banned by Dynamic Screening until" in refusal_at(browser, url + "/login")
     assert not browser.find_elements(By.ID, "password")
     browser.shot("banned")
     # From the allow-listed 127.0.0.1 the same administrator still logs in.
@@ -327,3 +357,66 @@ def test_the_help_desk_tracks_a_message_and_reads_its_timeline(gateway, console,
     assert f"connect from {source_ip}" in timeline and f"MAIL FROM:<{sender}>" in timeline
     assert "verdict deliver" in timeline and "queued for delivery" in timeline
     browser.shot("tracking-timeline")
+
+
+def test_an_admin_sees_a_ban_with_its_counters_and_lifts_it(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    ip, counted_ip = "127.0.12.3", "127.0.12.4"
+    with relayed(gateway, ip) as url:
+        fail_logins(browser, url, 3)
+        wait_for_ban(gateway, ip)
+        assert "is banned" in refusal_at(browser, url + "/login")
+    with relayed(gateway, counted_ip) as url:
+        fail_logins(browser, url, 1)
+    browser.delete_all_cookies()
+    log_in(browser, console, ADMIN)
+    browser.find_element(By.LINK_TEXT, "Screening").click()
+    wait_for_url(browser, "/screening")
+    row = browser.find_element(By.XPATH, f"//table[@id='bans']//tr[td[1]='{ip}']")
+    assert "3 failed console logins" in row.text and "failed_console_login 3" in row.text
+    browser.shot("bans")
+
+    # The windowed counters of an address, from the worker's table (it counts a moment after the event).
+    deadline = time.monotonic() + 30
+    while True:
+        field = browser.find_element(By.ID, "ip")
+        field.clear()
+        field.send_keys(counted_ip + Keys.ENTER)
+        wait_for_url(browser, f"ip={counted_ip}")
+        counters = browser.find_element(By.ID, "counters").text
+        if "failed_console_login 1 3" in counters or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert "failed_console_login 1 3" in counters and "Not banned." in browser.find_element(By.ID, "ban-state").text
+    browser.shot("counters")
+
+    # Unban, from the keyboard: focus the row's button, Enter.
+    button = browser.find_element(By.CSS_SELECTOR, f"button[aria-label='Unban {ip}']")
+    button.send_keys(Keys.ENTER)
+    wait_for_url(browser, "unbanned=")
+    assert f"Ban on {ip} lifted" in browser.find_element(By.ID, "done").text
+    browser.shot("unbanned")
+    [lifted] = gateway.wait_records(lambda r: isinstance(r.event, ev.BanLifted), [BANS.name], keys={ip},
+                                    what="the lifted ban")
+    assert lifted.event.by == ADMIN
+    # The address reaches the console again (and ingest, which follows the same topic).
+    with relayed(gateway, ip) as url:
+        deadline = time.monotonic() + 30
+        while True:
+            browser.get(url + "/login")
+            if browser.find_elements(By.ID, "password") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert browser.find_elements(By.ID, "password")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with gateway.smtp(ip) as client:
+                assert client.ehlo("client.test")[0] == 250
+                break
+        except smtplib.SMTPConnectError:  # 421 until ingest has read the BanLifted too
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
