@@ -49,6 +49,8 @@ MAX_AGE_SECONDS = 8 * 3600
 #: Text parts longer than this are cut in the message view.
 TEXT_LIMIT = 200_000
 LIST_LIMIT = 500
+#: The dashboard's figures are at most this old.
+DASHBOARD_SECONDS = 60
 
 SECURITY_HEADERS = {
     # No script at all, no framing, forms only to the console itself.
@@ -114,7 +116,8 @@ class Console:
     def __init__(self, admins: AdminStore, quarantine: Quarantine,
                  publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True,
                  policy: Any = None, bans: Any = None, tracking: Any = None, account_states: Any = None,
-                 tables: Any = None, policy_history: Callable[[], Awaitable[list]] | None = None):
+                 tables: Any = None, policy_history: Callable[[], Awaitable[list]] | None = None,
+                 dashboard: Any = None):
         self.admins = admins
         self.quarantine = quarantine
         self.publish = publish
@@ -132,6 +135,10 @@ class Console:
         self.tables = tables
         #: Every PolicyPublished still on config.policy, oldest first (the Policy page).
         self.policy_history = policy_history
+        #: console.dashboard.Dashboard, and its last figures: reading a day of
+        #: smtp.sessions is not free, so the page recomputes at most once a minute.
+        self.dashboard = dashboard
+        self._figures: tuple[float, Any] | None = None
         self.sessions: dict[str, Session] = {}
         #: Releases and deletions this process published that the quarantine
         #: index does not show yet (the sink marks it a moment later): a
@@ -470,6 +477,28 @@ class Console:
             raise _Refused(404, "No such version on config.policy.")
         return self.render("policy_version.html", request, {"e": event, "text": "\n".join(as_yaml(event.document))})
 
+    # -- dashboard (admin only) -----------------------------------------------------------
+
+    async def dashboard_page(self, request: web.Request) -> web.Response:
+        from console.dashboard import horizontal_bars, stacked_bars
+
+        self.require(request, "admin")
+        now = datetime.now(timezone.utc)
+        if self._figures is None or time.monotonic() - self._figures[0] > DASHBOARD_SECONDS:
+            self._figures = (time.monotonic(), (now, await self.dashboard.figures(now)))
+        at, f = self._figures[1]
+        charts = {
+            "messages": stacked_bars("messages-chart", "Messages per hour by action",
+                                     f"Verdicts per hour over the last {len(f.hours)} hours, stacked by action.",
+                                     f.hours, f.by_action),
+            "bans": stacked_bars("bans-chart", "Dynamic Screening bans per hour",
+                                 f"Bans issued per hour over the last {len(f.hours)} hours.", f.hours,
+                                 {"bans": f.bans}),
+            "ips": horizontal_bars("ips-chart", "Top refused client addresses", f.top_ips),
+            "senders": horizontal_bars("senders-chart", "Top refused senders", f.top_senders),
+        }
+        return self.render("dashboard.html", request, {"f": f, "at": at, "charts": charts})
+
     # -- administrators (admin only) -------------------------------------------------
 
     async def admins_page(self, request: web.Request) -> web.Response:
@@ -593,6 +622,7 @@ def make_app(console: Console, first: list = ()) -> web.Application:
     app.router.add_get("/policy", console.policy_page)
     app.router.add_get("/policy/diff", console.policy_diff)
     app.router.add_get("/policy/version/{version}", console.policy_version)
+    app.router.add_get("/dashboard", console.dashboard_page)
     app.router.add_get("/admins", console.admins_page)
     app.router.add_static("/static/", STATIC)
     return app

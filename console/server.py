@@ -16,6 +16,7 @@ from bulwark.settings import Settings
 from bulwark.state import StateView
 from console.admins import AdminStore, admins_path
 from console.app import Console, Quarantine, make_app
+from console.dashboard import kafka_dashboard
 from console.tables import streams_tables
 from console.tracking import kafka_tracking
 from schemas.topics import ACCOUNT_STATE, BANS
@@ -56,6 +57,7 @@ async def serve(settings: Settings) -> None:
         account_states=account_states,
         tables=streams_tables(settings),
         policy_history=lambda: published_history(settings),
+        dashboard=kafka_dashboard(settings),
     )
 
     @web.middleware

@@ -693,3 +693,87 @@ async def test_the_help_desk_is_refused_the_policy(world):
     async with TestClient(TestServer(make_app(console))) as client:
         await log_in(client, name="desk")
         assert (await client.get("/policy")).status == 403
+
+
+# -- dashboard --------------------------------------------------------------------------------
+
+
+def dashboard_records(now):
+    """Two hours of a gateway's life, as the dashboard reads them."""
+    from bulwark.kafka import Record
+
+    def at(hours_ago, minute=5):
+        return now.replace(minute=minute, second=0, microsecond=0) - timedelta(hours=hours_ago)
+
+    envelope = ev.Envelope(mail_from="<svg onload=alert(1)>@evil.test", rcpt_to=["lee@example.test"],
+                           sha256="0" * 64, size=1, client_ip="203.0.113.9", received_at=now)
+    verdict = lambda action, when: ev.Verdict(action=action, results=[], policy_version="p", envelope=envelope,  # noqa: E731
+                                              direction="inbound", occurred_at=when, message_id="m")
+    events = [
+        verdict("deliver", at(1)), verdict("deliver", at(1, 10)), verdict("quarantine", at(1, 20)),
+        verdict("deliver", at(0)), verdict("reject", at(0, 1)),
+        ev.SessionRefused(client_ip="203.0.113.7", phase="connect", reply_code=421, reason="banned", occurred_at=at(0)),
+        ev.SessionMail(client_ip="203.0.113.7", session_id="s1", sender="spam@junk.test", accepted=True,
+                       reply_code=250, occurred_at=at(0, 1)),
+        *[ev.SessionRcpt(client_ip="203.0.113.7", session_id="s1", recipient=f"x{i}@example.test", accepted=False,
+                         reply_code=550, occurred_at=at(0, 2)) for i in range(3)],
+        ev.SessionMail(client_ip="203.0.113.8", session_id="s2", sender="forged@example.test", accepted=False,
+                       reply_code=550, occurred_at=at(0)),
+        ev.BanIssued(client_ip="203.0.113.7", reason="r", expires_at=now, occurred_at=at(0, 3)),
+        # Older than the period: not counted.
+        verdict("deliver", at(30)),
+    ]
+    return [Record("t", 0, i, None, e) for i, e in enumerate(events)]
+
+
+def test_dashboard_figures_count_actions_refusals_and_bans_per_hour():
+    from console.dashboard import figures
+
+    now = datetime(2026, 12, 1, 12, 30, tzinfo=timezone.utc)
+    f = figures(dashboard_records(now), now)
+    assert len(f.hours) == 24 and f.hours[-1] == now.replace(minute=0)
+    assert (f.by_action["deliver"][-2:], f.by_action["quarantine"][-2:], f.by_action["reject"][-2:]) == (
+        [2, 1], [1, 0], [0, 1])
+    assert f.messages == 5 and f.bans[-1] == 1 and sum(f.bans) == 1
+    # The refused connection, RCPTs (the session's sender counts them) and MAIL; the rejected message.
+    assert f.top_ips == [("203.0.113.7", 4), ("203.0.113.8", 1), ("203.0.113.9", 1)]
+    assert f.top_senders == [("spam@junk.test", 3), ("<svg onload=alert(1)>@evil.test", 1),
+                             ("forged@example.test", 1)]
+
+
+def test_charts_are_svg_with_text_escaped():
+    from console.dashboard import horizontal_bars, nice_top, stacked_bars
+
+    assert [nice_top(n) for n in (1, 3, 7, 10, 11, 480)] == [1, 5, 10, 10, 20, 500]
+    hours = [datetime(2026, 12, 1, h, tzinfo=timezone.utc) for h in range(3)]
+    svg = stacked_bars("c", "Messages <per> hour", "d", hours, {"deliver": [1, 0, 4], "reject": [0, 0, 1]})
+    assert svg.startswith("<svg") and 'role="img"' in svg and "Messages &lt;per&gt; hour" in svg
+    assert svg.count("<rect") == 3 + 2  # three non-empty segments, two legend keys
+    assert "<title>02:00 deliver: 4</title>" in svg
+    bars = horizontal_bars("s", "Top", [("<svg onload=alert(1)>@evil.test", 2)])
+    assert "<svg onload" not in bars and "&lt;svg onload=alert(1)&gt;@evil.test" in bars
+
+
+async def test_the_dashboard_page_for_admins_only_and_read_once_a_minute(world):
+    from console.dashboard import Dashboard
+
+    console, _, _ = world
+    reads = []
+
+    async def read(topics, since, types):
+        reads.append((tuple(topics), since))
+        return dashboard_records(datetime.now(timezone.utc))
+
+    console.dashboard = Dashboard(read)
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client)
+        page = await (await client.get("/dashboard")).text()
+        assert page.count('<svg class="chart"') == 4 and "<svg onload" not in page
+        assert "5 messages judged" in page and "1 ban issued in the period" in page
+        assert reads[0][0] == ("mail.verdicts", "smtp.sessions", "screening.bans")
+        assert datetime.now(timezone.utc) - reads[0][1] < timedelta(hours=24)
+        await client.get("/dashboard")
+        assert len(reads) == 1
+    async with TestClient(TestServer(make_app(console))) as client:
+        await log_in(client, name="desk")
+        assert (await client.get("/dashboard")).status == 403
