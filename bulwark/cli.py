@@ -532,7 +532,32 @@ def console_admins() -> None:
     from console.admins import AdminStore, admins_path
 
     for admin in AdminStore(admins_path(_settings().data_dir)).all():
-        click.echo(f"{admin.name}  {admin.role}")
+        click.echo(f"{admin.name}  {admin.role}" + ("  totp" if admin.totp else ""))
+
+
+@console.command("totp")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Remove the second factor instead")
+def console_totp(name: str, off: bool) -> None:
+    """Ask NAME for a one-time code (TOTP) at login, with a new secret; or no more (--off).
+
+    The secret is printed once, here, for the authenticator app (as the
+    otpauth:// URI most apps read, and as the key to type in); the console
+    never shows it.
+    """
+    from console.admins import AdminStore, admins_path
+
+    store = AdminStore(admins_path(_settings().data_dir))
+    try:
+        secret = store.set_totp(name, enabled=not off)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    if secret is None:
+        click.echo(f"{name} logs in with a password only")
+        return
+    click.echo(f"{name} now needs a one-time code at login. Enrol an authenticator app with")
+    click.echo(f"  {store.provisioning_uri(name, secret)}")
+    click.echo(f"or the key {secret} (TOTP, SHA-1, 6 digits, 30 seconds).")
 
 
 # -- accounts -------------------------------------------------------------------

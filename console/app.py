@@ -140,6 +140,9 @@ class Console:
         self.dashboard = dashboard
         self._figures: tuple[float, Any] | None = None
         self.sessions: dict[str, Session] = {}
+        #: Per account with TOTP, the time step of its last accepted code:
+        #: that code (and older ones) are refused from then on.
+        self.totp_used: dict[str, int] = {}
         #: Releases and deletions this process published that the quarantine
         #: index does not show yet (the sink marks it a moment later): a
         #: second click in that moment is refused, not published again.
@@ -264,7 +267,9 @@ class Console:
         form = await request.post()
         name = str(form.get("name", "")).strip()[:64]
         password = str(form.get("password", ""))
-        admin = await asyncio.to_thread(self.admins.authenticate, name, password)
+        code = str(form.get("code", ""))[:16]
+        admin = await asyncio.to_thread(self.admins.authenticate, name, password, code,
+                                        used=self.totp_used.get(name))
         if admin is None:
             client_ip = request.remote or "unknown"
             log.warning("console login refused for %r from %s", name, client_ip)
@@ -273,6 +278,8 @@ class Console:
             except Exception as exc:  # the refusal stands even when the event cannot be written
                 log.error("could not record the refused login: %s", type(exc).__name__)
             return await self.login_form(request, failed=True, name=name)
+        if admin.totp_step is not None:
+            self.totp_used[name] = admin.totp_step
         now = time.monotonic()
         for stale in [t for t, s in self.sessions.items() if s.expired(now)]:
             del self.sessions[stale]

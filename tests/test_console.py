@@ -777,3 +777,77 @@ async def test_the_dashboard_page_for_admins_only_and_read_once_a_minute(world):
     async with TestClient(TestServer(make_app(console))) as client:
         await log_in(client, name="desk")
         assert (await client.get("/dashboard")).status == 403
+
+
+# -- TOTP ----------------------------------------------------------------------------------------
+
+
+def test_totp_codes_are_checked_with_a_step_of_drift_and_work_once(tmp_path):
+    import pyotp
+
+    from console.admins import totp_step
+
+    store = AdminStore(tmp_path / "admins.json")
+    store.add("alice", "admin", PASSWORD)
+    secret = store.set_totp("alice")
+    assert store.all()[0].totp and secret not in str(store.all())
+    totp, at = pyotp.TOTP(secret), 1_800_000_000.0
+    code = totp.at(at)
+    assert totp_step(secret, code, at) == totp.timecode(datetime.fromtimestamp(at, timezone.utc))
+    assert totp_step(secret, totp.at(at - 30), at) is not None  # the clock of the phone a step behind
+    assert totp_step(secret, totp.at(at - 90), at) is None and totp_step(secret, "12345x", at) is None
+    assert store.authenticate("alice", PASSWORD) is None  # no code
+    assert store.authenticate("alice", PASSWORD + "x", code, at=at) is None
+    admin = store.authenticate("alice", PASSWORD, code, at=at)
+    assert admin.role == "admin" and admin.totp_step is not None
+    assert store.authenticate("alice", PASSWORD, code, at=at, used=admin.totp_step) is None  # replayed
+    # A password reset keeps the second factor; --off removes it.
+    store.add("alice", "admin", PASSWORD)
+    assert store.authenticate("alice", PASSWORD) is None
+    store.set_totp("alice", enabled=False)
+    assert store.authenticate("alice", PASSWORD).totp is False
+
+
+async def test_a_login_with_totp_needs_the_code_once(world):
+    import pyotp
+
+    console, published, _ = world
+    secret = console.admins.set_totp("root")
+
+    async def attempt(code):
+        page = await (await client.get("/login")).text()
+        return await client.post("/login", data={"name": "root", "password": PASSWORD, "code": code,
+                                                  "csrf_token": csrf_of(page)}, allow_redirects=False)
+
+    async with TestClient(TestServer(make_app(console))) as client:
+        page = await (await client.get("/login")).text()
+        assert '<label for="code">One-time code' in page and 'autocomplete="one-time-code"' in page
+        response = await attempt("")
+        assert response.status == 401 and "Wrong name or password (or one-time code)" in await response.text()
+        assert [e.login for e in published] == ["root"]  # counted by Dynamic Screening like any refusal
+        code = pyotp.TOTP(secret).now()
+        assert (await attempt(code)).status == 303
+        await client.post("/logout", data={"csrf_token": csrf_of(await (await client.get("/quarantine")).text())})
+        # The same code again (seen over a shoulder): refused.
+        assert (await attempt(code)).status == 401 and len(published) == 2
+
+
+def test_console_totp_prints_the_enrolment_once(tmp_path, monkeypatch):
+    import pyotp
+    from click.testing import CliRunner
+
+    from bulwark.cli import main
+    from console.admins import admins_path
+
+    monkeypatch.setenv("BULWARK_DATA_DIR", str(tmp_path))
+    store = AdminStore(admins_path(tmp_path))
+    store.add("alice", "admin", PASSWORD)
+    result = CliRunner().invoke(main, ["console", "totp", "alice"])
+    assert result.exit_code == 0, result.output
+    secret = re.search(r"the key ([A-Z2-7]+) ", result.output).group(1)
+    assert "otpauth://totp/Bulwark%20console:alice?secret=" + secret in result.output
+    assert store.authenticate("alice", PASSWORD, pyotp.TOTP(secret).now()).totp
+    assert CliRunner().invoke(main, ["console", "admins"]).output.split() == ["alice", "admin", "totp"]
+    assert CliRunner().invoke(main, ["console", "totp", "alice", "--off"]).exit_code == 0
+    assert store.authenticate("alice", PASSWORD) is not None
+    assert CliRunner().invoke(main, ["console", "totp", "bob"]).exit_code != 0
