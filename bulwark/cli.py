@@ -467,16 +467,23 @@ def _publish(event) -> None:
 @quarantine.command("release")
 @click.argument("message_id")
 @click.option("--by", default=None, help="Who releases it (default: the current user)")
-def quarantine_release(message_id: str, by: str | None) -> None:
-    """Release a message: the delivery sink delivers it."""
+@click.option("--to", "to", multiple=True, help="Deliver to this address instead of the recipients (repeatable)")
+def quarantine_release(message_id: str, by: str | None, to: tuple[str, ...]) -> None:
+    """Release a message: the delivery sink delivers it (to its recipients, or --to others)."""
+    from console.addresses import AddressError, release_addresses
     from schemas.events import Envelope, QuarantineReleased
 
+    try:
+        others = release_addresses(",".join(to)) if to else None
+    except AddressError as exc:
+        raise click.BadParameter(str(exc), param_hint="--to") from None
     record = _held(message_id)
     if record["state"] != "quarantined":
         raise click.ClickException(f"{message_id} is already {record['state']}")
     _publish(QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
-                                envelope=Envelope.model_validate(record["envelope"]), by=by or getpass.getuser()))
-    click.echo(f"released {message_id}")
+                                envelope=Envelope.model_validate(record["envelope"]), by=by or getpass.getuser(),
+                                to=others))
+    click.echo(f"released {message_id}" + (f" to {', '.join(others)}" if others else ""))
 
 
 @quarantine.command("delete")

@@ -349,8 +349,17 @@ class Console:
             raise _Refused(409, f"{requested[1]} already asked to {requested[0]} this message.")
         by = session.admin.name
         if action == "release":
+            from console.addresses import AddressError, release_addresses
+
+            form = await request.post()
+            to = None
+            if "to" in form:  # the "release to another address" form
+                try:
+                    to = release_addresses(str(form["to"])[:4000])
+                except AddressError as exc:
+                    raise _Refused(400, f"Not released: {exc}.") from None
             event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
-                                          envelope=ev.Envelope.model_validate(record["envelope"]), by=by)
+                                          envelope=ev.Envelope.model_validate(record["envelope"]), by=by, to=to)
         else:
             event = ev.QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by)
         self.requested[message_id] = (action, by)
@@ -359,7 +368,8 @@ class Console:
         except BaseException:
             self.requested.pop(message_id, None)
             raise
-        log.info("%s %s by %s (console)", action, message_id, by)
+        log.info("%s %s by %s (console)%s", action, message_id, by,
+                 f" to {len(event.to)} other address(es)" if getattr(event, "to", None) else "")
         return see_other(f"/quarantine/{message_id}?done={action}")
 
     # -- tracking (admin and help desk) ----------------------------------------------

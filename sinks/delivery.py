@@ -147,7 +147,10 @@ class DeliverySink:
         if isinstance(event, ev.Verdict):
             return self._mark_tags(event, self._authenticated(event, self._verdict_entry(event)))
         elif isinstance(event, ev.QuarantineReleased):
-            return self._entry(event.message_id, event.session_id, "release", event.envelope, event.envelope.rcpt_to)
+            # Released to other addresses: say whom it was for, as a redirect does.
+            extra = {"X-Bulwark-Released-For": ", ".join(event.envelope.rcpt_to)} if event.to else None
+            return self._entry(event.message_id, event.session_id, "release", event.envelope, event.recipients,
+                               extra)
         return None
 
     def _verdict_entry(self, event: ev.Verdict) -> dict | None:

@@ -100,6 +100,8 @@ class QuarantineSink:
         else:
             record["state"] = "released" if isinstance(event, ev.QuarantineReleased) else "deleted"
             record["by"] = event.by
+            if isinstance(event, ev.QuarantineReleased) and event.to:
+                record["released_to"] = event.to
         record["updated_at"] = event.occurred_at.isoformat()
         self.index.put(event.message_id, record)
 

@@ -851,3 +851,26 @@ def test_console_totp_prints_the_enrolment_once(tmp_path, monkeypatch):
     assert CliRunner().invoke(main, ["console", "totp", "alice", "--off"]).exit_code == 0
     assert store.authenticate("alice", PASSWORD) is not None
     assert CliRunner().invoke(main, ["console", "totp", "bob"]).exit_code != 0
+
+
+async def test_release_to_another_address(client, world):
+    from console.addresses import AddressError, release_addresses
+
+    _, published, _ = world
+    assert release_addresses(" audit@example.test, kim@example.test audit@example.test") == [
+        "audit@example.test", "kim@example.test"]
+    for bad in ("", "kim", "kim@example.test>\r\nRCPT TO:<x@evil.test", "<kim@example.test>", "a@b", "x@-a.test"):
+        with pytest.raises(AddressError):
+            release_addresses(bad)
+    await log_in(client, name="desk")
+    page = await (await client.get("/quarantine/m1")).text()
+    assert '<label for="to">Release to another address</label>' in page
+    refused = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page),
+                                                                "to": "kim@example.test\r\nDATA"})
+    assert refused.status == 400 and published == []
+    response = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page),
+                                                                 "to": "audit@example.test"}, allow_redirects=False)
+    assert response.status == 303
+    [released] = published
+    assert released.to == ["audit@example.test"] and released.envelope.rcpt_to == ["lee@example.test"]
+    assert released.recipients == ["audit@example.test"] and released.by == "desk"
