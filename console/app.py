@@ -117,7 +117,7 @@ class Console:
                  publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True,
                  policy: Any = None, bans: Any = None, tracking: Any = None, account_states: Any = None,
                  tables: Any = None, policy_history: Callable[[], Awaitable[list]] | None = None,
-                 dashboard: Any = None):
+                 dashboard: Any = None, digest_links: Any = None):
         self.admins = admins
         self.quarantine = quarantine
         self.publish = publish
@@ -139,6 +139,8 @@ class Console:
         #: smtp.sessions is not free, so the page recomputes at most once a minute.
         self.dashboard = dashboard
         self._figures: tuple[float, Any] | None = None
+        #: console.digest_links.DigestLinks: the quarantine digest's release links.
+        self.digest_links = digest_links
         self.sessions: dict[str, Session] = {}
         #: Per account with TOTP, the time step of its last accepted code:
         #: that code (and older ones) are refused from then on.
@@ -214,9 +216,11 @@ class Console:
         if request.method == "POST":
             form = await request.post()
             sent = form.get("csrf_token")
-            # The login form's token is bound to its login cookie; every other
+            # The login form's token (and a digest link's release form's: its
+            # user has no session) is bound to its login cookie; every other
             # form's to the session (no session: nothing can match).
-            expected = request.cookies.get(LOGIN_COOKIE) if request.path == "/login" else \
+            unauthenticated = request.path == "/login" or request.path.startswith("/digest/")
+            expected = request.cookies.get(LOGIN_COOKIE) if unauthenticated else \
                 (session.csrf if session else None)
             if not self._same(sent if isinstance(sent, str) else None, expected):
                 log.warning("POST %s from %s refused: missing or wrong CSRF token", request.path, request.remote)
@@ -516,6 +520,61 @@ class Console:
         }
         return self.render("dashboard.html", request, {"f": f, "at": at, "charts": charts})
 
+    # -- a user's release link from a quarantine digest (no login) ---------------------
+
+    async def _digest_target(self, request: web.Request) -> tuple[dict, str]:
+        """The held record and the recipient a digest link releases to, or a refusal."""
+        from console.digest_links import LinkExpired, LinkInvalid
+        from sinks.digest import user_releasable
+
+        policy = self.policy.current
+        try:
+            message_id, recipient = self.digest_links.open(request.match_info["token"],
+                                                           policy.quarantine_digest.link_hours)
+        except LinkExpired:
+            raise _Refused(410, "This link has expired. Ask your administrator to release the message.") from None
+        except LinkInvalid:
+            raise _Refused(404, "This link is not valid.") from None
+        record = await asyncio.to_thread(self.quarantine.get, message_id)
+        if record is None or recipient.lower() not in (r.lower() for r in record["envelope"]["rcpt_to"]):
+            raise _Refused(404, "This link is not valid.")
+        if not user_releasable(record, policy):
+            raise _Refused(403, "Only an administrator can release this message.")
+        return record, recipient
+
+    async def digest_page(self, request: web.Request) -> web.Response:
+        record, recipient = await self._digest_target(request)
+        raw = await asyncio.to_thread(self.quarantine.raw, record)
+        token = secrets.token_urlsafe(32)
+        response = self.render("digest_release.html", request, {
+            "r": record, "recipient": recipient, "subject": describe(raw)["subject"] if raw else "(unavailable)",
+            "csrf_token": token, "done": request.query.get("done"), "requested": self._requested(record),
+        })
+        self._cookie(response, LOGIN_COOKIE, token)
+        return response
+
+    async def digest_release(self, request: web.Request) -> web.Response:
+        record, recipient = await self._digest_target(request)
+        message_id = record["message_id"]
+        if record["state"] != "quarantined":
+            raise _Refused(409, f"This message is already {record['state']}.")
+        if self._requested(record):
+            raise _Refused(409, "This message is being released already.")
+        by = f"{recipient} (digest link)"
+        event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
+                                      envelope=ev.Envelope.model_validate(record["envelope"]), by=by,
+                                      to=[recipient])
+        self.requested[message_id] = ("release", by)
+        try:
+            await self.publish(event)
+        except BaseException:
+            self.requested.pop(message_id, None)
+            raise
+        log.info("release %s to its recipient by a digest link", message_id)
+        response = see_other(f"/digest/{request.match_info['token']}?done=1")
+        response.del_cookie(LOGIN_COOKIE, path="/")
+        return response
+
     # -- administrators (admin only) -------------------------------------------------
 
     async def admins_page(self, request: web.Request) -> web.Response:
@@ -640,6 +699,8 @@ def make_app(console: Console, first: list = ()) -> web.Application:
     app.router.add_get("/policy/diff", console.policy_diff)
     app.router.add_get("/policy/version/{version}", console.policy_version)
     app.router.add_get("/dashboard", console.dashboard_page)
+    app.router.add_get("/digest/{token}", console.digest_page)
+    app.router.add_post("/digest/{token}", console.digest_release)
     app.router.add_get("/admins", console.admins_page)
     app.router.add_static("/static/", STATIC)
     return app

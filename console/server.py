@@ -17,6 +17,7 @@ from bulwark.state import StateView
 from console.admins import AdminStore, admins_path
 from console.app import Console, Quarantine, make_app
 from console.dashboard import kafka_dashboard
+from console.digest_links import DigestLinks, load_key
 from console.tables import streams_tables
 from console.tracking import kafka_tracking
 from schemas.topics import ACCOUNT_STATE, BANS
@@ -58,6 +59,7 @@ async def serve(settings: Settings) -> None:
         tables=streams_tables(settings),
         policy_history=lambda: published_history(settings),
         dashboard=kafka_dashboard(settings),
+        digest_links=DigestLinks(load_key(settings.data_dir)),
     )
 
     @web.middleware

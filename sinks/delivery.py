@@ -727,6 +727,7 @@ def _result(rcpt: str, code: int, message: str) -> ev.RecipientResult:
 
 
 async def serve(settings: Settings) -> None:
+    from sinks.digest import digester  # per-user quarantine digests
     from sinks.tlsrpt import reporter  # the daily TLS reports (RFC 8460)
 
     configure_logging("delivery")
@@ -751,6 +752,7 @@ async def serve(settings: Settings) -> None:
             consume(settings, "bulwark-delivery", [VERDICTS.name, QUARANTINE.name, ACCOUNT_STATE.name], sink.take),
             sink.scheduler(),
             reporter(settings, sink),
+            digester(settings, sink),
         )
     finally:
         await sink.connections.close()

@@ -438,3 +438,88 @@ def test_an_admin_reads_the_dashboard_and_the_policy(gateway, console, browser):
     wait_for_url(browser, "/policy")
     assert "recommendations met" in browser.find_element(By.ID, "audit-summary").text
     browser.shot("policy")
+
+
+def test_the_help_desk_releases_a_message_to_another_address(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    queue_id = quarantine_hostile(gateway, "release-to-console@partner.test")
+    log_in(browser, console, HELPDESK)
+    browser.get(f"{console}/quarantine/{queue_id}")
+    assert label_of(browser, "to") == "Release to another address"
+    browser.find_element(By.ID, "to").send_keys(f"audit@{LOCAL_DOMAIN}" + Keys.ENTER)
+    wait_for_url(browser, "done=release")
+    browser.shot("released-to")
+    [delivered] = gateway.downstream.wait_for(lambda d: "release-to-console@" in d.mail_from, timeout=60,
+                                              what="the message released to another address")
+    assert delivered.rcpt_to == [f"audit@{LOCAL_DOMAIN}"]
+    assert f"X-Bulwark-Released-For: lee@{LOCAL_DOMAIN}" in delivered.text
+    [released] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
+                                      keys={queue_id})
+    assert released.event.to == [f"audit@{LOCAL_DOMAIN}"] and released.event.by == HELPDESK
+
+
+def test_an_account_with_totp_logs_in_with_its_code_from_the_keyboard(gateway, console, browser):
+    import re
+
+    import pyotp
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name = "ops-totp"
+    subprocess.run([sys.executable, "-m", "bulwark.cli", "console", "add-admin", name, "--role", "admin",
+                    "--password-stdin"], input=PASSWORD + "\n", env=gateway.stack.env, check=True,
+                   capture_output=True, text=True, timeout=60)
+    enrolled = subprocess.run([sys.executable, "-m", "bulwark.cli", "console", "totp", name], env=gateway.stack.env,
+                              check=True, capture_output=True, text=True, timeout=60)
+    secret = re.search(r"the key ([A-Z2-7]+) ", enrolled.stdout).group(1)
+
+    def attempt(code):
+        browser.get(console + "/login")
+        field = browser.switch_to.active_element
+        field.send_keys(name + Keys.TAB)
+        browser.switch_to.active_element.send_keys(PASSWORD + Keys.TAB)
+        assert browser.switch_to.active_element.get_attribute("id") == "code"
+        assert label_of(browser, "code").startswith("One-time code")
+        browser.switch_to.active_element.send_keys(code + Keys.ENTER)
+        WebDriverWait(browser, 15).until(lambda b: b.current_url.endswith("/quarantine")
+                                         or b.find_elements("id", "login-error"))
+
+    attempt("000000" if pyotp.TOTP(secret).now() != "000000" else "111111")
+    assert browser.find_elements(By.ID, "login-error")  # the right password alone is not enough
+    browser.shot("totp-refused")
+    attempt(pyotp.TOTP(secret).now())
+    assert browser.current_url.endswith("/quarantine")
+    browser.shot("totp-logged-in")
+
+
+def test_a_user_releases_a_message_with_a_digest_link(gateway, console, browser):
+    """The link a digest carries (signed with the gateway's key, as the delivery
+    process signs it) opens a page without a login and releases that message to that user."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from console.digest_links import DigestLinks, load_key
+
+    queue_id = quarantine_hostile(gateway, "digest-console@partner.test")
+    token = DigestLinks(load_key(gateway.settings.data_dir)).token(queue_id, f"lee@{LOCAL_DOMAIN}")
+    browser.delete_all_cookies()
+    browser.get(f"{console}/digest/{token}")
+    assert browser.find_element(By.ID, "subject").text == HOSTILE_SUBJECT
+    assert not browser.find_elements(By.LINK_TEXT, "Quarantine")  # no console for the user
+    browser.shot("digest-link")
+    browser.find_element(By.ID, "release").send_keys(Keys.ENTER)
+    wait_for_url(browser, "done=1")
+    assert "Release requested" in browser.find_element(By.ID, "done").text
+    browser.shot("digest-released")
+    [delivered] = gateway.downstream.wait_for(lambda d: "digest-console@" in d.mail_from, timeout=60,
+                                              what="the message released by its recipient")
+    assert delivered.rcpt_to == [f"lee@{LOCAL_DOMAIN}"]
+    [released] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
+                                      keys={queue_id})
+    assert released.event.by == f"lee@{LOCAL_DOMAIN} (digest link)"
+    # A forged link opens nothing.
+    browser.get(f"{console}/digest/{token[:-4]}AAAA")
+    assert "not valid" in browser.find_element(By.ID, "refusal").text
