@@ -88,6 +88,10 @@ class Settings:
     #: gateway's certificate). 127.0.0.1 on a host; 0.0.0.0 in a container.
     console_host: str = "127.0.0.1"
     console_port: int = 8445
+    #: Where the console asks a Faust worker for its tables (the Screening
+    #: and Accounts pages' counters). None: https://127.0.0.1:streams_web_port
+    #: (same host); in compose, the streams service.
+    streams_web_url: str | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -128,6 +132,7 @@ class Settings:
             delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
             console_host=_env("BULWARK_CONSOLE_HOST", "127.0.0.1"),
             console_port=int(_env("BULWARK_CONSOLE_PORT", "8445")),
+            streams_web_url=_env("BULWARK_STREAMS_WEB_URL", "") or None,
         )
 
     def with_(self, **changes) -> "Settings":

@@ -50,4 +50,5 @@ class StreamsTables:
 def streams_tables(settings) -> StreamsTables:
     from ingest.tls import certificate_path
 
-    return StreamsTables(f"https://127.0.0.1:{settings.streams_web_port}", certificate_path(settings))
+    url = settings.streams_web_url or f"https://127.0.0.1:{settings.streams_web_port}"
+    return StreamsTables(url, certificate_path(settings))

@@ -523,3 +523,26 @@ def test_a_user_releases_a_message_with_a_digest_link(gateway, console, browser)
     # A forged link opens nothing.
     browser.get(f"{console}/digest/{token[:-4]}AAAA")
     assert "not valid" in browser.find_element(By.ID, "refusal").text
+
+
+def test_every_field_has_a_label_and_the_keyboard_reaches_the_content(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    log_in(browser, console, ADMIN)
+    for page in ("/quarantine", "/tracking", "/dashboard", "/screening", "/accounts", "/policy", "/admins"):
+        browser.get(console + page)
+        wait_for_url(browser, page)
+        for field in browser.find_elements(By.CSS_SELECTOR, "input:not([type=hidden]), select, textarea"):
+            ident = field.get_attribute("id")
+            labelled = ident and browser.find_elements(By.CSS_SELECTOR, f"label[for='{ident}']")
+            assert labelled or field.get_attribute("aria-label"), f"{page}: field {ident or field} has no label"
+        for button in browser.find_elements(By.TAG_NAME, "button"):
+            assert button.text.strip() or button.get_attribute("aria-label"), f"{page}: a button without a name"
+        # The first Tab lands on "Skip to content", and following it moves the focus to the page's content.
+        browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+        skip = browser.switch_to.active_element
+        assert skip.text == "Skip to content", page
+        skip.send_keys(Keys.ENTER)
+        assert browser.switch_to.active_element.get_attribute("id") == "main", page
+    browser.shot("keyboard")
