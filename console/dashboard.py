@@ -132,7 +132,7 @@ def stacked_bars(slug: str, title: str, description: str, hours: list[datetime],
         y = TOP_MARGIN + plot_h * (1 - fraction)
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - 8}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ccc"/>')
         parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">'
-                     f'{escape(format(round(top * fraction), ","))}</text>')
+                     f'{escape(format(top * fraction, ",g"))}</text>')  # 2.5 halfway to 5, not 2
     for i, hour in enumerate(hours):
         x = LEFT + i * step + (step - bar) / 2
         y = TOP_MARGIN + plot_h

@@ -750,6 +750,8 @@ def test_charts_are_svg_with_text_escaped():
     assert svg.startswith("<svg") and 'role="img"' in svg and "Messages &lt;per&gt; hour" in svg
     assert svg.count("<rect") == 3 + 2  # three non-empty segments, two legend keys
     assert "<title>02:00 deliver: 4</title>" in svg
+    # The axis: 0, halfway and the top (5 for a peak of 5).
+    assert [m for m in re.findall(r'text-anchor="end" font-size="11">([^<]+)<', svg)] == ["0", "2.5", "5"]
     bars = horizontal_bars("s", "Top", [("<svg onload=alert(1)>@evil.test", 2)])
     assert "<svg onload" not in bars and "&lt;svg onload=alert(1)&gt;@evil.test" in bars
 
