@@ -876,3 +876,13 @@ async def test_release_to_another_address(client, world):
     [released] = published
     assert released.to == ["audit@example.test"] and released.envelope.rcpt_to == ["lee@example.test"]
     assert released.recipients == ["audit@example.test"] and released.by == "desk"
+
+
+def test_quarantine_release_to_refuses_what_is_not_an_address_before_anything_else(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bulwark.cli import main
+
+    monkeypatch.setenv("BULWARK_DATA_DIR", str(tmp_path))  # no index, no broker: refused before either is needed
+    result = CliRunner().invoke(main, ["quarantine", "release", "q1", "--to", "kim@example.test>\r\nDATA"])
+    assert result.exit_code == 2 and "is not an address" in result.output
