@@ -159,6 +159,10 @@ class Settings:
     kafka_profile: str = "plaintext"
     #: The secure profile's CA, broker certificate and credentials files (bulwark/kafka_secure.py).
     kafka_secure_dir: Path | None = None
+    #: Where the console asks a Faust worker for its tables (the Screening
+    #: and Accounts pages' counters). None: https://127.0.0.1:streams_web_port
+    #: (same host); in compose, the streams service.
+    streams_web_url: str | None = None
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -228,6 +232,7 @@ class Settings:
             kafka_credentials_file=Path(v) if (v := _env("BULWARK_KAFKA_CREDENTIALS_FILE", "")) else None,
             kafka_profile=_env("BULWARK_KAFKA_PROFILE", "plaintext").lower(),
             kafka_secure_dir=Path(_env("BULWARK_KAFKA_SECURE_DIR", str(data_dir / "kafka-secure"))).resolve(),
+            streams_web_url=_env("BULWARK_STREAMS_WEB_URL", "") or None,
         )
 
     def with_(self, **changes) -> "Settings":

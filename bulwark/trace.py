@@ -107,7 +107,8 @@ def describe(event: ev.Event) -> str:
         case ev.QuarantineAdded():
             return f"quarantined because {', '.join(event.reasons)}"
         case ev.QuarantineReleased():
-            return f"released from quarantine by {event.by}"
+            to = f" to {', '.join(event.to)} instead" if event.to else ""
+            return f"released from quarantine by {event.by}{to}"
         case ev.QuarantineDeleted():
             return f"deleted from quarantine by {event.by}"
     return event.TYPE

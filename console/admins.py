@@ -12,10 +12,12 @@ console reads it again at every login, so a new admin can log in at once.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bulwark.passwords import hash_password, verify_password, weaknesses
@@ -29,10 +31,38 @@ MIN_PASSWORD_LENGTH = 12
 MIN_STRENGTH = 3
 
 
+#: The issuer authenticator apps show next to the account.
+TOTP_ISSUER = "Bulwark console"
+
+
 @dataclass(frozen=True)
 class Admin:
     name: str
     role: str
+    #: Whether a one-time code (TOTP, RFC 6238) is asked too.
+    totp: bool = False
+    #: At login: the time step of the code just accepted (a code works once).
+    totp_step: int | None = field(default=None, compare=False)
+
+
+def totp_step(secret: str, code: str, at: float) -> int | None:
+    """The 30-second time step ``code`` is valid for around ``at`` (one step of clock
+    drift either way, as RFC 6238 section 6 allows), or None.
+
+    The step, not a yes/no, so the console can refuse a code used once
+    already (a code seen over a shoulder or in a phishing proxy).
+    """
+    import pyotp
+
+    code = code.strip().replace(" ", "")
+    if not (code.isdigit() and len(code) == 6):
+        return None
+    totp = pyotp.TOTP(secret)
+    now = totp.timecode(datetime.fromtimestamp(at, timezone.utc))
+    for step in (now - 1, now, now + 1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None
 
 
 def admins_path(data_dir: Path) -> Path:
@@ -69,19 +99,61 @@ class AdminStore:
         if problems:
             raise ValueError("the password is too weak: " + "; ".join(problems))
         records = self._read()
-        records[name] = {"role": role, "password_hash": hash_password(password)}
+        # A reset keeps the second factor (set or removed with `console totp`).
+        totp = records.get(name, {}).get("totp_secret")
+        records[name] = {"role": role, "password_hash": hash_password(password),
+                         **({"totp_secret": totp} if totp else {})}
         self._write(records)
-        return Admin(name, role)
+        return Admin(name, role, bool(totp))
+
+    def set_totp(self, name: str, enabled: bool = True) -> str | None:
+        """Give ``name`` a new TOTP secret (returned, to enrol an app) or remove it."""
+        import pyotp
+
+        records = self._read()
+        if name not in records:
+            raise ValueError(f"no console account {name}")
+        secret = pyotp.random_base32() if enabled else None
+        if secret:
+            records[name]["totp_secret"] = secret
+        else:
+            records[name].pop("totp_secret", None)
+        self._write(records)
+        return secret
+
+    @staticmethod
+    def provisioning_uri(name: str, secret: str) -> str:
+        """The otpauth:// URI an authenticator app reads (as a QR code or typed in)."""
+        import pyotp
+
+        return pyotp.TOTP(secret).provisioning_uri(name=name, issuer_name=TOTP_ISSUER)
 
     def all(self) -> list[Admin]:
-        return [Admin(name, r["role"]) for name, r in sorted(self._read().items())]
+        return [Admin(name, r["role"], "totp_secret" in r) for name, r in sorted(self._read().items())]
 
-    def authenticate(self, name: str, password: str) -> Admin | None:
-        """The admin when the password is right. Slow on purpose (Argon2): call it in a thread.
+    def authenticate(self, name: str, password: str, code: str = "", at: float | None = None,
+                     used: int | None = None) -> Admin | None:
+        """The admin when the password is right, and the one-time code too for an
+        account that has one (``totp_step`` then says which step the code was
+        for). Slow on purpose (Argon2): call it in a thread.
 
         An unknown name costs the same as a wrong password (verify_password
-        checks a dummy hash), so the login form does not reveal who exists.
+        checks a dummy hash), and a wrong code is refused like a wrong
+        password, after the same work: the login form reveals neither who
+        exists nor who has a second factor. ``used``: the step of this
+        account's last accepted code; it and older steps are refused (a code
+        works once).
         """
+        import time
+
         record = self._read().get(name)
         ok = verify_password(record["password_hash"] if record else None, password)
-        return Admin(name, record["role"]) if ok and record else None
+        if not (ok and record):
+            return None
+        secret = record.get("totp_secret")
+        if not secret:
+            return Admin(name, record["role"])
+        step = totp_step(secret, code, time.time() if at is None else at)
+        if step is None or (used is not None and step <= used):
+            return None
+        return Admin(name, record["role"], True, step)

@@ -7,8 +7,8 @@ console ends every session, and no signing key has to be kept. Every form
 carries a CSRF token (the session's; before login, one bound to a login
 cookie) and every POST without the right one is refused with 403.
 
-Roles: ``admin`` may do everything; ``helpdesk`` may use the quarantine (and,
-once built, tracking) and nothing else.
+Roles: ``admin`` may do everything; ``helpdesk`` may use the quarantine and
+tracking, and nothing else.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import email
 import email.policy
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,8 @@ MAX_AGE_SECONDS = 8 * 3600
 #: Text parts longer than this are cut in the message view.
 TEXT_LIMIT = 200_000
 LIST_LIMIT = 500
+#: The dashboard's figures are at most this old.
+DASHBOARD_SECONDS = 60
 
 SECURITY_HEADERS = {
     # No script at all, no framing, forms only to the console itself.
@@ -110,12 +115,37 @@ class Quarantine:
 
 class Console:
     def __init__(self, admins: AdminStore, quarantine: Quarantine,
-                 publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True):
+                 publish: Callable[[ev.Event], Awaitable[None]], secure_cookies: bool = True,
+                 policy: Any = None, bans: Any = None, tracking: Any = None, account_states: Any = None,
+                 tables: Any = None, policy_history: Callable[[], Awaitable[list]] | None = None,
+                 dashboard: Any = None, digest_links: Any = None):
         self.admins = admins
         self.quarantine = quarantine
         self.publish = publish
         self.secure_cookies = secure_cookies
+        #: The policy in force (a PolicyHolder) and the ``screening.bans``
+        #: view (a StateView): the console enforces bans and Location
+        #: Screening as ingest does, from memory. None: neither (unit tests).
+        self.policy = policy
+        self.bans = bans
+        #: console.tracking.Tracking: message search and ``bulwark trace`` timelines.
+        self.tracking = tracking
+        #: The ``accounts.state`` view (disabled accounts) and the workers'
+        #: tables (console.tables.StreamsTables): the Screening and Accounts pages.
+        self.account_states = account_states
+        self.tables = tables
+        #: Every PolicyPublished still on config.policy, oldest first (the Policy page).
+        self.policy_history = policy_history
+        #: console.dashboard.Dashboard, and its last figures: reading a day of
+        #: smtp.sessions is not free, so the page recomputes at most once a minute.
+        self.dashboard = dashboard
+        self._figures: tuple[float, Any] | None = None
+        #: console.digest_links.DigestLinks: the quarantine digest's release links.
+        self.digest_links = digest_links
         self.sessions: dict[str, Session] = {}
+        #: Per account with TOTP, the time step of its last accepted code:
+        #: that code (and older ones) are refused from then on.
+        self.totp_used: dict[str, int] = {}
         #: Releases and deletions this process published that the quarantine
         #: index does not show yet (the sink marks it a moment later): a
         #: second click in that moment is refused, not published again.
@@ -142,8 +172,44 @@ class Console:
     def _same(a: str | None, b: str | None) -> bool:
         return bool(a) and bool(b) and hmac.compare_digest(a.encode(), b.encode())
 
+    def screened(self, request: web.Request) -> tuple[int, str] | None:
+        """(status, why) when Dynamic Screening or Location Screening refuses this request.
+
+        Every request, not only logins: a banned address (banned for guessing
+        console passwords, or for abusing SMTP) gets no page at all, as ingest
+        answers its connections 421. ``refuse_http_auth_from`` refuses only
+        the login itself.
+        """
+        from ingest.guards.location import LocationDatabaseError, http_refusal
+        from ingest.guards.screening import DynamicScreeningGuard
+
+        if self.policy is None:
+            return None
+        ip = request.remote or ""
+        if self.bans is not None:
+            ban = DynamicScreeningGuard(self.policy, self.bans).active_ban(ip)
+            if ban is not None:
+                return 403, (f"{ip} is banned by Dynamic Screening until "
+                             f"{ban.expires_at.strftime('%H:%M:%S UTC')} ({ban.reason.removeprefix('Dynamic Screening: ')}).")
+        try:
+            reason = http_refusal(self.policy.current, ip, login=request.path == "/login" and request.method == "POST")
+        except LocationDatabaseError as exc:
+            # Fail closed, but temporarily, as the SMTP listeners and the
+            # workers' web server do.
+            log.error("%s", exc)
+            return 503, "The console cannot check where this request comes from; try again later."
+        if reason:
+            return 403, f"Refused by Location Screening ({reason.removeprefix('location screening: ')})."
+        return None
+
     @web.middleware
     async def middleware(self, request: web.Request, handler):
+        screened = self.screened(request)
+        if screened is not None:
+            status, why = screened
+            log.warning("%s %s from %s refused: %s", request.method, request.path, request.remote, why)
+            request[SESSION_KEY] = None
+            return self.refuse(request, status, why)
         if request.path.startswith("/static/"):
             return await handler(request)
         session = self.session_of(request)
@@ -151,9 +217,11 @@ class Console:
         if request.method == "POST":
             form = await request.post()
             sent = form.get("csrf_token")
-            # The login form's token is bound to its login cookie; every other
+            # The login form's token (and a digest link's release form's: its
+            # user has no session) is bound to its login cookie; every other
             # form's to the session (no session: nothing can match).
-            expected = request.cookies.get(LOGIN_COOKIE) if request.path == "/login" else \
+            unauthenticated = request.path == "/login" or request.path.startswith("/digest/")
+            expected = request.cookies.get(LOGIN_COOKIE) if unauthenticated else \
                 (session.csrf if session else None)
             if not self._same(sent if isinstance(sent, str) else None, expected):
                 log.warning("POST %s from %s refused: missing or wrong CSRF token", request.path, request.remote)
@@ -204,7 +272,9 @@ class Console:
         form = await request.post()
         name = str(form.get("name", "")).strip()[:64]
         password = str(form.get("password", ""))
-        admin = await asyncio.to_thread(self.admins.authenticate, name, password)
+        code = str(form.get("code", ""))[:16]
+        admin = await asyncio.to_thread(self.admins.authenticate, name, password, code,
+                                        used=self.totp_used.get(name))
         if admin is None:
             client_ip = request.remote or "unknown"
             log.warning("console login refused for %r from %s", name, client_ip)
@@ -214,6 +284,8 @@ class Console:
                 log.error("could not record the refused login: %s", type(exc).__name__)
             metrics.CONSOLE_LOGINS.labels(outcome="failure").inc()
             return await self.login_form(request, failed=True, name=name)
+        if admin.totp_step is not None:
+            self.totp_used[name] = admin.totp_step
         now = time.monotonic()
         for stale in [t for t, s in self.sessions.items() if s.expired(now)]:
             del self.sessions[stale]
@@ -284,8 +356,17 @@ class Console:
             raise _Refused(409, f"{requested[1]} already asked to {requested[0]} this message.")
         by = session.admin.name
         if action == "release":
+            from console.addresses import AddressError, release_addresses
+
+            form = await request.post()
+            to = None
+            if "to" in form:  # the "release to another address" form
+                try:
+                    to = release_addresses(str(form["to"])[:4000])
+                except AddressError as exc:
+                    raise _Refused(400, f"Not released: {exc}.") from None
             event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
-                                          envelope=ev.Envelope.model_validate(record["envelope"]), by=by)
+                                          envelope=ev.Envelope.model_validate(record["envelope"]), by=by, to=to)
         else:
             event = ev.QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by)
         self.requested[message_id] = (action, by)
@@ -295,14 +376,228 @@ class Console:
             self.requested.pop(message_id, None)
             raise
         metrics.CONSOLE_ACTIONS.labels(action=action).inc()
-        log.info("%s %s by %s (console)", action, message_id, by)
+        log.info("%s %s by %s (console)%s", action, message_id, by,
+                 f" to {len(event.to)} other address(es)" if getattr(event, "to", None) else "")
         return see_other(f"/quarantine/{message_id}?done={action}")
+
+    # -- tracking (admin and help desk) ----------------------------------------------
+
+    async def tracking_search(self, request: web.Request) -> web.Response:
+        from console.tracking import Query
+
+        self.require(request, "admin", "helpdesk")
+        q, values = Query.from_form(request.query, datetime.now(timezone.utc))
+        searched = any(request.query.get(k) for k in ("message_id", "sender", "recipient", "client_ip",
+                                                       "since", "until"))
+        found, more = (await self.tracking.search(q)) if searched else ([], 0)
+        return self.render("tracking.html", request, {"q": values, "rows": found, "more": more,
+                                                      "searched": searched})
+
+    async def tracking_trace(self, request: web.Request) -> web.Response:
+        self.require(request, "admin", "helpdesk")
+        ident = request.match_info["ident"]
+        timeline = await self.tracking.timeline(ident)
+        if not timeline:
+            raise _Refused(404, "Nothing on the topics about this message or session.")
+        return self.render("trace.html", request, {"ident": ident, "timeline": timeline})
+
+    # -- screening and accounts (admin only) ------------------------------------------
+
+    def active_bans(self) -> list[ev.BanIssued]:
+        now = datetime.now(timezone.utc)
+        bans = [b for _, b in (self.bans.items() if self.bans is not None else [])
+                if isinstance(b, ev.BanIssued) and b.expires_at > now]
+        return sorted(bans, key=lambda b: b.expires_at)
+
+    async def _counters(self, ask, key: str) -> tuple[dict | None, str | None]:
+        from console.tables import TablesUnavailable
+
+        try:
+            return await ask(key), None
+        except TablesUnavailable as exc:
+            return None, str(exc)
+
+    async def screening_page(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        ip, answer, unavailable = request.query.get("ip", "").strip(), None, None
+        if ip:
+            if not valid_ip(ip):
+                raise _Refused(400, "That is not an IP address.")
+            answer, unavailable = await self._counters(self.tables.ip, str(ipaddress.ip_address(ip)))
+        return self.render("screening.html", request, {
+            "bans": self.active_bans(), "ip": ip, "answer": answer, "unavailable": unavailable,
+            "csrf_token": session.csrf, "unbanned": request.query.get("unbanned"),
+            "limits": screening_limits(self.policy.current.screening) if self.policy else {},
+        })
+
+    async def unban(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        ip = request.match_info["ip"]
+        if not valid_ip(ip) or ip not in {b.client_ip for b in self.active_bans()}:
+            raise _Refused(409, f"{ip} is not banned (any more).")
+        await self.publish(ev.BanLifted(client_ip=ip, by=session.admin.name))
+        log.info("unbanned %s by %s (console)", ip, session.admin.name)
+        return see_other(f"/screening?unbanned={ip}")
+
+    def disabled_accounts(self) -> list[ev.AccountStateChanged]:
+        states = self.account_states.items() if self.account_states is not None else []
+        return sorted((s for _, s in states if isinstance(s, ev.AccountStateChanged) and not s.enabled),
+                      key=lambda s: s.address)
+
+    async def accounts_page(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        address, answer, unavailable = request.query.get("address", "").strip().lower(), None, None
+        if address:
+            answer, unavailable = await self._counters(self.tables.account, address)
+        return self.render("accounts.html", request, {
+            "disabled": self.disabled_accounts(), "address": address, "answer": answer,
+            "unavailable": unavailable, "csrf_token": session.csrf, "enabled": request.query.get("enabled"),
+        })
+
+    async def enable_account(self, request: web.Request) -> web.Response:
+        session = self.require(request, "admin")
+        address = request.match_info["address"]
+        if address not in {s.address for s in self.disabled_accounts()}:
+            raise _Refused(409, f"{address} is not disabled.")
+        form = await request.post()
+        reason = str(form.get("reason", "")).strip()[:200] or "enabled by an administrator"
+        # The event `bulwark accounts enable` publishes; ingest follows accounts.state.
+        await self.publish(ev.AccountStateChanged(address=address, enabled=True, reason=reason,
+                                                  by=session.admin.name))
+        log.info("enabled %s by %s (console)", address, session.admin.name)
+        return see_other(f"/accounts?enabled={urllib.parse.quote(address)}")
+
+    # -- policy (admin only) -------------------------------------------------------------
+
+    async def policy_page(self, request: web.Request) -> web.Response:
+        from bulwark.policy.audit import as_yaml, audit
+
+        self.require(request, "admin")
+        history = await self.policy_history()
+        in_force = self.policy.current
+        findings = await asyncio.to_thread(audit, in_force)
+        return self.render("policy.html", request, {
+            "history": list(reversed(history)), "version": in_force.version,
+            "findings": [(f, as_yaml(f.fix) if not f.met else "") for f in findings],
+            "met": sum(f.met for f in findings),
+        })
+
+    async def policy_diff(self, request: web.Request) -> web.Response:
+        from console.policy_pages import by_version, diff
+
+        self.require(request, "admin")
+        history = await self.policy_history()
+        old = by_version(history, request.query.get("from", ""))
+        new = by_version(history, request.query.get("to", ""))
+        if old is None or new is None:
+            raise _Refused(404, "Choose two versions that are on config.policy.")
+        return self.render("policy_diff.html", request, {"old": old, "new": new, "lines": diff(old, new)})
+
+    async def policy_version(self, request: web.Request) -> web.Response:
+        from console.policy_pages import as_yaml, by_version
+
+        self.require(request, "admin")
+        event = by_version(await self.policy_history(), request.match_info["version"])
+        if event is None:
+            raise _Refused(404, "No such version on config.policy.")
+        return self.render("policy_version.html", request, {"e": event, "text": "\n".join(as_yaml(event.document))})
+
+    # -- dashboard (admin only) -----------------------------------------------------------
+
+    async def dashboard_page(self, request: web.Request) -> web.Response:
+        from console.dashboard import horizontal_bars, stacked_bars
+
+        self.require(request, "admin")
+        now = datetime.now(timezone.utc)
+        if self._figures is None or time.monotonic() - self._figures[0] > DASHBOARD_SECONDS:
+            self._figures = (time.monotonic(), (now, await self.dashboard.figures(now)))
+        at, f = self._figures[1]
+        charts = {
+            "messages": stacked_bars("messages-chart", "Messages per hour by action",
+                                     f"Verdicts per hour over the last {len(f.hours)} hours, stacked by action.",
+                                     f.hours, f.by_action),
+            "bans": stacked_bars("bans-chart", "Dynamic Screening bans per hour",
+                                 f"Bans issued per hour over the last {len(f.hours)} hours.", f.hours,
+                                 {"bans": f.bans}),
+            "ips": horizontal_bars("ips-chart", "Top refused client addresses", f.top_ips),
+            "senders": horizontal_bars("senders-chart", "Top refused senders", f.top_senders),
+        }
+        return self.render("dashboard.html", request, {"f": f, "at": at, "charts": charts})
+
+    # -- a user's release link from a quarantine digest (no login) ---------------------
+
+    async def _digest_target(self, request: web.Request) -> tuple[dict, str]:
+        """The held record and the recipient a digest link releases to, or a refusal."""
+        from console.digest_links import LinkExpired, LinkInvalid
+        from sinks.digest import user_releasable
+
+        policy = self.policy.current
+        try:
+            message_id, recipient = self.digest_links.open(request.match_info["token"],
+                                                           policy.quarantine_digest.link_hours)
+        except LinkExpired:
+            raise _Refused(410, "This link has expired. Ask your administrator to release the message.") from None
+        except LinkInvalid:
+            raise _Refused(404, "This link is not valid.") from None
+        record = await asyncio.to_thread(self.quarantine.get, message_id)
+        if record is None or recipient.lower() not in (r.lower() for r in record["envelope"]["rcpt_to"]):
+            raise _Refused(404, "This link is not valid.")
+        if not user_releasable(record, policy):
+            raise _Refused(403, "Only an administrator can release this message.")
+        return record, recipient
+
+    async def digest_page(self, request: web.Request) -> web.Response:
+        record, recipient = await self._digest_target(request)
+        raw = await asyncio.to_thread(self.quarantine.raw, record)
+        token = secrets.token_urlsafe(32)
+        response = self.render("digest_release.html", request, {
+            "r": record, "recipient": recipient, "subject": describe(raw)["subject"] if raw else "(unavailable)",
+            "csrf_token": token, "done": request.query.get("done"), "requested": self._requested(record),
+        })
+        self._cookie(response, LOGIN_COOKIE, token)
+        return response
+
+    async def digest_release(self, request: web.Request) -> web.Response:
+        record, recipient = await self._digest_target(request)
+        message_id = record["message_id"]
+        if record["state"] != "quarantined":
+            raise _Refused(409, f"This message is already {record['state']}.")
+        if self._requested(record):
+            raise _Refused(409, "This message is being released already.")
+        by = f"{recipient} (digest link)"
+        event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
+                                      envelope=ev.Envelope.model_validate(record["envelope"]), by=by,
+                                      to=[recipient])
+        self.requested[message_id] = ("release", by)
+        try:
+            await self.publish(event)
+        except BaseException:
+            self.requested.pop(message_id, None)
+            raise
+        log.info("release %s to its recipient by a digest link", message_id)
+        response = see_other(f"/digest/{request.match_info['token']}?done=1")
+        response.del_cookie(LOGIN_COOKIE, path="/")
+        return response
 
     # -- administrators (admin only) -------------------------------------------------
 
     async def admins_page(self, request: web.Request) -> web.Response:
         self.require(request, "admin")
         return self.render("admins.html", request, {"admins": await asyncio.to_thread(self.admins.all)})
+
+
+def valid_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def screening_limits(rules) -> dict[str, int]:
+    from streams.screening import limits
+
+    return limits(rules)
 
 
 def see_other(location: str) -> web.Response:
@@ -398,6 +693,18 @@ def make_app(console: Console, first: list = ()) -> web.Application:
     app.router.add_get("/quarantine", console.quarantine_list)
     app.router.add_get("/quarantine/{message_id}", console.quarantine_show)
     app.router.add_post("/quarantine/{message_id}/{action:release|delete}", console.quarantine_act)
+    app.router.add_get("/tracking", console.tracking_search)
+    app.router.add_get("/tracking/{ident}", console.tracking_trace)
+    app.router.add_get("/screening", console.screening_page)
+    app.router.add_post("/screening/{ip}/unban", console.unban)
+    app.router.add_get("/accounts", console.accounts_page)
+    app.router.add_post("/accounts/{address}/enable", console.enable_account)
+    app.router.add_get("/policy", console.policy_page)
+    app.router.add_get("/policy/diff", console.policy_diff)
+    app.router.add_get("/policy/version/{version}", console.policy_version)
+    app.router.add_get("/dashboard", console.dashboard_page)
+    app.router.add_get("/digest/{token}", console.digest_page)
+    app.router.add_post("/digest/{token}", console.digest_release)
     app.router.add_get("/admins", console.admins_page)
     app.router.add_static("/static/", STATIC)
     return app

@@ -10,11 +10,18 @@ from aiohttp import web
 from bulwark import metrics
 from bulwark.blobstore import BlobStore
 from bulwark.kafka import start_publisher
+from bulwark.policy.admin import published_history
 from bulwark.policy.runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
+from bulwark.state import StateView
 from console.admins import AdminStore, admins_path
 from console.app import Console, Quarantine, make_app
+from console.dashboard import kafka_dashboard
+from console.digest_links import DigestLinks, load_key
+from console.tables import streams_tables
+from console.tracking import kafka_tracking
+from schemas.topics import ACCOUNT_STATE, BANS
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +44,23 @@ async def serve(settings: Settings) -> None:
     tls = server_tls(settings, policy)
     publisher = await start_publisher(settings, "bulwark-console")
     blobs = BlobStore(settings.blob_dir)
+    # Dynamic Screening's bans, followed in memory as ingest follows them.
+    bans = StateView(settings, BANS)
+    # Disabled accounts (Account Hijack Detection or an administrator).
+    account_states = StateView(settings, ACCOUNT_STATE)
+    await asyncio.gather(bans.start(), account_states.start())
     console = Console(
         AdminStore(admins_path(settings.data_dir)),
         Quarantine(lambda: open_quarantine_index(settings), blobs.get_sync),
         publisher.publish,
+        policy=policy,
+        bans=bans,
+        tracking=kafka_tracking(settings),
+        account_states=account_states,
+        tables=streams_tables(settings),
+        policy_history=lambda: published_history(settings),
+        dashboard=kafka_dashboard(settings),
+        digest_links=DigestLinks(load_key(settings.data_dir)),
     )
 
     @web.middleware
@@ -72,5 +92,7 @@ async def serve(settings: Settings) -> None:
         if metrics_server is not None:
             metrics_server.shutdown()
         await runner.cleanup()
+        await bans.stop()
+        await account_states.stop()
         await publisher.stop()
         await policy.stop()

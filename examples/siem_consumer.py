@@ -59,6 +59,7 @@ UNDERSTOOD = {
     "session.refused": 2,
     "session.rcpt": 1,
     "quarantine.added": 1,
+    "quarantine.released": 2,
 }
 
 
@@ -91,12 +92,18 @@ def refused_v1_to_v2(event: dict) -> dict:
     return {**event, "argument": None, "version": 2}
 
 
+def released_v1_to_v2(event: dict) -> dict:
+    # v1 releases went to the envelope's recipients (v2's "to" is for another address).
+    return {**event, "to": None, "version": 2}
+
+
 # (type, version) -> the next version. Bulwark's own are in schemas/codec.py.
 UPCASTERS = {
     ("message.received", 1): received_v1_to_v2,
     ("message.verdict", 1): verdict_v1_to_v2,
     ("delivery.attempted", 1): attempted_v1_to_v2,
     ("session.refused", 1): refused_v1_to_v2,
+    ("quarantine.released", 1): released_v1_to_v2,
 }
 
 
@@ -126,6 +133,8 @@ def describe(event: dict) -> str:
         return f"RCPT {event['recipient']} {'accepted' if event['accepted'] else 'refused: ' + str(event['reason'])}"
     if kind == "quarantine.added":
         return f"quarantined because {', '.join(event['reasons'])}"
+    if kind == "quarantine.released":
+        return f"released by {event['by']} to {', '.join(event['to'] or event['envelope']['rcpt_to'])}"
     return ""
 
 

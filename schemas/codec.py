@@ -67,12 +67,18 @@ def _verdict_v1_to_v2(data: dict) -> dict:
     return {**data, "authentication_results": None, "version": 2}
 
 
+def _quarantine_released_v1_to_v2(data: dict) -> dict:
+    # v1 releases went to the envelope's recipients, the only kind there was.
+    return {**data, "to": None, "version": 2}
+
+
 #: (type, version it reads) -> function returning the next version's dict.
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("message.received", 1): _message_received_v1_to_v2,
     ("session.refused", 1): _session_refused_v1_to_v2,
     ("delivery.attempted", 1): _delivery_attempted_v1_to_v2,
     ("message.verdict", 1): _verdict_v1_to_v2,
+    ("quarantine.released", 1): _quarantine_released_v1_to_v2,
 }
 
 

@@ -470,10 +470,25 @@ class QuarantineAdded(Event):
 
 
 class QuarantineReleased(Event):
+    """A held message released for delivery: to its recipients, or to other addresses.
+
+    Version 2 added ``to`` (v1 records read with none: released to the
+    envelope's recipients; see ``schemas.codec``).
+    """
+
     TYPE: ClassVar[str] = "quarantine.released"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     envelope: Envelope
     by: str = Field(description="Who released it")
+    to: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Delivered to these addresses instead of the envelope's recipients (release to another "
+                    "address); none: to the envelope's recipients")
+
+    @property
+    def recipients(self) -> list[str]:
+        """Who the release delivers to."""
+        return list(self.to or self.envelope.rcpt_to)
 
 
 class QuarantineDeleted(Event):

@@ -234,7 +234,10 @@ CONSOLE_LOGINS = TopicSpec(
     key="client IP address",
     key_field="client_ip",
     kind="audit",
-    partitions=1,
+    # As many as smtp.sessions: Dynamic Screening reads both on one channel,
+    # so an address's failed SMTP AUTHs and console logins meet in one
+    # worker's counters (co-partitioned topics need equal counts).
+    partitions=6,
     carries=(ev.ConsoleLoginFailed,),
     purpose="Refused logins to the administrator's web console (the name tried and the address; never a password)",
 )

@@ -151,7 +151,10 @@ class DeliverySink:
         if isinstance(event, ev.Verdict):
             return self._mark_tags(event, self._authenticated(event, self._verdict_entry(event)))
         elif isinstance(event, ev.QuarantineReleased):
-            return self._entry(event.message_id, event.session_id, "release", event.envelope, event.envelope.rcpt_to)
+            # Released to other addresses: say whom it was for, as a redirect does.
+            extra = {"X-Bulwark-Released-For": ", ".join(event.envelope.rcpt_to)} if event.to else None
+            return self._entry(event.message_id, event.session_id, "release", event.envelope, event.recipients,
+                               extra)
         return None
 
     def _verdict_entry(self, event: ev.Verdict) -> dict | None:
@@ -761,6 +764,7 @@ def _result(rcpt: str, code: int, message: str) -> ev.RecipientResult:
 
 
 async def serve(settings: Settings) -> None:
+    from sinks.digest import digester  # per-user quarantine digests
     from sinks.tlsrpt import reporter  # the daily TLS reports (RFC 8460)
 
     configure_logging("delivery")
@@ -787,6 +791,7 @@ async def serve(settings: Settings) -> None:
             consume(settings, "bulwark-delivery", [VERDICTS.name, QUARANTINE.name, ACCOUNT_STATE.name], sink.take),
             sink.scheduler(),
             reporter(settings, sink),
+            digester(settings, sink),
         )
     finally:
         if metrics_server is not None:

@@ -105,6 +105,8 @@ class QuarantineSink:
                 metrics.MESSAGES.labels(action=state).inc()
             record["state"] = state
             record["by"] = event.by
+            if isinstance(event, ev.QuarantineReleased) and event.to:
+                record["released_to"] = event.to
         record["updated_at"] = event.occurred_at.isoformat()
         self.index.put(event.message_id, record)
 

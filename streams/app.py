@@ -251,12 +251,13 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
     # Dynamic Screening and Account Hijack Detection: windowed counters that
     # publish bans and account facts for ingest to enforce, and their tables
     # over HTTP.
-    from schemas.topics import ACCOUNT_STATE, BANS, HIJACK_LIMITS, SESSIONS
+    from schemas.topics import ACCOUNT_STATE, BANS, CONSOLE_LOGINS, HIJACK_LIMITS, SESSIONS
     from streams import hijack, screening
 
     sessions = _raw_topic(app, SESSIONS)
     app.bulwark_tables = {  # type: ignore[attr-defined]
-        "screening": screening.install(app, holder, sessions, _raw_topic(app, BANS)),
+        "screening": screening.install(app, holder, sessions, _raw_topic(app, BANS),
+                                       _raw_topic(app, CONSOLE_LOGINS)),
         "hijack": hijack.install(app, holder, received, _raw_topic(app, ACCOUNT_STATE), _raw_topic(app, HIJACK_LIMITS)),
     }
     app.bulwark_internal_topics = [app.bulwark_tables["hijack"]["account_messages"]]  # type: ignore[attr-defined]

@@ -1,8 +1,9 @@
 """Dynamic Screening: count what each client address does, ban the ones that abuse.
 
-The agent consumes ``smtp.sessions`` (keyed by client IP) and keeps, per IP,
-event-time windowed counters in a RocksDB table: failed RCPTs, connections,
-failed AUTH attempts, RSETs and sessions held open too long. When a count
+The agent consumes ``smtp.sessions`` and ``console.logins`` (both keyed by
+client IP) and keeps, per IP, event-time windowed counters in a RocksDB
+table: failed RCPTs, connections, failed AUTH attempts, RSETs, sessions held
+open too long and refused web console logins. When a count
 crosses its limit in the policy it publishes a ``BanIssued`` to the compacted
 ``screening.bans`` topic. It never refuses anyone itself: ingest reads that
 topic and enforces (counters count; deciders decide, as Postfix's anvil
@@ -53,7 +54,10 @@ CONNECTIONS = "connections"
 FAILED_AUTH = "failed_auth"
 RSET = "rset"
 LONG_SESSIONS = "long_sessions"
-COUNTERS = (FAILED_RCPT, CONNECTIONS, FAILED_AUTH, RSET, LONG_SESSIONS)
+#: Refused logins to the web console (``console.logins``): the guide's
+#: failed authentication attempts, over HTTPS rather than SMTP.
+FAILED_CONSOLE_LOGIN = "failed_console_login"
+COUNTERS = (FAILED_RCPT, CONNECTIONS, FAILED_AUTH, RSET, LONG_SESSIONS, FAILED_CONSOLE_LOGIN)
 
 #: What ingest's AUTH records for credentials that match no account, whatever
 #: their bytes (schemas.events). Other AUTH failures (no TLS, bad syntax, a
@@ -66,7 +70,9 @@ STEPS_PER_WINDOW = 5
 
 
 def counted_as(event: ev.Event, policy: "Policy") -> str | None:
-    """The counter a session event adds to, if any."""
+    """The counter a session event (or a refused console login) adds to, if any."""
+    if isinstance(event, ev.ConsoleLoginFailed):
+        return FAILED_CONSOLE_LOGIN
     if isinstance(event, ev.SessionConnected):
         return CONNECTIONS
     if isinstance(event, ev.SessionRcpt):
@@ -94,6 +100,7 @@ def limits(rules: "DynamicScreening") -> dict[str, int]:
         FAILED_AUTH: rules.failed_auth_limit,
         RSET: rules.rset_limit,
         LONG_SESSIONS: rules.long_session_limit,
+        FAILED_CONSOLE_LOGIN: rules.failed_console_login_limit,
     }
 
 
@@ -107,6 +114,7 @@ REASONS = {
     FAILED_AUTH: "{n} failed AUTH attempts",
     RSET: "{n} RSETs",
     LONG_SESSIONS: "{n} sessions held open longer than allowed",
+    FAILED_CONSOLE_LOGIN: "{n} failed console logins",
 }
 
 
@@ -130,7 +138,7 @@ def exempt(policy: "Policy", ip: str) -> bool:
     return any(address in ipaddress.ip_network(net, strict=False) for net in allow.addresses)
 
 
-def ban_for(event: ev.SessionEvent, counts: dict[str, int], window: tuple[float, float],
+def ban_for(event: ev.SessionEvent | ev.ConsoleLoginFailed, counts: dict[str, int], window: tuple[float, float],
             policy: "Policy", event_id: str | None = None) -> ev.BanIssued | None:
     """The ban this event's counts call for, if any. A pure function of its inputs."""
     rules = policy.screening
@@ -233,8 +241,13 @@ class StepCounters:
                 self.table[(key, step_range)] = op(old, None)
 
 
-def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faust.TopicT") -> dict:
-    """Declare the Dynamic Screening tables and agent on the app."""
+def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faust.TopicT",
+            console_logins: "faust.TopicT | None" = None) -> dict:
+    """Declare the Dynamic Screening tables and agent on the app.
+
+    ``console_logins`` (co-partitioned with ``sessions``) adds the web
+    console's refused logins to what is counted.
+    """
     from faust import current_event
 
     from streams.eventio import decode_record, send_event
@@ -252,10 +265,12 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
     counters = StepCounters(table.table, size, step)
     active_bans = app.Table("screening-bans", default=None, partitions=sessions.partitions, key_type=str)
 
-    # Both topics on one channel: the assignor gives one worker the same
+    # Every topic on one channel: the assignor gives one worker the same
     # partition of each, so an IP's counters and bans live together.
-    channel = app.topic(sessions.get_topic_name(), bans.get_topic_name(), key_type=bytes, value_type=bytes,
-                        key_serializer="raw", value_serializer="raw")
+    names = [sessions.get_topic_name(), bans.get_topic_name()]
+    if console_logins is not None:
+        names.append(console_logins.get_topic_name())
+    channel = app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     @app.agent(channel)
     async def dynamic_screening(stream):
@@ -273,7 +288,7 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
                 # The window that holds the events before the unban.
                 counters.clear(event.client_ip, current_event().message.timestamp, source)
                 continue
-            if not isinstance(event, ev.SessionEvent):
+            if not isinstance(event, (ev.SessionEvent, ev.ConsoleLoginFailed)):
                 continue
             policy = holder.current
             counter = counted_as(event, policy)

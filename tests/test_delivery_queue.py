@@ -204,3 +204,24 @@ async def test_finished_deliveries_are_forgotten_after_the_retention_and_old_ver
     await sink.take([stale])
     await run_until(sink, lambda: False, timeout=1.5)
     assert sorted(sent) == ["new@example.test", "old@example.test"]
+
+
+@pytest.mark.asyncio
+async def test_a_release_to_another_address_goes_there_only_and_says_whom_it_was_for(tmp_path):
+    sent: list[tuple[list[str], bytes]] = []
+
+    async def send(route, req, mail_from, rcpts, data, record=None):
+        sent.append((list(rcpts), bytes(data)))
+        return delivered(rcpts)
+
+    sink = make_sink(tmp_path, send)
+    [held, plain] = await verdicts(sink, ["lee@example.test", "kim@example.test"])
+    await sink.take([
+        ev.QuarantineReleased(message_id="m0", envelope=held.envelope, by="root", to=["audit@example.test"]),
+        ev.QuarantineReleased(message_id="m1", envelope=plain.envelope, by="root"),
+    ])
+    await run_until(sink, lambda: len(sent) == 2)
+    by_rcpt = {tuple(rcpts): data for rcpts, data in sent}
+    assert set(by_rcpt) == {("audit@example.test",), ("kim@example.test",)}
+    assert b"X-Bulwark-Released-For: lee@example.test" in by_rcpt[("audit@example.test",)]
+    assert b"X-Bulwark-Released-For" not in by_rcpt[("kim@example.test",)]

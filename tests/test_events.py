@@ -192,3 +192,10 @@ def _librdkafka_partition(key: bytes) -> tuple[int, int]:
     producer.flush(10)
     count = len(producer.list_topics("partitioning", timeout=5).topics["partitioning"].partitions)
     return landed[0], count
+
+
+def test_a_v1_quarantine_release_is_upcast_to_the_envelopes_recipients():
+    raw = (FIXTURES / "quarantine.released.v1.json").read_bytes()
+    event = codec.decode(raw, [(codec.HEADER_TYPE, b"quarantine.released"), (codec.HEADER_VERSION, b"1")])
+    assert isinstance(event, ev.QuarantineReleased) and event.version == 2
+    assert event.to is None and event.recipients == ["lee@example.test"] and event.by == "admin"

@@ -74,6 +74,11 @@ def failed_rcpts(ip: str, n: int, start=T0):
                            reason="unknown user") for i in range(n)]
 
 
+def failed_console_logins(ip: str, n: int, start=T0):
+    return [ev.ConsoleLoginFailed(occurred_at=start + timedelta(seconds=i), client_ip=ip, login="admin")
+            for i in range(n)]
+
+
 def failed_auths(ip: str, n: int, start=T0):
     return [ev.SessionAuth(occurred_at=start + timedelta(seconds=i), session_id="s", client_ip=ip,
                            mechanism="PLAIN", username="alice@example.test", outcome="failure",
@@ -103,6 +108,9 @@ def test_defaults_follow_the_guide():
     # "more than 10 connections": the 11th bans; "3 failed AUTH": the 3rd does.
     assert screening.limits(rules)[screening.CONNECTIONS] == 11
     assert screening.limits(rules)[screening.FAILED_AUTH] == 3
+    # The guide's failed authentication attempts, for the web console's logins too.
+    assert rules.failed_console_login_limit == 3
+    assert screening.limits(rules)[screening.FAILED_CONSOLE_LOGIN] == 3
 
 
 def test_what_counts():
@@ -165,6 +173,24 @@ async def test_failed_rcpts_and_auth_ban_at_their_limits(published):
     await run_screening(policy(), failed_rcpts("198.51.100.9", 10) + failed_auths("198.51.100.10", 3))
     assert [(b.client_ip, b.counters["failed_rcpt"], b.counters["failed_auth"]) for b in published] == [
         ("198.51.100.9", 10, 0), ("198.51.100.10", 0, 3)]
+
+
+async def test_failed_console_logins_ban_at_their_limit(published):
+    # Two from one address do not; the third from another does, as the
+    # console's refused logins arrive on console.logins.
+    await run_screening(policy(), failed_console_logins("198.51.100.20", 2) + failed_console_logins("198.51.100.21", 3))
+    [ban] = published
+    assert ban.client_ip == "198.51.100.21" and ban.counters["failed_console_login"] == 3
+    assert ban.session_id is None and "3 failed console logins in 5 minutes" in ban.reason
+
+
+async def test_failed_console_logins_follow_their_policy_limit_and_the_allow_list(published):
+    await run_screening(policy(screening={"failed_console_login_limit": 5}), failed_console_logins("198.51.100.22", 4))
+    await run_screening(policy(allow_list={"addresses": ["198.51.100.23/32"]}),
+                        failed_console_logins("198.51.100.23", 6))
+    assert published == []
+    await run_screening(policy(screening={"failed_console_login_limit": 5}), failed_console_logins("198.51.100.22", 5))
+    assert [b.client_ip for b in published] == ["198.51.100.22"]
 
 
 async def test_domain_mail_server_and_disabled_screening_never_ban(published):

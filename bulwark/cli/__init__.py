@@ -567,16 +567,23 @@ def _publish(event) -> None:
 @quarantine.command("release")
 @click.argument("message_id")
 @click.option("--by", default=None, help="Who releases it (default: the current user)")
-def quarantine_release(message_id: str, by: str | None) -> None:
-    """Release a message: the delivery sink delivers it."""
+@click.option("--to", "to", multiple=True, help="Deliver to this address instead of the recipients (repeatable)")
+def quarantine_release(message_id: str, by: str | None, to: tuple[str, ...]) -> None:
+    """Release a message: the delivery sink delivers it (to its recipients, or --to others)."""
+    from console.addresses import AddressError, release_addresses
     from schemas.events import Envelope, QuarantineReleased
 
+    try:
+        others = release_addresses(",".join(to)) if to else None
+    except AddressError as exc:
+        raise click.BadParameter(str(exc), param_hint="--to") from None
     record = _held(message_id)
     if record["state"] != "quarantined":
         raise click.ClickException(f"{message_id} is already {record['state']}")
     _publish(QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
-                                envelope=Envelope.model_validate(record["envelope"]), by=by or getpass.getuser()))
-    click.echo(f"released {message_id}")
+                                envelope=Envelope.model_validate(record["envelope"]), by=by or getpass.getuser(),
+                                to=others))
+    click.echo(f"released {message_id}" + (f" to {', '.join(others)}" if others else ""))
 
 
 @quarantine.command("delete")
@@ -632,7 +639,32 @@ def console_admins() -> None:
     from console.admins import AdminStore, admins_path
 
     for admin in AdminStore(admins_path(_settings().data_dir)).all():
-        click.echo(f"{admin.name}  {admin.role}")
+        click.echo(f"{admin.name}  {admin.role}" + ("  totp" if admin.totp else ""))
+
+
+@console.command("totp")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Remove the second factor instead")
+def console_totp(name: str, off: bool) -> None:
+    """Ask NAME for a one-time code (TOTP) at login, with a new secret; or no more (--off).
+
+    The secret is printed once, here, for the authenticator app (as the
+    otpauth:// URI most apps read, and as the key to type in); the console
+    never shows it.
+    """
+    from console.admins import AdminStore, admins_path
+
+    store = AdminStore(admins_path(_settings().data_dir))
+    try:
+        secret = store.set_totp(name, enabled=not off)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    if secret is None:
+        click.echo(f"{name} logs in with a password only")
+        return
+    click.echo(f"{name} now needs a one-time code at login. Enrol an authenticator app with")
+    click.echo(f"  {store.provisioning_uri(name, secret)}")
+    click.echo(f"or the key {secret} (TOTP, SHA-1, 6 digits, 30 seconds).")
 
 
 # -- the command groups in modules of their own (bulwark/cli/*.py) ------------------

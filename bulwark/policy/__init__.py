@@ -117,6 +117,11 @@ class DynamicScreening(_Strict):
     )
     failed_auth_limit: PositiveInt = Field(default=3, description="Ban IPs that fail this many authentication attempts")
     rset_limit: PositiveInt = Field(default=20, description="Ban IPs that send this many RSETs")
+    failed_console_login_limit: PositiveInt = Field(
+        # The guide's "fail this many authentication attempts" (3), for the
+        # web console's logins (the guide's HTTPS logins) as for SMTP AUTH.
+        default=3, description="Ban IPs that fail this many logins to the web console"
+    )
     long_session_limit: PositiveInt = Field(
         default=1,
         description="Ban IPs that hold this many sessions open as long as session_limits.max_duration_seconds",
@@ -262,6 +267,34 @@ class InlineRefusal(_Strict):
     )
 
 
+class QuarantineDigest(_Strict):
+    """Per-user quarantine digests: each local recipient with messages held for them
+    gets a list of them by email, with a signed link per message that releases
+    it to them (through the web console), valid for ``link_hours``.
+
+    Off by default: it needs the address users reach the console at. Messages
+    held by one of ``never_user_releasable`` (malware, macros, an outbreak,
+    data leak prevention, an unreadable message) are listed without a link:
+    only an administrator releases those.
+    """
+
+    enabled: bool = Field(default=False, description="Send per-user quarantine digests")
+    every_hours: PositiveInt = Field(default=24, description="A digest per recipient every this many hours, "
+                                     "of the messages held in that period and still held")
+    link_hours: PositiveInt = Field(default=72, description="A release link works for this many hours")
+    console_url: str | None = Field(
+        default=None, description="The console's address as users reach it (https://...), for the links")
+    never_user_releasable: list[str] = Field(
+        default_factory=lambda: ["antivirus", "macros", "outbreak", "dlp", "blobstore"],
+        description="Checks whose findings only an administrator may release")
+
+    @model_validator(mode="after")
+    def _needs_url(self):
+        if self.enabled and not (self.console_url or "").startswith("https://"):
+            raise ValueError("console_url: digests are enabled, so they need the console's https:// address")
+        return self
+
+
 class Policy(_Strict):
     #: Set when the policy came from config.policy: a later Bulwark may fill
     #: in new defaults (changing the digest), yet it is still the version the
@@ -275,6 +308,7 @@ class Policy(_Strict):
     delivery: Delivery = Field(default_factory=Delivery)
     screening: DynamicScreening = Field(default_factory=DynamicScreening)
     hijack: AccountHijackDetection = Field(default_factory=AccountHijackDetection)
+    quarantine_digest: QuarantineDigest = Field(default_factory=QuarantineDigest)
     checks: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Settings per content check, over each check's defaults"
     )

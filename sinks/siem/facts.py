@@ -276,7 +276,8 @@ def _facts(event: ev.Event, summary: str) -> Facts:
                          **_envelope(event.envelope), **common)
         case ev.QuarantineReleased():
             return Facts(name="Quarantined message released", categories=("email",), types=("change", "allowed"),
-                         outcome="success", severity=5, **{**_envelope(event.envelope), "user": event.by}, **common)
+                         outcome="success", severity=5, **{**_envelope(event.envelope), "user": event.by,
+                                                           "recipients": tuple(event.recipients)}, **common)
         case ev.QuarantineDeleted():
             return Facts(name="Quarantined message deleted", categories=("email",), types=("deletion",),
                          outcome="success", severity=3, user=event.by, **common)

@@ -7,11 +7,16 @@ Screenshots of each step land in the test's tmp directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
+import smtplib
+import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,13 +25,15 @@ import pytest
 
 from bulwark.devstack import wait_for_port
 from schemas import events as ev
-from schemas.topics import CONSOLE_LOGINS, QUARANTINE
+from schemas.topics import BANS, CONSOLE_LOGINS, QUARANTINE
 
 from .conftest import LOCAL_DOMAIN
 
 pytestmark = pytest.mark.integration
 
 ADMIN, HELPDESK, PASSWORD = "ops-admin", "desk-lee", "tundra quartz lantern 42"
+#: The address the console sees through the relay (the task's 127.0.12.1-30).
+BANNED_IP = "127.0.12.1"
 HOSTILE_SUBJECT = "<script>document.title='pwned'</script> invoice"
 HOSTILE_BODY = "Please pay.\n<script>document.title='pwned'</script>\n<img src=x onerror=\"document.title='pwned'\">\n"
 
@@ -98,6 +105,97 @@ def label_of(browser, field_id):
     from selenium.webdriver.common.by import By
 
     return browser.find_element(By.CSS_SELECTOR, f"label[for='{field_id}']").text
+
+
+class SourceRelay:
+    """A plain TCP relay that reaches the console from another loopback address.
+
+    Chromium cannot choose its source address, and 127.0.0.1 is allow-listed
+    in the test policy (Dynamic Screening never bans it); through this relay
+    the console sees a real connection from ``source_ip`` (the TLS session
+    is the browser's own, passed through byte for byte).
+    """
+
+    def __init__(self, target: tuple[str, int], source_ip: str):
+        self.target, self.source_ip = target, source_ip
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=30, source_address=(self.source_ip, 0))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def relayed(gateway, source_ip):
+    """The console's base URL through a relay from ``source_ip``."""
+    settings = gateway.settings
+    relay = SourceRelay((settings.console_host, settings.console_port), source_ip)
+    try:
+        yield f"https://127.0.0.1:{relay.port}"
+    finally:
+        relay.close()
+
+
+@pytest.fixture
+def relay(gateway, console):
+    """(base URL through the relay, the client address the console sees)."""
+    with relayed(gateway, BANNED_IP) as url:
+        yield url, BANNED_IP
+
+
+def fail_logins(browser, url, n):
+    from selenium.webdriver.common.by import By
+
+    for guess in range(n):
+        log_in(browser, url, ADMIN, password=f"wrong guess number {guess}")
+        assert "Wrong name or password" in browser.find_element(By.ID, "login-error").text
+
+
+def wait_for_ban(gateway, ip):
+    [ban] = gateway.wait_records(lambda r: isinstance(r.event, ev.BanIssued), [BANS.name], keys={ip},
+                                 timeout=60, what=f"the ban of {ip}")
+    return ban.event
+
+
+def refusal_at(browser, url, timeout=30):
+    """The refusal the console shows at ``url`` (it follows screening.bans a moment after the broker has it)."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        browser.get(url)
+        refusal = browser.find_elements(By.ID, "refusal")
+        if refusal or time.monotonic() > deadline:
+            return refusal[0].text if refusal else None
+        time.sleep(0.5)
 
 
 def quarantine_hostile(gateway, sender):
@@ -204,3 +302,247 @@ def test_the_help_desk_is_refused_an_admin_page(gateway, console, browser):
     wait_for_url(browser, "/admins")
     assert "may not open this page" in browser.find_element(By.ID, "refusal").text
     browser.shot("helpdesk-refused")
+    for page in ("/dashboard", "/screening", "/accounts", "/policy"):
+        browser.get(console + page)
+        wait_for_url(browser, page)
+        assert "may not open this page" in browser.find_element(By.ID, "refusal").text, page
+
+
+def test_failed_logins_are_counted_until_the_address_is_banned(gateway, console, relay, browser):
+    """Dynamic Screening counts the console's refused logins (console.logins) and bans
+    the address at the policy's failed_console_login_limit (3, the guide's default);
+    the console then refuses every request from it."""
+    from selenium.webdriver.common.by import By
+
+    url, ip = relay
+    fail_logins(browser, url, 3)
+    browser.shot("three-failed-logins")
+    ban = wait_for_ban(gateway, ip)
+    assert ban.counters["failed_console_login"] == 3 and "3 failed console logins" in ban.reason
+    # The console follows screening.bans: the next request is refused.
+    assert f"{ip} is banned by Dynamic Screening until" in refusal_at(browser, url + "/login")
+    assert not browser.find_elements(By.ID, "password")
+    browser.shot("banned")
+    # From the allow-listed 127.0.0.1 the same administrator still logs in.
+    log_in(browser, console, ADMIN)
+    assert browser.current_url.endswith("/quarantine")
+
+
+def test_the_help_desk_tracks_a_message_and_reads_its_timeline(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    sender, source_ip = "tracked-console@partner.test", "127.0.12.2"
+    msg = gateway.message(sender, [f"lee@{LOCAL_DOMAIN}"], "tracking, please")
+    queue_id = gateway.send(msg, source_ip=source_ip)
+    gateway.downstream.wait_for(lambda d: sender in d.mail_from, timeout=60, what="the tracked message")
+    log_in(browser, console, HELPDESK)
+    browser.find_element(By.LINK_TEXT, "Tracking").click()
+    wait_for_url(browser, "/tracking")
+    # The search form from the keyboard: labelled fields, Enter submits.
+    assert label_of(browser, "client_ip") == "Client IP" and label_of(browser, "message_id") == "Message id"
+    browser.find_element(By.ID, "client_ip").send_keys(source_ip)
+    browser.find_element(By.ID, "sender").send_keys("tracked-console" + Keys.ENTER)
+    wait_for_url(browser, "client_ip=")
+    links = browser.find_elements(By.CSS_SELECTOR, "#found tbody a")
+    assert [a.text for a in links] == [queue_id]
+    assert "deliver" in browser.find_element(By.CSS_SELECTOR, "#found tbody").text
+    browser.shot("tracking-search")
+    # By the Message-ID header too.
+    browser.get(console + "/tracking?message_id=" + urllib.parse.quote(msg["Message-ID"]))
+    assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#found tbody a")] == [queue_id]
+    browser.find_element(By.LINK_TEXT, queue_id).click()
+    wait_for_url(browser, f"/tracking/{queue_id}")
+    timeline = browser.find_element(By.ID, "timeline").text
+    assert f"connect from {source_ip}" in timeline and f"MAIL FROM:<{sender}>" in timeline
+    assert "verdict deliver" in timeline and "queued for delivery" in timeline
+    browser.shot("tracking-timeline")
+
+
+def test_an_admin_sees_a_ban_with_its_counters_and_lifts_it(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    ip, counted_ip = "127.0.12.3", "127.0.12.4"
+    with relayed(gateway, ip) as url:
+        fail_logins(browser, url, 3)
+        wait_for_ban(gateway, ip)
+        assert "is banned" in refusal_at(browser, url + "/login")
+    with relayed(gateway, counted_ip) as url:
+        fail_logins(browser, url, 1)
+    browser.delete_all_cookies()
+    log_in(browser, console, ADMIN)
+    browser.find_element(By.LINK_TEXT, "Screening").click()
+    wait_for_url(browser, "/screening")
+    row = browser.find_element(By.XPATH, f"//table[@id='bans']//tr[td[1]='{ip}']")
+    assert "3 failed console logins" in row.text and "failed_console_login 3" in row.text
+    browser.shot("bans")
+
+    # The windowed counters of an address, from the worker's table (it counts a moment after the event).
+    deadline = time.monotonic() + 30
+    while True:
+        field = browser.find_element(By.ID, "ip")
+        field.clear()
+        field.send_keys(counted_ip + Keys.ENTER)
+        wait_for_url(browser, f"ip={counted_ip}")
+        counters = browser.find_element(By.ID, "counters").text
+        if "failed_console_login 1 3" in counters or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert "failed_console_login 1 3" in counters and "Not banned." in browser.find_element(By.ID, "ban-state").text
+    browser.shot("counters")
+
+    # Unban, from the keyboard: focus the row's button, Enter.
+    button = browser.find_element(By.CSS_SELECTOR, f"button[aria-label='Unban {ip}']")
+    button.send_keys(Keys.ENTER)
+    wait_for_url(browser, "unbanned=")
+    assert f"Ban on {ip} lifted" in browser.find_element(By.ID, "done").text
+    browser.shot("unbanned")
+    [lifted] = gateway.wait_records(lambda r: isinstance(r.event, ev.BanLifted), [BANS.name], keys={ip},
+                                    what="the lifted ban")
+    assert lifted.event.by == ADMIN
+    # The address reaches the console again (the browser's session goes with
+    # it: cookies do not depend on the port), and ingest, which follows the same topic.
+    with relayed(gateway, ip) as url:
+        deadline = time.monotonic() + 30
+        while True:
+            browser.get(url + "/quarantine")
+            if browser.find_elements(By.ID, "count") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert browser.find_elements(By.ID, "count") and not browser.find_elements(By.ID, "refusal")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with gateway.smtp(ip) as client:
+                assert client.ehlo("client.test")[0] == 250
+                break
+        except smtplib.SMTPConnectError:  # 421 until ingest has read the BanLifted too
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_an_admin_reads_the_dashboard_and_the_policy(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+
+    log_in(browser, console, ADMIN)
+    browser.find_element(By.LINK_TEXT, "Dashboard").click()
+    wait_for_url(browser, "/dashboard")
+    charts = browser.find_elements(By.CSS_SELECTOR, "svg.chart[role=img]")
+    assert len(charts) >= 2  # messages per hour and bans per hour; the top lists when something was refused
+    # The stack has judged mail by now (its warm-up at least): some bar is drawn.
+    assert browser.find_elements(By.CSS_SELECTOR, "#messages-chart rect title")
+    browser.shot("dashboard")
+    browser.find_element(By.LINK_TEXT, "Policy").click()
+    wait_for_url(browser, "/policy")
+    assert "recommendations met" in browser.find_element(By.ID, "audit-summary").text
+    browser.shot("policy")
+
+
+def test_the_help_desk_releases_a_message_to_another_address(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    queue_id = quarantine_hostile(gateway, "release-to-console@partner.test")
+    log_in(browser, console, HELPDESK)
+    browser.get(f"{console}/quarantine/{queue_id}")
+    assert label_of(browser, "to") == "Release to another address"
+    browser.find_element(By.ID, "to").send_keys(f"audit@{LOCAL_DOMAIN}" + Keys.ENTER)
+    wait_for_url(browser, "done=release")
+    browser.shot("released-to")
+    [delivered] = gateway.downstream.wait_for(lambda d: "release-to-console@" in d.mail_from, timeout=60,
+                                              what="the message released to another address")
+    assert delivered.rcpt_to == [f"audit@{LOCAL_DOMAIN}"]
+    assert f"X-Bulwark-Released-For: lee@{LOCAL_DOMAIN}" in delivered.text
+    [released] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
+                                      keys={queue_id})
+    assert released.event.to == [f"audit@{LOCAL_DOMAIN}"] and released.event.by == HELPDESK
+
+
+def test_an_account_with_totp_logs_in_with_its_code_from_the_keyboard(gateway, console, browser):
+    import re
+
+    import pyotp
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name = "ops-totp"
+    subprocess.run([sys.executable, "-m", "bulwark.cli", "console", "add-admin", name, "--role", "admin",
+                    "--password-stdin"], input=PASSWORD + "\n", env=gateway.stack.env, check=True,
+                   capture_output=True, text=True, timeout=60)
+    enrolled = subprocess.run([sys.executable, "-m", "bulwark.cli", "console", "totp", name], env=gateway.stack.env,
+                              check=True, capture_output=True, text=True, timeout=60)
+    secret = re.search(r"the key ([A-Z2-7]+) ", enrolled.stdout).group(1)
+
+    def attempt(code):
+        browser.get(console + "/login")
+        field = browser.switch_to.active_element
+        field.send_keys(name + Keys.TAB)
+        browser.switch_to.active_element.send_keys(PASSWORD + Keys.TAB)
+        assert browser.switch_to.active_element.get_attribute("id") == "code"
+        assert label_of(browser, "code").startswith("One-time code")
+        browser.switch_to.active_element.send_keys(code + Keys.ENTER)
+        WebDriverWait(browser, 15).until(lambda b: b.current_url.endswith("/quarantine")
+                                         or b.find_elements("id", "login-error"))
+
+    attempt("000000" if pyotp.TOTP(secret).now() != "000000" else "111111")
+    assert browser.find_elements(By.ID, "login-error")  # the right password alone is not enough
+    browser.shot("totp-refused")
+    attempt(pyotp.TOTP(secret).now())
+    assert browser.current_url.endswith("/quarantine")
+    browser.shot("totp-logged-in")
+
+
+def test_a_user_releases_a_message_with_a_digest_link(gateway, console, browser):
+    """The link a digest carries (signed with the gateway's key, as the delivery
+    process signs it) opens a page without a login and releases that message to that user."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from console.digest_links import DigestLinks, load_key
+
+    queue_id = quarantine_hostile(gateway, "digest-console@partner.test")
+    token = DigestLinks(load_key(gateway.settings.data_dir)).token(queue_id, f"lee@{LOCAL_DOMAIN}")
+    browser.delete_all_cookies()
+    browser.get(f"{console}/digest/{token}")
+    assert browser.find_element(By.ID, "subject").text == HOSTILE_SUBJECT
+    assert not browser.find_elements(By.LINK_TEXT, "Quarantine")  # no console for the user
+    browser.shot("digest-link")
+    browser.find_element(By.ID, "release").send_keys(Keys.ENTER)
+    wait_for_url(browser, "done=1")
+    assert "Release requested" in browser.find_element(By.ID, "done").text
+    browser.shot("digest-released")
+    [delivered] = gateway.downstream.wait_for(lambda d: "digest-console@" in d.mail_from, timeout=60,
+                                              what="the message released by its recipient")
+    assert delivered.rcpt_to == [f"lee@{LOCAL_DOMAIN}"]
+    [released] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
+                                      keys={queue_id})
+    assert released.event.by == f"lee@{LOCAL_DOMAIN} (digest link)"
+    # A forged link opens nothing.
+    browser.get(f"{console}/digest/{token[:-4]}AAAA")
+    assert "not valid" in browser.find_element(By.ID, "refusal").text
+
+
+def test_every_field_has_a_label_and_the_keyboard_reaches_the_content(gateway, console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    log_in(browser, console, ADMIN)
+    for page in ("/quarantine", "/tracking", "/dashboard", "/screening", "/accounts", "/policy", "/admins"):
+        browser.get(console + page)
+        wait_for_url(browser, page)
+        for field in browser.find_elements(By.CSS_SELECTOR, "input:not([type=hidden]), select, textarea"):
+            ident = field.get_attribute("id")
+            labelled = ident and browser.find_elements(By.CSS_SELECTOR, f"label[for='{ident}']")
+            assert labelled or field.get_attribute("aria-label"), f"{page}: field {ident or field} has no label"
+        for button in browser.find_elements(By.TAG_NAME, "button"):
+            assert button.text.strip() or button.get_attribute("aria-label"), f"{page}: a button without a name"
+        # The first Tab lands on "Skip to content", and following it moves the focus to the page's content.
+        browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+        skip = browser.switch_to.active_element
+        assert skip.text == "Skip to content", page
+        skip.send_keys(Keys.ENTER)
+        assert browser.switch_to.active_element.get_attribute("id") == "main", page
+    browser.shot("keyboard")
