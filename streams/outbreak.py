@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import timedelta
 from html.parser import HTMLParser
@@ -182,6 +183,32 @@ def distinct_since(since: float, *windows: dict) -> tuple[int, int]:
     return sum(key.startswith("s:") for key in recent), sum(key.startswith("i:") for key in recent)
 
 
+class RecentObservations:
+    """The observations this worker published lately, so a repeat is not published again.
+
+    The counting agent would not write a sender and address it saw less than
+    ``refresh_seconds`` ago (``last_seen``), so publishing that observation
+    again changes nothing but costs a record: for a sender mailing one body
+    many times, all of them. Kept per worker and bounded; a worker that
+    restarts, or a message judged by another worker, only publishes again.
+    """
+
+    def __init__(self, refresh_seconds: float, limit: int = 100_000):
+        self.refresh_seconds, self.limit = refresh_seconds, limit
+        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def fresh(self, fingerprint: str, sender: str, client_ip: str, at: float) -> bool:
+        """True (and remembered) unless this was published less than the refresh period ago."""
+        key = (fingerprint, sender, client_ip)
+        if self._seen.get(key, float("-inf")) >= at - self.refresh_seconds:
+            return False
+        self._seen[key] = at
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+        return True
+
+
 class _Marked(Mapping):
     """The marked fingerprints, read from the compacted outbreak.alerts topic."""
 
@@ -242,6 +269,8 @@ def register(app, settings_, received_topic, blobs, current_policy) -> dict:
     active = _Marked(alerts_view)
     ACTIVE = active
 
+    recent = RecentObservations(refresh_seconds)
+
     @app.agent(received_topic)
     async def outbreak_observe(stream):
         await alerts_view.start()
@@ -267,13 +296,16 @@ def register(app, settings_, received_topic, blobs, current_policy) -> dict:
                 # (quarantined). Raising here would stop this agent.
                 log.info("outbreak: message %s not fingerprinted: %s", event.message_id, exc)
                 continue
+            sender = event.envelope.mail_from.lower()
             for fingerprint, kind in found.items():
+                if not recent.fresh(fingerprint, sender, event.envelope.client_ip, event.occurred_at.timestamp()):
+                    continue  # counted lately: publishing it again would change nothing
                 observed = ev.OutbreakObserved(
                     message_id=event.message_id, session_id=event.session_id,
                     # Event time of the message, so windows and replays agree.
                     occurred_at=event.occurred_at,
                     fingerprint=fingerprint, kind=kind,
-                    sender=event.envelope.mail_from.lower(), client_ip=event.envelope.client_ip,
+                    sender=sender, client_ip=event.envelope.client_ip,
                 )
                 value, headers = codec.encode(observed)
                 await fingerprints_topic.send(key=record_key(OUTBREAK_FINGERPRINTS, observed), value=value,

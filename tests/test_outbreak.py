@@ -129,3 +129,17 @@ def test_a_botnet_sending_one_campaign_keeps_a_bounded_value():
         window = last_seen(window, "same@x.test", f"10.0.{n // 250}.{n % 250}", 1000.0 + n, 60)
     assert sum(k.startswith("i:") for k in window) == MAX_CLIENT_IPS
     assert "i:10.0.0.0" not in window and f"i:10.0.{(MAX_CLIENT_IPS + 49) // 250}.{(MAX_CLIENT_IPS + 49) % 250}" in window
+
+
+def test_a_worker_does_not_publish_an_observation_it_published_lately():
+    from streams.outbreak import RecentObservations
+
+    recent = RecentObservations(refresh_seconds=60, limit=2)
+    assert recent.fresh("fp", "a@x.test", "192.0.2.1", 1000.0)
+    assert not recent.fresh("fp", "a@x.test", "192.0.2.1", 1030.0)
+    # Another sender or address is news; so is the same one after the refresh period.
+    assert recent.fresh("fp", "b@x.test", "192.0.2.1", 1030.0)
+    assert recent.fresh("fp", "a@x.test", "192.0.2.1", 1061.0)
+    # Bounded: the oldest is forgotten (and would be published again).
+    assert recent.fresh("fp2", "c@x.test", "192.0.2.1", 1062.0)
+    assert recent.fresh("fp", "b@x.test", "192.0.2.1", 1063.0)
