@@ -6,7 +6,7 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from bulwark.devstack import LocalStack, environment, private_environment, wait_for_port
+from bulwark.devstack import LocalStack, environment, private_environment
 from bulwark.settings import Settings
 
 
@@ -24,11 +24,7 @@ def local_stack(policy_text: str, components=("ingest",), extra_env: dict[str, s
             if "streams" in components:
                 stack.start_clamd()  # the antivirus and macros checks scan through it
             stack.ensure_topics()
-            for name, component, args, env in stack.instances():
-                if component in components:
-                    stack.start(name, args, env)
-            if "ingest" in components:
-                wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
+            stack.start_components(only=tuple(components))
             yield settings, stack
         finally:
             stack.stop_all()

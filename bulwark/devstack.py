@@ -278,6 +278,26 @@ class LocalStack:
             restarted.append(name)
         return restarted
 
+    def start_components(self, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
+                         ingest_timeout: float = 90) -> None:
+        """Start every process of these components (all but ``skip``) and wait for ingest's SMTP port.
+
+        For the tests and benchmarks, which bring their own Kafka, clamd and
+        often their own downstream server (``skip=("mailbox",)``).
+        """
+        ingests = []
+        for name, component, args, env in self.instances():
+            if (only is None or component in only) and component not in skip:
+                self.start(name, args, env)
+                if component == "ingest":
+                    ingests.append(name)
+        for name in ingests:
+            wait_for_port(self.settings.smtp_host, self.settings.smtp_port, ingest_timeout, self.procs[name])
+
+    def log_tails(self, lines: int = 80) -> str:
+        """The last lines of every process's log, for a test that failed to start the stack."""
+        return "\n".join(f"--- {name} ---\n{self.log_tail(name, lines)}" for name, *_ in self.instances())
+
     def start_all(self) -> None:
         self.start_kafka()
         self.start_clamd()

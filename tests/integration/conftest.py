@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bulwark.devstack import COMPONENTS, LocalStack, environment, free_port, private_environment, wait_for_port
+from bulwark.devstack import LocalStack, environment, free_port, private_environment
 from bulwark.kafka import Record, read_topics
 from bulwark.settings import Settings
 from schemas.topics import ALL_TOPICS
@@ -238,10 +238,7 @@ def gateway(tmp_path_factory) -> Gateway:
             stack.start_kafka()
             stack.start_clamd()
             stack.ensure_topics()
-            for name, args in COMPONENTS:
-                if name != "mailbox":  # the test's own downstream server plays that part
-                    stack.start(name, args)
-            wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs["ingest"])
+            stack.start_components(skip=("mailbox",))  # the test's own downstream server plays that part
             gw = Gateway(settings, stack, downstream, verification, nsd, mx_port)
             # Warm-up: the first message proves every stage is consuming.
             msg = gw.message("warmup@partner.test", [f"warmup@{LOCAL_DOMAIN}"], "warm-up")
@@ -249,8 +246,7 @@ def gateway(tmp_path_factory) -> Gateway:
             downstream.wait_for(lambda d: "warm-up" in d.text, timeout=120, what="warm-up delivery")
             yield gw
         except BaseException:
-            for name, _ in COMPONENTS:
-                print(f"--- {name} ---\n{stack.log_tail(name, 80)}", file=sys.stderr)
+            print(stack.log_tails(), file=sys.stderr)
             raise
         finally:
             try:

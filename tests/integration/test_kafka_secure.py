@@ -35,7 +35,7 @@ import confluent_kafka
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from bulwark.devstack import COMPONENTS, LocalStack, environment, free_port, private_environment, wait_for_port
+from bulwark.devstack import LocalStack, environment, free_port, private_environment
 from bulwark.kafka import publish_once, read_topics
 from bulwark.kafka_secure import SecureFiles
 from bulwark.kafka_security import read_credentials
@@ -100,14 +100,10 @@ def secure(tmp_path_factory) -> SecureGateway:
         stack.start_clamd()
         stack.ensure_topics()
         stack.apply_policy()  # the admin principal publishes the policy
-        for name, args in COMPONENTS:
-            if name != "mailbox":  # the test's downstream server plays that part
-                stack.start(name, args)
-        wait_for_port(settings.smtp_host, settings.smtp_port, 90, stack.procs["ingest"])
+        stack.start_components(skip=("mailbox",))  # the test's downstream server plays that part
         yield SecureGateway(settings, stack, SecureFiles(settings.kafka_secure_dir), downstream)
     except BaseException:
-        for name, _ in COMPONENTS:
-            print(f"--- {name} ---\n{stack.log_tail(name, 80)}", file=sys.stderr)
+        print(stack.log_tails(), file=sys.stderr)
         raise
     finally:
         try:

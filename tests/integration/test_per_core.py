@@ -84,11 +84,7 @@ delivery:
             stack.start_kafka()
             stack.start_clamd()
             stack.ensure_topics()
-            for name, component, args, proc_env in stack.instances():
-                if component in ("ingest", "streams", "delivery", "quarantine"):
-                    stack.start(name, args, proc_env)
-            for name in ("ingest", "ingest-2"):
-                wait_for_port(settings.smtp_host, settings.smtp_port, 60, stack.procs[name])
+            stack.start_components(only=("ingest", "streams", "delivery", "quarantine"))
             yield settings, stack, downstream
         finally:
             stack.stop_all()
