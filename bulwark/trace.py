@@ -82,6 +82,12 @@ class Index:
         self.settings = settings
         self.store = store
         self.tail = tail
+        self._fetcher: ix.Fetcher | None = None
+
+    def fetch(self, locations) -> list[Record]:
+        if self._fetcher is None:
+            self._fetcher = ix.Fetcher(self.settings)
+        return self._fetcher.fetch(locations)
 
     @classmethod
     def open(cls, settings: Settings, scan_without_store: bool = True) -> "Index | None":
@@ -117,6 +123,8 @@ class Index:
     def close(self) -> None:
         if self.store:
             self.store.close()
+        if self._fetcher is not None:
+            self._fetcher.close()
 
     # -- traces -------------------------------------------------------------------
 
@@ -124,7 +132,7 @@ class Index:
         records: list[Record] = []
         pending, seen = set(message_ids), set()
         while pending:
-            found = ix.fetch(self.settings, [loc for m in pending for loc in self.locations(ix.message_key(m))])
+            found = self.fetch([loc for m in pending for loc in self.locations(ix.message_key(m))])
             records += found
             seen |= pending
             pending = {r.event.dsn_message_id for r in found
@@ -136,9 +144,9 @@ class Index:
         if self.locations(ix.message_key(ident)):
             records = self._messages({ident})
             sessions = {r.event.session_id for r in records if isinstance(r.event, ev.MessageReceived)}
-            records += ix.fetch(self.settings, [loc for s in sessions if s for loc in self.locations(ix.session_key(s))])
+            records += self.fetch([loc for s in sessions if s for loc in self.locations(ix.session_key(s))])
         else:
-            records = ix.fetch(self.settings, self.locations(ix.session_key(ident)))
+            records = self.fetch(self.locations(ix.session_key(ident)))
             message_ids = {r.event.message_id for r in records
                            if isinstance(r.event, ev.SessionData) and r.event.accepted and r.event.message_id}
             records += self._messages(message_ids)

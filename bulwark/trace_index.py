@@ -153,6 +153,10 @@ class IndexStore:
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             options.create_if_missing(True)
+            # A reader opening the store replays its write-ahead log (what is
+            # not yet in a table file): small memtables keep that log, and
+            # so the cost of every `bulwark trace`, small.
+            options.set_write_buffer_size(4 * 1024 * 1024)
             self.db = Rdict(str(self.path), options=options)
             durable = WriteOptions()
             durable.sync = True  # the offsets written with a batch say it is done
@@ -186,6 +190,10 @@ class IndexStore:
         for key, value in changes.items():
             batch.put(key.encode(), value)
         self.db.write(batch)
+
+    def settle(self) -> None:
+        """Move what is only in the write-ahead log into a table file (the indexer does it when idle)."""
+        self.db.flush(True)
 
     def locations(self, key: str) -> set[Location]:
         return _unpack(self.db.get(key.encode()))
@@ -239,30 +247,40 @@ def reader(settings: Settings, client_id: str = "bulwark-trace") -> confluent_ka
         "enable.auto.offset.store": False,
         "isolation.level": "read_committed",
         "enable.partition.eof": True,
+        # A trace waits for each answer: the broker must not hold a fetch
+        # back to fill it (its default is up to 500 ms).
+        "fetch.wait.max.ms": 5,
     })
 
 
-def read_tail(settings: Settings, starts: dict[tuple[str, int], int], timeout: float = 60) -> Entries:
-    """Index, in memory, every record from ``starts`` (the index's positions; 0 when absent) to the end."""
+def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """Each partition's end (of committed records), in one request to the broker."""
+    from confluent_kafka.admin import AdminClient, OffsetSpec
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "client.id": "bulwark-trace"})
+    futures = admin.list_offsets(
+        {confluent_kafka.TopicPartition(t, p): OffsetSpec.latest() for t in topics for p in range(BY_NAME[t].partitions)},
+        isolation_level=confluent_kafka.IsolationLevel.READ_COMMITTED, request_timeout=30)
+    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+
+
+def read_tail(settings: Settings, starts: dict[tuple[str, int], int], timeout: float = 120) -> Entries:
+    """Index, in memory, every record from ``starts`` (the index's positions; 0 when absent) to the end.
+
+    The ends are asked for first, in one request: for an index that has
+    caught up, that is all a trace costs beyond its own records.
+    """
     entries = Entries()
+    ends = {where: end for where, end in end_offsets(settings, INDEXED_TOPICS).items() if starts.get(where, 0) < end}
+    if not ends:
+        return entries
     consumer = reader(settings, "bulwark-trace-tail")
     try:
-        wanted = []
-        ends = {}
-        for topic in INDEXED_TOPICS:
-            for partition in range(BY_NAME[topic].partitions):
-                tp = confluent_kafka.TopicPartition(topic, partition)
-                _, high = consumer.get_watermark_offsets(tp, timeout=10)
-                start = starts.get((topic, partition), 0)
-                if start < high:
-                    ends[(topic, partition)] = high
-                    wanted.append(confluent_kafka.TopicPartition(topic, partition, start))
-        if not wanted:
-            return entries
-        consumer.assign(wanted)
+        consumer.assign([confluent_kafka.TopicPartition(t, p, starts.get((t, p), confluent_kafka.OFFSET_BEGINNING))
+                         for t, p in ends])
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=5000, timeout=0.5):
+            for msg in consumer.consume(num_messages=5000, timeout=0.05):
                 where = (msg.topic(), msg.partition())
                 if msg.error() is not None:
                     if msg.error().code() == confluent_kafka.KafkaError._PARTITION_EOF:
@@ -270,67 +288,78 @@ def read_tail(settings: Settings, starts: dict[tuple[str, int], int], timeout: f
                     continue
                 if where not in ends:
                     continue
-                if msg.offset() >= ends[where]:
-                    ends.pop(where)
-                    continue
-                entries.add(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.headers(),
-                            msg.timestamp()[1])
+                if msg.offset() < ends[where]:
+                    entries.add(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.headers(),
+                                msg.timestamp()[1])
                 if msg.offset() + 1 >= ends[where]:
                     ends.pop(where)
         if ends:
-            raise TimeoutError(f"could not read {', '.join(f'{t}[{p}]' for t, p in ends)} to the end in {timeout:g}s")
+            raise TimeoutError(f"could not read {len(ends)} partition(s) to their end in {timeout:g}s")
         return entries
     finally:
         consumer.close()
 
 
-def fetch(settings: Settings, locations: Iterable[Location], timeout: float = 30) -> list[Record]:
-    """The records at these offsets, decoded: one seek per record, whatever the topics hold."""
-    pending: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for topic, partition, offset in set(locations):
-        pending[(topic, partition)].append(offset)
-    if not pending:
-        return []
-    for offsets in pending.values():
-        offsets.sort(reverse=True)  # next wanted is last
-    records: list[Record] = []
-    consumer = reader(settings, "bulwark-trace-fetch")
-    try:
-        consumer.assign([confluent_kafka.TopicPartition(t, p, offsets[-1]) for (t, p), offsets in pending.items()])
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=100, timeout=0.5):
-                where = (msg.topic(), msg.partition())
-                offsets = pending.get(where)
-                if offsets is None:
-                    continue
-                if msg.error() is not None:
-                    if msg.error().code() == confluent_kafka.KafkaError._PARTITION_EOF:
-                        log.warning("%s[%d]: offsets %s are past the end", *where, offsets)
-                        _done(consumer, pending, where)
-                    continue
-                while offsets and offsets[-1] < msg.offset():
-                    # Gone (retention) or an aborted transaction's record: nothing to show.
-                    offsets.pop()
-                if offsets and offsets[-1] == msg.offset():
-                    offsets.pop()
-                    try:
-                        event = codec.decode(msg.value(), msg.headers())
-                    except ValueError as exc:
-                        log.warning("skipping %s[%d]@%d: %s", *where, msg.offset(), exc)
-                    else:
-                        records.append(Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), event))
-                if not offsets:
-                    _done(consumer, pending, where)
-                elif offsets[-1] > msg.offset() + 1:
-                    consumer.seek(confluent_kafka.TopicPartition(*where, offsets[-1]))
-        if pending:
-            raise TimeoutError(f"could not fetch {sum(map(len, pending.values()))} record(s) in {timeout:g}s")
-        return records
-    finally:
-        consumer.close()
+class Fetcher:
+    """Fetches records by their offsets: one seek per record, whatever the topics hold.
 
+    One consumer for all the fetches of a trace (a trace of a client address
+    fetches once per session).
+    """
 
-def _done(consumer: confluent_kafka.Consumer, pending: dict, where: tuple[str, int]) -> None:
-    pending.pop(where, None)
-    consumer.pause([confluent_kafka.TopicPartition(*where)])
+    def __init__(self, settings: Settings):
+        self.consumer = reader(settings, "bulwark-trace-fetch")
+
+    def fetch(self, locations: Iterable[Location], timeout: float = 30) -> list[Record]:
+        pending: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for topic, partition, offset in set(locations):
+            pending[(topic, partition)].append(offset)
+        if not pending:
+            return []
+        for offsets in pending.values():
+            offsets.sort(reverse=True)  # the next one wanted is last
+        records: list[Record] = []
+        consumer = self.consumer
+        assigned = [confluent_kafka.TopicPartition(t, p, offsets[-1]) for (t, p), offsets in pending.items()]
+        consumer.assign(assigned)
+        consumer.resume(assigned)  # paused by an earlier fetch
+        try:
+            deadline = time.monotonic() + timeout
+            while pending and time.monotonic() < deadline:
+                for msg in consumer.consume(num_messages=500, timeout=0.05):
+                    where = (msg.topic(), msg.partition())
+                    offsets = pending.get(where)
+                    if offsets is None:
+                        continue
+                    if msg.error() is not None:
+                        if msg.error().code() == confluent_kafka.KafkaError._PARTITION_EOF:
+                            log.warning("%s[%d]: offsets %s are past the end", *where, offsets)
+                            self._done(pending, where)
+                        continue
+                    while offsets and offsets[-1] < msg.offset():
+                        # Gone (retention) or an aborted transaction's record: nothing to show.
+                        offsets.pop()
+                    if offsets and offsets[-1] == msg.offset():
+                        offsets.pop()
+                        try:
+                            event = codec.decode(msg.value(), msg.headers())
+                        except ValueError as exc:
+                            log.warning("skipping %s[%d]@%d: %s", *where, msg.offset(), exc)
+                        else:
+                            records.append(Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), event))
+                    if not offsets:
+                        self._done(pending, where)
+                    elif offsets[-1] > msg.offset() + 1:
+                        consumer.seek(confluent_kafka.TopicPartition(*where, offsets[-1]))
+            if pending:
+                raise TimeoutError(f"could not fetch {sum(map(len, pending.values()))} record(s) in {timeout:g}s")
+            return records
+        finally:
+            consumer.unassign()
+
+    def _done(self, pending: dict, where: tuple[str, int]) -> None:
+        pending.pop(where, None)
+        self.consumer.pause([confluent_kafka.TopicPartition(*where)])
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 GROUP = "bulwark-trace-index"
 BATCH = 5000
 PROGRESS_SECONDS = 60.0
+#: How often a busy indexer moves its write-ahead log into table files (what a trace opening the store replays).
+SETTLE_SECONDS = 10.0
 
 
 class TraceIndexer:
@@ -83,6 +85,7 @@ class TraceIndexer:
         consumer.subscribe(ix.INDEXED_TOPICS, on_assign=self._assigned)
         log.info("indexing %s into %s", ", ".join(ix.INDEXED_TOPICS), self.store.path)
         progress = time.monotonic()
+        settled, settled_at = True, time.monotonic()
         try:
             while not self.stop.is_set():
                 entries = ix.Entries()
@@ -95,8 +98,15 @@ class TraceIndexer:
                     entries.add(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.headers(),
                                 msg.timestamp()[1])
                 if not entries.positions:
+                    if not settled:  # caught up: readers open the store faster with an empty log
+                        self.store.settle()
+                        settled, settled_at = True, time.monotonic()
                     continue
                 self.index(entries)
+                settled = False
+                if time.monotonic() - settled_at > SETTLE_SECONDS:  # never idle: settle now and then anyway
+                    self.store.settle()
+                    settled_at = time.monotonic()
                 consumer.commit(offsets=[confluent_kafka.TopicPartition(t, p, o)
                                          for (t, p), o in entries.positions.items()], asynchronous=True)
                 self.indexed += entries.records
