@@ -34,8 +34,9 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 
 import confluent_kafka
@@ -79,6 +80,39 @@ class Selection:
         low = lambda values: frozenset(v.lower() for v in values)  # noqa: E731
         return cls(since, until, low(senders), low(recipients), low(domains), frozenset(client_ips),
                    frozenset(actions), frozenset(results), frozenset(policy_versions))
+
+    def may_match(self, raw: bytes) -> bool:
+        """False when the raw record cannot match: most records of a selective replay are dropped unparsed."""
+        folded = None
+        for fold, alternatives in self.needles:
+            haystack = raw
+            if fold:
+                if folded is None:
+                    folded = raw.lower()
+                haystack = folded
+            for needle in alternatives:
+                if needle in haystack:
+                    break
+            else:
+                return False
+        return True
+
+    @cached_property
+    def needles(self) -> list[tuple[bool, tuple[bytes, ...]]]:
+        """Byte strings the raw record must contain (one of each tuple; lowercased first when the flag says so).
+
+        ``matches`` still decides: this only finds what cannot match.
+        """
+        quoted = lambda values: tuple(orjson.dumps(v) for v in values)  # noqa: E731
+        found = []
+        for values, fold in ((self.senders, True), (self.recipients, True), (self.client_ips, False),
+                             (self.actions, False), (self.results, False), (self.policy_versions, False)):
+            # bytes.lower() folds ASCII only: an address beyond it is left to ``matches``.
+            if values and all(v.isascii() for v in values):
+                found.append((fold, quoted(values)))
+        if self.domains and all(d.isascii() for d in self.domains):
+            found.append((True, tuple(f"@{d}".encode() for d in self.domains)))
+        return found
 
     def matches(self, data: dict) -> bool:
         """On a verdict's JSON, as recorded (v1 and v2 verdicts share these fields)."""
@@ -132,40 +166,40 @@ def _reader(settings: Settings) -> confluent_kafka.Consumer:
     })
 
 
-def select(settings: Settings, selection: Selection, stats: ReadStats | None = None,
-           progress: Callable[[int, int], None] | None = None) -> Iterator[dict]:
-    """The selected verdicts' JSON (upcast to the current version), the first verdict of each message only.
-
-    ``progress(read_so_far, total)`` is called every few thousand records.
-    """
-    stats = stats if stats is not None else ReadStats()
-    began = time.perf_counter()
+def _ranges(settings: Settings, since_ms: int | None) -> dict[int, tuple[int, int]]:
+    """partition -> (first offset to read, end) of mail.verdicts; ``since`` found by timestamp."""
     consumer = _reader(settings)
-    wanted_type = ev.Verdict.TYPE.encode()
-    since_ms = int(selection.since.timestamp() * 1000) if selection.since else None
-    until_ms = int(selection.until.timestamp() * 1000) if selection.until else None
-    seen: set[str] = set()
     try:
-        partitions = [confluent_kafka.TopicPartition(VERDICTS.name, p) for p in range(VERDICTS.partitions)]
-        ends, starts = {}, {}
-        for tp in partitions:
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            starts[tp.partition], ends[tp.partition] = low, high
+        ranges = {}
+        for p in range(VERDICTS.partitions):
+            ranges[p] = consumer.get_watermark_offsets(confluent_kafka.TopicPartition(VERDICTS.name, p), timeout=10)
         if since_ms is not None:
             found = consumer.offsets_for_times(
-                [confluent_kafka.TopicPartition(VERDICTS.name, p, since_ms) for p in starts], timeout=10)
+                [confluent_kafka.TopicPartition(VERDICTS.name, p, since_ms) for p in ranges], timeout=10)
             for tp in found:
                 # -1: nothing stamped at or after `since` in this partition
-                starts[tp.partition] = tp.offset if tp.offset >= 0 else ends[tp.partition]
-        remaining = {p for p in starts if starts[p] < ends[p]}
-        total = sum(ends[p] - starts[p] for p in remaining)
-        if not remaining:
-            return
-        consumer.assign([confluent_kafka.TopicPartition(VERDICTS.name, p, starts[p]) for p in remaining])
-        reported = 0
+                low, high = ranges[tp.partition]
+                ranges[tp.partition] = (tp.offset if tp.offset >= 0 else high, high)
+        return {p: r for p, r in ranges.items() if r[0] < r[1]}
+    finally:
+        consumer.close()
+
+
+def _scan(settings: Settings, selection: Selection, ranges: dict[int, tuple[int, int]],
+          progress: Callable[[int], None] | None = None) -> tuple[int, list[dict]]:
+    """Read mail.verdicts over these ranges; (records read, the selected verdicts' JSON)."""
+    consumer = _reader(settings)
+    until_ms = int(selection.until.timestamp() * 1000) if selection.until else None
+    may_match, matches = selection.may_match, selection.matches
+    ends = {p: end for p, (_, end) in ranges.items()}
+    remaining = set(ends)
+    read, reported = 0, 0
+    selected: list[dict] = []
+    seen: set[str] = set()
+    try:
+        consumer.assign([confluent_kafka.TopicPartition(VERDICTS.name, p, start) for p, (start, _) in ranges.items()])
         while remaining:
-            batch = consumer.consume(num_messages=10000, timeout=1.0)
-            for msg in batch:
+            for msg in consumer.consume(num_messages=10000, timeout=0.2):
                 partition = msg.partition()
                 if msg.error() is not None:
                     if msg.error().code() == confluent_kafka.KafkaError._PARTITION_EOF:
@@ -177,20 +211,19 @@ def select(settings: Settings, selection: Selection, stats: ReadStats | None = N
                     continue
                 if offset + 1 >= ends[partition]:
                     remaining.discard(partition)
-                stats.read += 1
-                stamp = msg.timestamp()[1]
-                if until_ms is not None and stamp > until_ms:
+                read += 1
+                if until_ms is not None and msg.timestamp()[1] > until_ms:
                     continue
-                headers = msg.headers()
-                if headers and headers[0][0] == codec.HEADER_TYPE and headers[0][1] != wanted_type:
+                value = msg.value()
+                if not may_match(value):
                     continue
                 try:
-                    data = orjson.loads(msg.value())
-                    if data.get("type") != ev.Verdict.TYPE:
+                    data = orjson.loads(value)
+                    if data.get("type") != ev.Verdict.TYPE:  # a message.refused
                         continue
                     if data.get("version") != ev.Verdict.VERSION:
                         data = codec.upcast(data)
-                    if not selection.matches(data):
+                    if not matches(data):
                         continue
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     log.warning("skipping %s[%d]@%d: %s", VERDICTS.name, partition, offset, exc)
@@ -198,16 +231,36 @@ def select(settings: Settings, selection: Selection, stats: ReadStats | None = N
                 if data["message_id"] in seen:  # a verdict published twice (a worker crashed after sending)
                     continue
                 seen.add(data["message_id"])
-                stats.selected += 1
-                yield data
-            if progress and stats.read - reported >= 5000:
-                reported = stats.read
-                progress(stats.read, total)
-        if progress:
-            progress(stats.read, total)
+                selected.append(data)
+            if progress is not None and read - reported >= 5000:
+                progress(read)
+                reported = read
+        if progress is not None:
+            progress(read)
+        return read, selected
     finally:
-        stats.seconds = time.perf_counter() - began
         consumer.close()
+
+
+def select(settings: Settings, selection: Selection, stats: ReadStats | None = None,
+           progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """The selected verdicts' JSON (upcast to the current version), the first verdict of each message only.
+
+    ``progress(read_so_far, total)`` is called every few thousand records.
+    """
+    stats = stats if stats is not None else ReadStats()
+    began = time.perf_counter()
+    selected: list[dict] = []
+    try:
+        since_ms = int(selection.since.timestamp() * 1000) if selection.since else None
+        ranges = _ranges(settings, since_ms)
+        total = sum(end - start for start, end in ranges.values())
+        report = (lambda read: progress(read, total)) if progress else None
+        stats.read, selected = _scan(settings, selection, ranges, report)
+        return selected
+    finally:
+        stats.selected = len(selected)
+        stats.seconds = time.perf_counter() - began
 
 
 class PolicyArchive:

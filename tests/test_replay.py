@@ -74,6 +74,14 @@ def test_selection_filters_on_the_recorded_verdict():
     assert not rp.Selection.of(results=["VIRUS_FOUND"]).matches(data)
     assert rp.Selection.of(policy_versions=["p1"]).matches(data)
     assert not rp.Selection.of(policy_versions=["p2"]).matches(data)
+    # The byte test before parsing never drops what matches() would keep.
+    raw = codec.encode(_verdict())[0]
+    for selection in (rp.Selection.of(senders=["ALICE@partner.test"]), rp.Selection.of(domains=["Other.test"]),
+                      rp.Selection.of(client_ips=["192.0.2.1"], actions=["quarantine"]),
+                      rp.Selection.of(results=["ATTACHMENT_TYPE_BLOCKED"], policy_versions=["p1"])):
+        assert selection.matches(data) and selection.may_match(raw)
+    assert not rp.Selection.of(senders=["bob@partner.test"]).may_match(raw)
+    assert not rp.Selection.of(client_ips=["192.0.2.1"], actions=["deliver"]).may_match(raw)
     # Every criterion must hold.
     assert not rp.Selection.of(senders=["alice@partner.test"], actions=["deliver"]).matches(data)
 
