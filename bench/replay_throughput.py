@@ -61,7 +61,8 @@ def produce(settings, count: int, start_ms: int) -> float:
     for n in range(count):
         value, headers, key = templates["quarantine" if n % 10 == 0 else "deliver"]
         mid = f"MSGID{n:010d}".encode()
-        value = value.replace(MID.encode(), mid).replace(SENDER.encode(), f"sender{n % 50000:05d}@partner.test".encode())
+        sender = f"sender{n % 50000:05d}@partner.test".encode()
+        value = value.replace(MID.encode(), mid).replace(SENDER.encode(), sender)
         while True:
             try:
                 producer.produce(VERDICTS.name, value=value, key=mid, headers=headers, timestamp=start_ms + n)
@@ -106,8 +107,8 @@ def run(records: int = RECORDS) -> None:
         print(f"  wrote {records:,} verdicts in {seconds:.1f}s ({records / seconds:,.0f}/s)", flush=True)
         timed(settings, Selection.of(senders=["nobody@nowhere.test"]))  # warm: connections, page cache
         count, seconds = raw_read(settings)
-        print(f"  consumed alone (no parsing, no filter): {count:,} in {seconds:.2f}s: {count / seconds:,.0f} records/s",
-              flush=True)
+        print(f"  consumed alone (no parsing, no filter): {count:,} in {seconds:.2f}s: "
+              f"{count / seconds:,.0f} records/s", flush=True)
         stats = timed(settings, Selection.of(senders=["sender00042@partner.test"]))
         print(f"  --sender (one in 50,000): read and filtered {stats.read:,} in {stats.seconds:.2f}s: "
               f"{stats.per_second:,.0f} events/s, {stats.selected} selected", flush=True)

@@ -27,7 +27,7 @@ from bulwark.kafka import producer_config
 from bulwark.trace import Index, scan_trace
 from schemas import codec
 from schemas import events as ev
-from schemas.topics import BY_NAME, DELIVERIES, RECEIVED, SESSIONS, VERDICTS, record_key, topic_for
+from schemas.topics import BY_NAME, record_key, topic_for
 
 POLICY = """
 hostname: bench.example.test

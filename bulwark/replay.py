@@ -384,7 +384,8 @@ def result_causes(recorded: list[ev.CheckResult], replayed: list[ev.CheckResult]
         elif check == "outbreak":
             line += " (outbreak marks differ: a mark may have been lifted or re-made)"
         elif not any(r.check == check for r in (recorded if old is None else replayed)):
-            line += " (the check did not run " + ("then" if old is None else "now") + ": another Bulwark version or setting)"
+            when = "then" if old is None else "now"
+            line += f" (the check did not run {when}: another Bulwark version or setting)"
         else:
             line += " (the check's code or data changed since)"
         causes.append(line)

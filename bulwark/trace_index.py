@@ -259,7 +259,8 @@ def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, in
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "client.id": "bulwark-trace"})
     futures = admin.list_offsets(
-        {confluent_kafka.TopicPartition(t, p): OffsetSpec.latest() for t in topics for p in range(BY_NAME[t].partitions)},
+        {confluent_kafka.TopicPartition(t, p): OffsetSpec.latest()
+         for t in topics for p in range(BY_NAME[t].partitions)},
         isolation_level=confluent_kafka.IsolationLevel.READ_COMMITTED, request_timeout=30)
     return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
 

@@ -64,7 +64,8 @@ def test_selection_filters_on_the_recorded_verdict():
     assert rp.Selection.of(senders=["alice@partner.test"]).matches(data)  # addresses in any case
     assert not rp.Selection.of(senders=["bob@partner.test"]).matches(data)
     assert rp.Selection.of(recipients=["CAROL@other.test"]).matches(data)
-    assert rp.Selection.of(domains=["partner.test"]).matches(data) and rp.Selection.of(domains=["other.test"]).matches(data)
+    assert rp.Selection.of(domains=["partner.test"]).matches(data)
+    assert rp.Selection.of(domains=["other.test"]).matches(data)
     assert not rp.Selection.of(domains=["elsewhere.test"]).matches(data)
     assert rp.Selection.of(client_ips=["192.0.2.1"]).matches(data)
     assert not rp.Selection.of(client_ips=["192.0.2.10"]).matches(data)
@@ -107,7 +108,8 @@ def test_a_newer_signature_database_is_named_as_the_cause():
 def test_dns_failures_and_unchanged_results_each_have_their_cause():
     dns = rp.result_causes([ev.CheckResult(check="dmarc", name="DMARC_FAIL_REJECT", outcome="hit")],
                            [ev.CheckResult(check="dmarc", name="DMARC_FAIL_REJECT", outcome="pass")])
-    assert dns == ["dmarc: DMARC_FAIL_REJECT hit then, pass now (the DNS records it reads are today's, not those of then)"]
+    assert dns == ["dmarc: DMARC_FAIL_REJECT hit then, pass now "
+                   "(the DNS records it reads are today's, not those of then)"]
     failed = rp.result_causes([ev.CheckResult(check="antivirus", name="ANTIVIRUS_FAIL", outcome="fail",
                                               detail="clamd unreachable")], [])
     assert failed == ["antivirus: ANTIVIRUS_FAIL fail then, absent now (the check failed then: clamd unreachable)"]
@@ -149,7 +151,8 @@ async def _judged(blobs: BlobStore, raw: bytes, policy: Policy, message_id: str)
 async def test_replayed_under_its_own_policy_a_verdict_is_reproduced(world):
     settings, blobs = world
     policy = _policy()
-    recorded = [await _judged(blobs, _raw("setup.exe"), policy, "m-exe"), await _judged(blobs, _raw(None), policy, "m-ok")]
+    recorded = [await _judged(blobs, _raw("setup.exe"), policy, "m-exe"),
+                await _judged(blobs, _raw(None), policy, "m-ok")]
     assert [v["action"] for v in recorded] == ["quarantine", "deliver"]
     archive = rp.PolicyArchive(settings, {}, {policy.version: policy})
 
@@ -182,8 +185,8 @@ async def test_what_cannot_be_replayed_says_why(world):
 async def test_a_candidate_policy_shows_which_messages_change_action_and_why(world):
     settings, blobs = world
     policy = _policy()
-    recorded = [await _judged(blobs, _raw("setup.exe"), policy, "m-exe"), await _judged(blobs, _raw("run.js"), policy,
-                                                                                        "m-js"),
+    recorded = [await _judged(blobs, _raw("setup.exe"), policy, "m-exe"),
+                await _judged(blobs, _raw("run.js"), policy, "m-js"),
                 await _judged(blobs, _raw(None), policy, "m-ok")]
     archive = rp.PolicyArchive(settings, {}, {policy.version: policy})
 

@@ -46,9 +46,9 @@ def _session(log: Log, session_id: str, ip: str, at: datetime, message_id: str |
     where["auth"] = log.put(SESSIONS.name, ev.SessionAuth(session_id=session_id, client_ip=ip, mechanism="PLAIN",
                                                           username="carol@example.test", outcome="success",
                                                           occurred_at=at + timedelta(seconds=1)))
-    where["mail"] = log.put(SESSIONS.name, ev.SessionMail(session_id=session_id, client_ip=ip, sender="Alice@Partner.test",
-                                                          accepted=True, reply_code=250,
-                                                          occurred_at=at + timedelta(seconds=2)))
+    where["mail"] = log.put(SESSIONS.name, ev.SessionMail(
+        session_id=session_id, client_ip=ip, sender="Alice@Partner.test", accepted=True, reply_code=250,
+        occurred_at=at + timedelta(seconds=2)))
     if message_id:
         where["data"] = log.put(SESSIONS.name, ev.SessionData(
             session_id=session_id, client_ip=ip, message_id=message_id, accepted=True, reply_code=250, size=10,
