@@ -82,12 +82,15 @@ class Index:
         self.settings = settings
         self.store = store
         self.tail = tail
-        self._fetcher: ix.Fetcher | None = None
 
     def fetch(self, locations) -> list[Record]:
-        if self._fetcher is None:
-            self._fetcher = ix.Fetcher(self.settings)
-        return self._fetcher.fetch(locations)
+        # A consumer per fetch: one reassigned to other partitions sometimes
+        # waited a second before its first fetch; a new one takes ~20 ms.
+        fetcher = ix.Fetcher(self.settings)
+        try:
+            return fetcher.fetch(locations)
+        finally:
+            fetcher.close()
 
     @classmethod
     def open(cls, settings: Settings, scan_without_store: bool = True) -> "Index | None":
@@ -123,8 +126,7 @@ class Index:
     def close(self) -> None:
         if self.store:
             self.store.close()
-        if self._fetcher is not None:
-            self._fetcher.close()
+
 
     # -- traces -------------------------------------------------------------------
 

@@ -254,15 +254,19 @@ def reader(settings: Settings, client_id: str = "bulwark-trace") -> confluent_ka
 
 
 def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
-    """Each partition's end (of committed records), in one request to the broker."""
-    from confluent_kafka.admin import AdminClient, OffsetSpec
+    """Each partition's end (of committed records), in one request to the broker.
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "client.id": "bulwark-trace"})
-    futures = admin.list_offsets(
-        {confluent_kafka.TopicPartition(t, p): OffsetSpec.latest()
-         for t in topics for p in range(BY_NAME[t].partitions)},
-        isolation_level=confluent_kafka.IsolationLevel.READ_COMMITTED, request_timeout=30)
-    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+    ``offsets_for_times`` with the "latest" timestamp, not an AdminClient:
+    destroying one here sometimes waited a second for its background thread.
+    """
+    consumer = reader(settings, "bulwark-trace-ends")
+    try:
+        found = consumer.offsets_for_times(
+            [confluent_kafka.TopicPartition(t, p, confluent_kafka.OFFSET_END)
+             for t in topics for p in range(BY_NAME[t].partitions)], timeout=30)
+        return {(tp.topic, tp.partition): tp.offset for tp in found}
+    finally:
+        consumer.close()
 
 
 def read_tail(settings: Settings, starts: dict[tuple[str, int], int], timeout: float = 120) -> Entries:
@@ -302,11 +306,7 @@ def read_tail(settings: Settings, starts: dict[tuple[str, int], int], timeout: f
 
 
 class Fetcher:
-    """Fetches records by their offsets: one seek per record, whatever the topics hold.
-
-    One consumer for all the fetches of a trace (a trace of a client address
-    fetches once per session).
-    """
+    """Fetches records by their offsets: one seek per record, whatever the topics hold."""
 
     def __init__(self, settings: Settings):
         self.consumer = reader(settings, "bulwark-trace-fetch")
