@@ -100,7 +100,8 @@ class Index:
             store = None
         if store is None and not scan_without_store:
             return None
-        tail = ix.read_tail(settings, store.positions() if store else {})
+        # Without a store the "tail" is every record: as long as a scan takes.
+        tail = ix.read_tail(settings, store.positions() if store else {}, timeout=120 if store else 24 * 3600)
         return cls(settings, store, tail)
 
     @property

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 GROUP = "bulwark-trace-index"
 BATCH = 5000
 PROGRESS_SECONDS = 60.0
+MAX_BACKOFF_SECONDS = 30.0
 #: How often a busy indexer moves its write-ahead log into table files (what a trace opening the store replays).
 SETTLE_SECONDS = 10.0
 
@@ -102,13 +103,17 @@ class TraceIndexer:
                         self.store.settle()
                         settled, settled_at = True, time.monotonic()
                     continue
-                self.index(entries)
+                if not self.index(entries):
+                    break  # stopping: this batch is indexed again next time
                 settled = False
                 if time.monotonic() - settled_at > SETTLE_SECONDS:  # never idle: settle now and then anyway
                     self.store.settle()
                     settled_at = time.monotonic()
-                consumer.commit(offsets=[confluent_kafka.TopicPartition(t, p, o)
-                                         for (t, p), o in entries.positions.items()], asynchronous=True)
+                try:  # for Kafka's tools only: the store's own offsets are where the indexer resumes
+                    consumer.commit(offsets=[confluent_kafka.TopicPartition(t, p, o)
+                                             for (t, p), o in entries.positions.items()], asynchronous=True)
+                except confluent_kafka.KafkaException as exc:
+                    log.warning("offsets not committed to %s: %s", GROUP, exc)
                 self.indexed += entries.records
                 if time.monotonic() - progress > PROGRESS_SECONDS:
                     progress = time.monotonic()
@@ -118,17 +123,27 @@ class TraceIndexer:
             self.producer.flush(10)
             log.info("stopped after %d records", self.indexed)
 
-    def index(self, entries: ix.Entries) -> None:
-        """Changelog first, then the store (entries and positions in one write)."""
+    def index(self, entries: ix.Entries) -> bool:
+        """Changelog first, then the store (entries and positions in one write); False if told to stop first.
+
+        A changelog write that fails (the broker away) is tried again, the
+        whole batch, until it succeeds: nothing of it is in the store yet.
+        """
         changes = self.store.merged(entries)
-        for key, value in changes.items():
-            self._produce(key.encode(), value)
-        self.producer.flush()
-        if self._failed:
+        delay = 0.5
+        while True:
+            for key, value in changes.items():
+                self._produce(key.encode(), value)
+            self.producer.flush()
+            if not self._failed:
+                break
             error, self._failed = self._failed[0], []
-            # Nothing of this batch is in the store: a restart indexes it again.
-            raise confluent_kafka.KafkaException(error)
+            log.warning("%s not written (%s); again in %.1fs", TRACE_INDEX.name, error, delay)
+            if self.stop.wait(delay):
+                return False
+            delay = min(delay * 2, MAX_BACKOFF_SECONDS)
         self.store.write(changes)
+        return True
 
     def _produce(self, key: bytes, value: bytes) -> None:
         while True:
