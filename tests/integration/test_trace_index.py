@@ -148,6 +148,13 @@ def test_a_lost_index_store_is_rebuilt_from_its_changelog(gateway):
     indexer.wait(10)
     shutil.rmtree(ix.store_path(gateway.settings))
 
+    # No index: a trace scans the topics, says so, and finds the same.
+    scanned = gateway.cli("trace", before)
+    assert "no trace index" in scanned.stderr and "scanned the topics" in scanned.stderr
+    assert "session.connected" in scanned.stdout and "delivery.attempted" in scanned.stdout
+    by_ip = gateway.cli("trace", "--client-ip", "127.0.11.4", "--json")
+    assert "scanned the topics" in by_ip.stderr and before in by_ip.stdout
+
     gateway.stack.start("trace-index", ["sinks", "trace-index"])
     after = gateway.send(gateway.message("lost-two@partner.test", [f"lost@{LOCAL_DOMAIN}"], "lost two"),
                          source_ip="127.0.11.4")
