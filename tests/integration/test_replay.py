@@ -89,3 +89,20 @@ def test_a_candidate_policy_shows_the_messages_that_would_change_action(gateway,
     [row] = [line for line in table.splitlines() if judged["risky"][:16] in line]
     assert "replay-risky@partner.test" in row and "quarantine" in row and "deliver" in row
     assert judged["clean"][:16] not in table
+
+
+def test_a_message_whose_raw_copy_is_gone_is_reported_and_fails_the_replay(gateway):
+    from bulwark.blobstore import BlobStore
+
+    queue_id = gateway.send(gateway.message("replay-gone@partner.test", [f"replay@{LOCAL_DOMAIN}"], "replay gone"),
+                            source_ip="127.0.11.11")
+    [verdict] = gateway.wait_records(lambda r: isinstance(r.event, ev.Verdict), [VERDICTS.name], keys={queue_id},
+                                     timeout=60, what="its verdict")
+    gateway.downstream.wait_for(lambda d: "replay gone" in d.text)
+    BlobStore(gateway.settings.blob_dir).path(verdict.event.envelope.sha256).write_bytes(b"not the message")
+
+    result = gateway.cli("replay", "--client-ip", "127.0.11.11", check=False)
+    assert result.returncode == 1
+    assert "1 selected and judged again: 0 differ from the recorded verdict, 1 could not be replayed" in result.stdout
+    [row] = [line for line in result.stdout.splitlines() if queue_id[:16] in line]
+    assert "raw message not readable from the blob store" in row and "is corrupt" in row
