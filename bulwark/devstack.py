@@ -2,7 +2,7 @@
 
 Each Bulwark component runs as its own process, as it would in production
 (and in docker-compose.yml): the broker, ingest, the Faust worker, the
-sinks, the demo mailbox and the web console. This module starts them in order, waits for each
+sinks, the trace indexer, the demo mailbox and the web console. This module starts them in order, waits for each
 to be ready, and stops them all, in reverse order, on Ctrl-C.
 """
 
@@ -29,6 +29,7 @@ COMPONENTS = [
     ("quarantine", ["sinks", "quarantine"]),
     ("delivery", ["sinks", "delivery"]),
     ("dmarc-reports", ["sinks", "dmarc-reports"]),
+    ("trace-index", ["sinks", "trace-index"]),
     ("streams", ["streams", "worker"]),
     ("ingest", ["ingest"]),
     ("console", ["console"]),

@@ -56,6 +56,22 @@ def producer_config(settings: Settings, client_id: str, **extra) -> dict:
     }
 
 
+def assigned_reader_config(settings: Settings, client_id: str, **extra) -> dict:
+    """A librdkafka consumer in no group: it reads the partitions it is assigned, where it is told,
+    and commits nothing, so it disturbs no one (trace, replay)."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": client_id,  # required by librdkafka; never joined (assign only) nor committed
+        "client.id": client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+        **librdkafka_config(settings),
+        **extra,
+    }
+
+
 def consumer_config(settings: Settings, group_id: str, **extra) -> dict:
     """A librdkafka consumer in a group that commits only the offsets its owner says are done."""
     return {

@@ -98,8 +98,19 @@ PRINCIPALS: tuple[Principal, ...] = (
     ),
     Principal(
         "console", "bulwark console (web)",
-        writes=(t.QUARANTINE, t.CONSOLE_LOGINS),
-        reads=(t.POLICY,),  # it writes quarantine releases and deletions, and refused logins
+        # Quarantine releases and deletions, refused logins, unbans and
+        # re-enabled accounts (the events the command line publishes).
+        writes=(t.QUARANTINE, t.CONSOLE_LOGINS, t.BANS, t.ACCOUNT_STATE),
+        # Tracking and the dashboard read the message topics; the policy
+        # page its history; the screening and accounts pages their topics.
+        reads=(t.POLICY, t.SESSIONS, t.RECEIVED, t.VERDICTS, t.DELIVERIES, t.QUARANTINE, t.BANS, t.ACCOUNT_STATE,
+               t.CONSOLE_LOGINS, t.TRACE_INDEX),
+    ),
+    Principal(
+        "trace-index", "bulwark sinks trace-index (the trace indexer)",
+        writes=(t.TRACE_INDEX,),
+        reads=(t.SESSIONS, t.RECEIVED, t.VERDICTS, t.DELIVERIES, t.QUARANTINE, t.TRACE_INDEX),
+        groups=("bulwark-trace-index",),
     ),
     Principal(
         "export", "bulwark sinks export (SIEM exports)",
@@ -136,6 +147,7 @@ COMPONENT_PRINCIPALS: dict[str, str | None] = {
     "dmarc-reports": "dmarc-reports",
     "console": "console",
     "export": "export",
+    "trace-index": "trace-index",
 }
 
 

@@ -242,10 +242,24 @@ CONSOLE_LOGINS = TopicSpec(
     purpose="Refused logins to the administrator's web console (the name tried and the address; never a password)",
 )
 
+TRACE_INDEX = TopicSpec(
+    name="trace.index",
+    # Not events: the changelog of the trace indexer's store (like a Faust
+    # table's changelog), so a lost store is rebuilt from Kafka alone.
+    key="index key, fields split by NUL (m ID, s ID: a message's or session's records; i IP TIME SESSION, "
+        "a ACCOUNT TIME KIND ID: who and when; o TOPIC PARTITION: how far the index has read)",
+    key_field="",
+    kind="state",
+    partitions=1,
+    carries=(),
+    purpose="Where every record about a message, session, client address or account is (topic, partition, "
+            "offset), written by the trace indexer; `bulwark trace` reads it instead of scanning the topics",
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, DOMAINS, ACCOUNT_STATE, BANS, HIJACK_LIMITS,
     OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS, BACKSCATTER_KEYS, TLS_FALLBACKS, MTA_STS_POLICIES,
-    DMARC_REPORTS, CONSOLE_LOGINS,
+    DMARC_REPORTS, CONSOLE_LOGINS, TRACE_INDEX,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}

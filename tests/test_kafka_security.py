@@ -203,7 +203,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLIENT_CALL = re.compile(r"\b(AIOKafkaConsumer|AIOKafkaProducer|AIOKafkaAdminClient|AIOKafkaClient"
                          r"|confluent_kafka\.Producer|confluent_kafka\.Consumer|AdminClient|faust\.App)\(")
 #: What a call's arguments must mention so that it connects as the settings say.
-SECURED_BY = ("aiokafka_options(", "producer_config(", "consumer_config(", "librdkafka_config(", "self.config",
+SECURED_BY = ("aiokafka_options(", "producer_config(", "consumer_config(", "assigned_reader_config(", "librdkafka_config(", "self.config",
               "broker_credentials=")
 
 

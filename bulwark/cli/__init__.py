@@ -83,6 +83,14 @@ def sinks_dmarc_reports() -> None:
     _run(serve(_settings()))
 
 
+@sinks.command("trace-index")
+def sinks_trace_index() -> None:
+    """Run the trace indexer: where every record of a message, session, address or account is."""
+    from sinks.trace_index import serve
+
+    serve(_settings())
+
+
 @sinks.command("export")
 @click.option("--name", help="Names the consumer group bulwark-export-NAME (default siem; $BULWARK_EXPORT_NAME)")
 @click.option("--format", "fmt", type=click.Choice(["ecs", "cef", "syslog"]),
@@ -369,24 +377,182 @@ def policy_audit(path: str | None) -> None:
 # -- forensics ------------------------------------------------------------------
 
 
-@main.command()
-@click.argument("ident")
-@click.option("--json", "as_json", is_flag=True, help="One JSON event per line")
-def trace(ident: str, as_json: bool) -> None:
-    """Print the timeline of a message id or a session id, from Kafka alone."""
-    from bulwark.trace import describe, trace as run_trace
+def _when(value: str | None):
+    """A time given on the command line: ISO 8601 (UTC unless it says otherwise), or 30m, 6h, 2d ago."""
+    import re
+    from datetime import datetime, timedelta, timezone
 
-    records = _run(run_trace(_settings(), ident))
-    if not records:
-        click.echo(f"nothing on the topics for {ident}", err=True)
-        sys.exit(1)
+    if value is None:
+        return None
+    ago = re.fullmatch(r"(\d+)([smhd])", value.strip())
+    if ago:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[ago[2]]
+        return datetime.now(timezone.utc) - timedelta(**{unit: int(ago[1])})
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither an ISO 8601 time nor a duration such as 6h") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _print_records(records, as_json: bool) -> None:
+    from bulwark.trace import describe
+
     for record in records:
         if as_json:
-            click.echo(json.dumps({"topic": record.topic, "offset": record.offset,
+            click.echo(json.dumps({"topic": record.topic, "partition": record.partition, "offset": record.offset,
                                    "event": record.event.model_dump(mode="json")}))
         else:
             when = record.event.occurred_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
             click.echo(f"{when}  {record.topic:17} {record.event.TYPE:21} {describe(record.event)}")
+
+
+@main.command()
+@click.argument("ident", required=False)
+@click.option("--client-ip", help="Every session from this client address (with --since/--until)")
+@click.option("--account", help="Every session that logged in as or sent from this address, every message "
+                                "from or to it (with --since/--until)")
+@click.option("--since", help="From this time: ISO 8601 (UTC unless stated) or a duration ago (30m, 6h, 2d)")
+@click.option("--until", help="Up to this time (same forms); default now")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line")
+def trace(ident: str | None, client_ip: str | None, account: str | None, since: str | None, until: str | None,
+          as_json: bool) -> None:
+    """Print the timeline of a message id or a session id, from Kafka alone.
+
+    With the trace indexer running (`bulwark sinks trace-index`), it reads
+    only the records it prints; without, it scans the topics and says so.
+    """
+    from bulwark.trace import Index, trace as run_trace
+
+    if sum(x is not None for x in (ident, client_ip, account)) != 1:
+        raise click.UsageError("give one of: a message or session id, --client-ip, --account")
+    if ident is not None and (since or until):
+        raise click.UsageError("--since and --until go with --client-ip or --account")
+    settings = _settings()
+    if ident is not None:
+        records, index = _run(run_trace(settings, ident))
+        if index is None:
+            click.echo("no trace index (is `bulwark sinks trace-index` running?): scanned the topics", err=True)
+        elif index.lag:
+            click.echo(f"the index had {index.lag} record(s) to catch up on: read from the topics", err=True)
+        if not records:
+            click.echo(f"nothing on the topics for {ident}", err=True)
+            sys.exit(1)
+        _print_records(records, as_json)
+        return
+    index = Index.open(settings)
+    try:
+        if index.scanned:
+            click.echo("no trace index (is `bulwark sinks trace-index` running?): scanned the topics", err=True)
+        first, last = _when(since), _when(until)
+        timelines = (index.sessions_from(client_ip, first, last) if client_ip
+                     else index.account(account, first, last))
+    finally:
+        index.close()
+    if not timelines:
+        click.echo(f"nothing on the topics for {client_ip or account} in that time", err=True)
+        sys.exit(1)
+    for timeline in timelines:
+        if not as_json:
+            click.echo(f"== {timeline.title}")
+        _print_records(timeline.records, as_json)
+
+
+class _Progress:
+    """A progress bar on stderr, made when the length is first known; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+        self.shown = 0
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total or 0, label=self.label, file=sys.stderr,
+                                         show_pos=True, show_eta=True)
+            self.bar.__enter__()
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@main.command()
+@click.option("--since", help="Verdicts from this time: ISO 8601 (UTC unless stated) or a duration ago (6h, 2d)")
+@click.option("--until", help="Verdicts up to this time (same forms)")
+@click.option("--sender", multiple=True, help="Envelope sender (repeatable)")
+@click.option("--recipient", multiple=True, help="Envelope recipient (repeatable)")
+@click.option("--domain", multiple=True, help="The sender's or a recipient's domain (repeatable)")
+@click.option("--client-ip", multiple=True, help="Client address (repeatable)")
+@click.option("--action", multiple=True, type=click.Choice(["deliver", "quarantine", "reject", "redirect"]),
+              help="Recorded action (repeatable)")
+@click.option("--result", multiple=True, help="A result name the recorded verdict found, e.g. VIRUS_FOUND")
+@click.option("--policy-version", multiple=True, help="Recorded policy version (repeatable)")
+@click.option("--policy", "candidate", type=click.Path(exists=True, dir_okay=False),
+              help="A candidate policy file: which messages would change action under it, and why")
+@click.option("--all", "show_all", is_flag=True, help="List every replayed message, not only those that differ")
+@click.option("--concurrency", default=8, show_default=True, help="Messages judged at once")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: the figures and every message")
+def replay(since, until, sender, recipient, domain, client_ip, action, result, policy_version, candidate, show_all,
+           concurrency, as_json) -> None:
+    """Judge recorded messages again, from their raw copies in the blob store.
+
+    Without --policy, each under the policy version it was judged under: the
+    verdict should be the one recorded, and any difference is shown with its
+    cause (exit status 1). With --policy FILE, under that candidate: which
+    messages would change action, and why. Reads only; writes to no topic.
+    """
+    from bulwark import replay as rp
+    from bulwark.policy import PolicyError, load
+
+    settings = _settings()
+    policy = None
+    if candidate:
+        try:
+            policy = load(candidate)
+        except PolicyError as exc:
+            raise click.UsageError(str(exc)) from None
+    selection = rp.Selection.of(_when(since), _when(until), sender, recipient, domain, client_ip, action, result,
+                                policy_version)
+    stats = rp.ReadStats()
+    reading = _Progress("reading mail.verdicts")
+    try:
+        verdicts = list(rp.select(settings, selection, stats, reading))
+    finally:
+        reading.close()
+    judging = _Progress("judging again")
+    try:
+        outcomes = _run(rp.replay(settings, verdicts, policy, concurrency,
+                                  lambda done: judging(done, len(verdicts))))
+    finally:
+        judging.close()
+    changed = [o for o in outcomes if o.changed]
+    errors = [o for o in outcomes if o.error]
+    if as_json:
+        click.echo(json.dumps({
+            "mode": "candidate" if policy else "recorded",
+            "candidate_policy": policy.version if policy else None,
+            "read": stats.read, "selected": stats.selected, "read_seconds": round(stats.seconds, 3),
+            "changed": len(changed), "not_replayed": len(errors),
+            "messages": [o.as_json() for o in outcomes if show_all or o.changed or o.error],
+        }, indent=2))
+    else:
+        what = (f"would change action under policy {policy.version}" if policy
+                else "differ from the recorded verdict")
+        click.echo(f"{stats.read} verdicts read in {stats.seconds:.1f}s, {stats.selected} selected and judged again: "
+                   f"{len(changed)} {what}, {len(errors)} could not be replayed")
+        shown = rp.table(outcomes, candidate=policy is not None, show_all=show_all)
+        if shown:
+            click.echo(shown)
+    if policy is None and (changed or errors):
+        sys.exit(1)
+
+
+# -- metrics ----------------------------------------------------------------------
 
 
 @main.command()
