@@ -138,6 +138,7 @@ EXPOSED: dict[str, tuple] = {
     "export": (EXPORTED, EXPORT_WRITE_FAILURES, *_CONSUMER),
     "console": (CONSOLE_LOGINS, CONSOLE_ACTIONS, CONSOLE_RESPONSES, *_PUBLISHER),
     "mailbox": (MAILBOX_MESSAGES,),
+    "trace-index": (EVENTS_CONSUMED,),
 }
 
 

@@ -30,6 +30,7 @@ METRICS_PORTS = {
     "console": ("BULWARK_CONSOLE_METRICS_PORT", 9466),
     "export": ("BULWARK_EXPORT_METRICS_PORT", 9467),
     "mailbox": ("BULWARK_MAILBOX_METRICS_PORT", 9468),
+    "trace-index": ("BULWARK_TRACE_INDEX_METRICS_PORT", 9469),
 }
 
 #: The last environment's settings (Settings.from_env).

@@ -24,6 +24,7 @@ import time
 
 import confluent_kafka
 
+from bulwark import metrics
 from bulwark import trace_index as ix
 from bulwark.kafka import consumer_config, producer_config
 from bulwark.service import configure_logging
@@ -98,6 +99,7 @@ class TraceIndexer:
                         continue
                     entries.add(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.headers(),
                                 msg.timestamp()[1])
+                    metrics.EVENTS_CONSUMED.labels(group=GROUP, topic=msg.topic()).inc()
                 if not entries.positions:
                     if not settled:  # caught up: readers open the store faster with an empty log
                         self.store.settle()
@@ -171,6 +173,7 @@ def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     store = ix.IndexStore(ix.store_path(settings))
+    metrics_server = metrics.start("trace-index", settings)
     try:
         TraceIndexer(settings, store, stop).run()
     except confluent_kafka.KafkaException as exc:
@@ -178,3 +181,5 @@ def serve(settings: Settings) -> None:
         raise SystemExit(1) from None
     finally:
         store.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
