@@ -9,9 +9,10 @@ Four set-ups, one after the other on the same machine, with the same load
   bulwark          Bulwark with the `make run` policy: inline refusal on, every default check
   bulwark-async    the same with ``inline_refusal: {enabled: false}``
 
-Bulwark runs as ``bulwark up`` does: an ingest process and a Faust worker
-per core. ``--only bulwark-single`` (not in the default run) is the default
-policy with one of each, to compare.
+Bulwark runs as ``bulwark up`` does by default: one ingest process and one
+Faust worker. ``--only bulwark-per-core`` (not in the default run) is the
+default policy with an ingest process and a worker per core
+(``BULWARK_INGEST_PROCESSES=auto``, ``BULWARK_STREAMS_WORKERS=auto``), to compare.
 
 For each it prints accepted msg/s (smtp-source's pace), relayed msg/s (at
 smtp-sink), p50/p99 of end-of-DATA -> reply measured by a probe client beside
@@ -48,7 +49,7 @@ from schemas.topics import QUARANTINE, RECEIVED, VERDICTS
 
 SETUPS = ("postfix", "postfix+clamav", "bulwark", "bulwark-async")
 #: Set-ups run only when asked for with --only.
-EXTRA_SETUPS = ("bulwark-single",)
+EXTRA_SETUPS = ("bulwark-per-core",)
 #: Bulwark's processes whose memory counts (not Kafka's, not clamd's).
 BULWARK_PROCESSES = ("ingest", "streams", "delivery", "quarantine")
 
@@ -172,10 +173,9 @@ async def _reconcile(settings: Settings) -> tuple[dict, dict]:
              "unjudged": len(received - set(verdicts))}, actions)
 
 
-def run_bulwark(root: Path, args, inline_refusal: bool, per_core: bool = True) -> Result:
-    setup = ("bulwark" if per_core else "bulwark-single") if inline_refusal else "bulwark-async"
-    # As bulwark up runs it by default: a process of each per core.
-    processes = str(os.cpu_count() or 1) if per_core else "1"
+def run_bulwark(root: Path, args, inline_refusal: bool, per_core: bool = False) -> Result:
+    setup = ("bulwark-per-core" if per_core else "bulwark") if inline_refusal else "bulwark-async"
+    processes = "auto" if per_core else "1"  # 1: as bulwark up runs it by default
     scale = {"BULWARK_INGEST_PROCESSES": processes, "BULWARK_STREAMS_WORKERS": processes}
     with smtp_sink(root / setup) as sink:
         policy = bulwark_policy(sink.port, inline_refusal)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             results.append(run_postfix(root, args, milter=setup == "postfix+clamav"))
         else:
             results.append(run_bulwark(root, args, inline_refusal=setup != "bulwark-async",
-                                       per_core=setup != "bulwark-single"))
+                                       per_core=setup == "bulwark-per-core"))
     report(results, args)
     return results
 

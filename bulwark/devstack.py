@@ -77,8 +77,8 @@ def private_environment(root: Path, policy: Path) -> dict[str, str]:
         "BULWARK_CLAMD_PORT": str(free_port()),
         "BULWARK_CLAMD_DIR": str(root / "clamd"),
         "BULWARK_CLAMAV_DB": "",
-        # One of each: tests kill and restart "the" ingest or worker; a test
-        # of several sets these itself.
+        # One of each, whatever the environment says: tests kill and restart
+        # "the" ingest or worker; a test of several sets these itself.
         "BULWARK_INGEST_PROCESSES": "1",
         "BULWARK_STREAMS_WORKERS": "1",
     }
@@ -222,9 +222,9 @@ class LocalStack:
     def instances(self) -> list[tuple[str, str, list[str], dict[str, str]]]:
         """Every process to run: (name, component, command, environment), in start order.
 
-        Ingest and the Faust worker run once per core unless the settings say
-        otherwise (``ingest_processes``, ``streams_workers``); the second is
-        named ``ingest-2``, and so on.
+        Ingest and the Faust worker run as many times as the settings say
+        (``ingest_processes``, ``streams_workers``); the second is named
+        ``ingest-2``, and so on.
         """
         counts = {"ingest": self.settings.ingest_processes, "streams": self.settings.streams_workers}
         found = []

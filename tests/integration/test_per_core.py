@@ -1,4 +1,5 @@
-"""Ingest and the Faust worker once per core, as `bulwark up` starts them.
+"""Two ingest processes and two Faust workers, as `bulwark up` starts them
+with BULWARK_INGEST_PROCESSES=2 (or auto, on two cores).
 
 Two ingest processes share the SMTP port (SO_REUSEPORT), each with its own
 transactional id; two workers share the partitions. A stack of its own (not
