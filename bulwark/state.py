@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from bulwark.settings import Settings
 from schemas import codec
@@ -68,18 +68,18 @@ class StateView:
                 isolation_level=self.isolation_level,
                 client_id=f"bulwark-view-{self.spec.name}",
             )
+            partitions = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]
             try:
                 await self._consumer.start()
+                self._consumer.assign(partitions)
+                await self._consumer.seek_to_beginning(*partitions)
+                ends = await self._consumer.end_offsets(partitions)
                 break
-            except KafkaConnectionError as exc:
+            except (KafkaConnectionError, KafkaTimeoutError) as exc:  # gone before we had the offsets, too
                 await self._consumer.stop()
                 log.warning("waiting for Kafka at %s to read %s: %s", self.settings.kafka_bootstrap,
                             self.spec.name, exc)
                 await asyncio.sleep(BROKER_RETRY_SECONDS)
-        partitions = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
-        ends = await self._consumer.end_offsets(partitions)
         self._task = asyncio.create_task(self._follow(ends), name=f"view-{self.spec.name}")
         await asyncio.wait_for(self.caught_up.wait(), timeout)
 
