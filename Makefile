@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit bench kafka schemas clean
+.PHONY: run test unit bench chaos kafka schemas clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ unit: $(STAMP)
 ## Benchmarks: each script in bench/ starts what it needs and prints its figures.
 bench: $(STAMP) kafka
 	$(BIN)/python -m bench
+
+## Chaos with reconciliation: 10,000 messages while every component is SIGKILLed and restarted
+## (about 10 minutes; `make bench` runs it with 1,000). Exits non-zero on any loss or duplicate.
+chaos: $(STAMP) kafka
+	$(BIN)/python -m bench.chaos --messages 10000
 
 ## Regenerate schemas/json/ after changing an event.
 schemas: $(STAMP)

@@ -49,6 +49,19 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
 
 
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state == "Z":  # dead, not yet reaped by its parent
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"pid {pid} still alive {timeout:.0f}s after SIGKILL")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,6 +121,8 @@ class LocalStack:
     log_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     restarts: dict[str, list[float]] = field(default_factory=dict)
+    #: name -> (subcommand, extra environment) of every process started, so it can be started again.
+    specs: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     @property
     def secure(self) -> bool:
@@ -188,6 +203,22 @@ class LocalStack:
     def stop_kafka(self) -> None:
         self.kafka("stop", check=False)
 
+    def kafka_pid(self) -> int | None:
+        try:
+            return int((self.kafka_dir / "kafka.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def kill_kafka(self) -> int:
+        """SIGKILL the broker, as a crash or the OOM killer would: no clean shutdown,
+        no flush; ``start_kafka`` then recovers its logs. Returns the pid killed."""
+        pid = self.kafka_pid()
+        if pid is None:
+            raise RuntimeError(f"no broker pid in {self.kafka_dir}")
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        return pid
+
     # -- clamd (the antivirus and macros checks scan through it) -------------------
 
     def clamd(self, command: str) -> subprocess.CompletedProcess:
@@ -244,7 +275,22 @@ class LocalStack:
                                 env={**self.env, **self.component_env(name), **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
+        self.specs[name] = (list(args), dict(env or {}))
         return proc
+
+    def kill(self, name: str) -> int:
+        """SIGKILL a component's whole process group (it runs in a session of its own),
+        as a crash would: no handler runs. It is no longer supervised
+        (``restart_exited`` leaves it alone) until ``restart``. Returns the pid killed."""
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return proc.pid
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start a component again the way it was last started."""
+        args, env = self.specs[name]
+        return self.start(name, args, env)
 
     def stop(self, name: str, timeout: float = 20) -> None:
         proc = self.procs.pop(name, None)
@@ -266,16 +312,15 @@ class LocalStack:
         """
         restarted = []
         now = time.monotonic()
-        for name, _, args, env in self.instances():
-            proc = self.procs.get(name)
-            if proc is None or proc.poll() is None:
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
                 continue
             recent = [t for t in self.restarts.get(name, []) if now - t < 60]
             if len(recent) >= 5:  # crash-looping: a restart will not help
                 raise RuntimeError(f"{name} exited 5 times in a minute; see {self.log_dir / (name + '.log')}")
             report(f"{name} exited with {proc.returncode}; restarting (log: {self.log_dir / (name + '.log')})")
             self.restarts[name] = [*recent, now]
-            self.start(name, args, env)
+            self.restart(name)
             restarted.append(name)
         return restarted
 

@@ -21,8 +21,9 @@ from datetime import datetime
 
 import confluent_kafka
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, IllegalGenerationError, TopicAlreadyExistsError, UnknownMemberIdError
 
 from bulwark import metrics
 from bulwark.kafka_security import aiokafka_options, librdkafka_config
@@ -417,6 +418,47 @@ async def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = ALL_T
         return reports
     finally:
         await admin.close()
+
+
+async def seed_group_offsets(settings: Settings, group_id: str, topics: list[str]) -> list[TopicPartition]:
+    """Commit each partition's first offset for a consumer group that has none there yet.
+
+    A Faust worker given a partition for which its group has no committed
+    offset was seen to begin at the partition's end, not at its beginning as
+    configured (bench/chaos.py: messages answered 250 that no worker ever
+    judged; docs/operations.md, "Chaos"). With an offset committed for every
+    partition from the start, a worker never has to guess. Only an empty
+    group can take such a commit (no member, no generation): run it before
+    the workers start, as `bulwark topics ensure` does. Returns the
+    partitions seeded; a group that has members is left alone.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="bulwark-topics",
+                                **aiokafka_options(settings))
+    await admin.start()
+    try:  # the internal topics are not declared in schemas/: ask the broker
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    partitions = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+    if not partitions:
+        return []
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group_id,
+                                enable_auto_commit=False, client_id="bulwark-topics", **aiokafka_options(settings))
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        missing = [tp for tp in partitions if await consumer.committed(tp) is None]
+        if not missing:
+            return []
+        starts = await consumer.beginning_offsets(missing)
+        try:
+            await consumer.commit({tp: OffsetAndMetadata(starts[tp], "") for tp in missing})
+        except (CommitFailedError, IllegalGenerationError, UnknownMemberIdError) as exc:
+            log.warning("group %s has members; its offsets are left as they are (%s)", group_id, exc)
+            return []
+        return missing
+    finally:
+        await consumer.stop()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from bulwark.kafka_security import aiokafka_options
 from bulwark.settings import Settings
@@ -28,6 +29,9 @@ from schemas.topics import TopicSpec
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, Event | None], None]
+
+#: How often a view that is starting asks again for a broker that did not answer.
+BROKER_RETRY_SECONDS = 2.0
 
 
 class StateView:
@@ -52,19 +56,32 @@ class StateView:
         return self.state.items()
 
     async def start(self, timeout: float = 60) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level=self.isolation_level,
-            client_id=f"bulwark-view-{self.spec.name}",
-            **aiokafka_options(self.settings),
-        )
-        await self._consumer.start()
-        partitions = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
-        ends = await self._consumer.end_offsets(partitions)
+        """Read the topic to its end. A broker that does not answer yet is waited
+        for, as ``start_publisher`` does: a component started (or restarted by
+        its service manager) during a broker outage comes up when the broker
+        does, instead of exiting and crash-looping until its manager gives up.
+        ``timeout`` counts from the moment the broker answered."""
+        while True:
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                isolation_level=self.isolation_level,
+                client_id=f"bulwark-view-{self.spec.name}",
+                **aiokafka_options(self.settings),
+            )
+            partitions = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]
+            try:
+                await self._consumer.start()
+                self._consumer.assign(partitions)
+                await self._consumer.seek_to_beginning(*partitions)
+                ends = await self._consumer.end_offsets(partitions)
+                break
+            except (KafkaConnectionError, KafkaTimeoutError) as exc:  # gone before we had the offsets, too
+                await self._consumer.stop()
+                log.warning("waiting for Kafka at %s to read %s: %s", self.settings.kafka_bootstrap,
+                            self.spec.name, exc)
+                await asyncio.sleep(BROKER_RETRY_SECONDS)
         self._task = asyncio.create_task(self._follow(ends), name=f"view-{self.spec.name}")
         await asyncio.wait_for(self.caught_up.wait(), timeout)
 

@@ -123,6 +123,9 @@ PRINCIPALS: tuple[Principal, ...] = (
                  "quarantine, screening, backscatter, trace)",
         writes=(t.POLICY, t.ACCOUNTS, t.ACCOUNT_STATE, t.BANS, t.BACKSCATTER_KEYS, t.QUARANTINE),
         reads=t.ALL_TOPICS,
+        # `topics ensure` commits a first offset for the workers' group
+        # before they start (bulwark/kafka.py, seed_group_offsets).
+        groups=(STREAMS_APP_ID,),
         owns_prefix=(f"{STREAMS_APP_ID}-*",),
         creates_topics=True,
     ),

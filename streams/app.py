@@ -301,6 +301,17 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     clean_stop.touch()
 
 
+async def seed_worker_offsets(settings: Settings) -> list[str]:
+    """Give the workers' consumer group an offset on every partition it consumes
+    before any worker starts (bulwark/kafka.py, seed_group_offsets says why)."""
+    from bulwark.kafka import seed_group_offsets
+
+    app = build_app(settings)
+    consumed = sorted({topic for agent in app.agents.values() for topic in agent.channel.topics})
+    seeded = await seed_group_offsets(settings, app.conf.id, consumed)
+    return sorted({tp.topic for tp in seeded})
+
+
 async def declare_internal_topics(settings: Settings) -> list[str]:
     """Create the changelog topics of every Faust table before any worker starts.
 

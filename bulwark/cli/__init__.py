@@ -165,7 +165,7 @@ def topics_ensure() -> None:
     """Create the declared topics that are missing; report the others."""
     from bulwark.kafka import ensure_topics
 
-    from streams.app import declare_internal_topics
+    from streams.app import declare_internal_topics, seed_worker_offsets
 
     reports = _run(ensure_topics(_settings()))
     bad = False
@@ -174,6 +174,8 @@ def topics_ensure() -> None:
         bad |= report.status not in ("ok", "created")
     for name in _run(declare_internal_topics(_settings())):
         click.echo(f"{name:20} ok (stream processor state)")
+    for name in _run(seed_worker_offsets(_settings())):
+        click.echo(f"{name:20} offsets committed for the workers' group (from the first record)")
     sys.exit(1 if bad else 0)
 
 
