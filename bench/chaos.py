@@ -59,10 +59,9 @@ import yaml
 from aiokafka.errors import KafkaConnectionError
 from aiosmtpd.controller import Controller
 
-from bulwark.devstack import COMPONENTS, LocalStack, environment, free_port, private_environment, wait_for_port
+from bulwark.devstack import LocalStack, environment, free_port, private_environment
 from bulwark.kafka import iter_records
 from bulwark.settings import REPO_ROOT, Settings
-from ingest.tls import certificate_path
 from schemas import events as ev
 from schemas.topics import DELIVERIES, QUARANTINE, RECEIVED, VERDICTS
 
@@ -72,6 +71,8 @@ SENDER_DOMAIN = "partner.test"
 CLIENT_IPS = [f"127.0.10.{n}" for n in range(1, 21)]
 #: What runs, in start order; the second Faust worker has its own store and web port.
 RUNNING = ("quarantine", "delivery", "dmarc-reports", "streams", "streams-2", "ingest")
+#: The components those processes belong to (streams twice: BULWARK_STREAMS_WORKERS=2).
+COMPONENTS_RUN = ("quarantine", "delivery", "dmarc-reports", "streams", "ingest")
 #: What is killed, in this order, once per round.
 VICTIMS = ("ingest", "streams", "streams-2", "delivery", "quarantine", "dmarc-reports", "kafka")
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -361,29 +362,14 @@ class Kill:
     error: str = ""
 
 
-def second_worker_env(settings: Settings) -> dict[str, str]:
-    """A second worker of the same app on this host: its own store and web port."""
-    return {"BULWARK_DATA_DIR": str(settings.data_dir / "worker-2"),
-            "BULWARK_BLOB_DIR": str(settings.blob_dir),
-            "BULWARK_BACKSCATTER_SECRET_FILE": str(settings.backscatter_secret_file),
-            "BULWARK_STREAMS_WEB_PORT": str(free_port()),
-            "BULWARK_TLS_CERT": str(certificate_path(settings)),
-            "BULWARK_TLS_KEY": str(certificate_path(settings).with_suffix(".key"))}
-
-
 def start_stack(stack: LocalStack) -> None:
-    settings = stack.settings
     stack.start_kafka()
     stack.start_clamd()
     stack.ensure_topics()
     stack.apply_policy()
-    args = dict(COMPONENTS)
-    for name in RUNNING:
-        if name == "streams-2":
-            continue  # after ingest: it shares ingest's certificate, made when ingest starts
-        stack.start(name, args[name])
-    wait_for_port(settings.smtp_host, settings.smtp_port, 120, stack.procs["ingest"])
-    stack.start("streams-2", args["streams"], second_worker_env(settings))
+    # Two workers (BULWARK_STREAMS_WORKERS=2): streams and streams-2, each
+    # with its own table directory, web and metrics ports.
+    stack.start_components(only=COMPONENTS_RUN, ingest_timeout=120)
 
 
 def start_kafka(stack: LocalStack, log, attempts: int = 3) -> None:
@@ -708,7 +694,8 @@ def run_chaos(options: Options) -> Report:
         policy = root / "policy.yaml"
         policy.write_text(chaos_policy(downstream.port))
         # A broker SIGKILLed on a busy machine can take minutes to recover its logs.
-        with environment({**private_environment(root, policy), "BULWARK_KAFKA_START_TIMEOUT": "300"}):
+        with environment({**private_environment(root, policy), "BULWARK_KAFKA_START_TIMEOUT": "300",
+                          "BULWARK_STREAMS_WORKERS": "2"}):
             settings = Settings.from_env()
             stack = LocalStack.from_settings(settings)
             try:

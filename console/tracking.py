@@ -145,4 +145,8 @@ def kafka_tracking(settings) -> Tracking:
     async def read(topics: list[str], since: datetime) -> list:
         return [r async for r in iter_records(settings, topics, since=since, types=types)]
 
-    return Tracking(read, lambda ident: trace(settings, ident))
+    async def timeline(ident: str) -> list:
+        records, _index = await trace(settings, ident)  # through the trace index, or a scan without one
+        return records
+
+    return Tracking(read, timeline)

@@ -63,7 +63,9 @@ def _for_annotation(annotation: Any, metadata: list) -> st.SearchStrategy:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        return st.one_of(*(_for_annotation(a, []) for a in args))
+        # The field's constraints (min_length, pattern...) bind each arm: an
+        # optional list of at least one item is None or a list of one or more.
+        return st.one_of(*(_for_annotation(a, metadata) for a in args))
     if origin is Literal:
         return st.sampled_from(args)
     if origin is typing.Annotated:

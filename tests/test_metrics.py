@@ -260,6 +260,8 @@ def test_every_metric_is_documented_in_operations_md():
 
 
 def test_ports_come_from_the_environment_and_zero_turns_one_off(monkeypatch):
+    for variable, _ in METRICS_PORTS.values():  # a stack of the same test session may have set them
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("BULWARK_DELIVERY_METRICS_PORT", "19463")
     monkeypatch.setenv("BULWARK_CONSOLE_METRICS_PORT", "0")
     monkeypatch.setenv("BULWARK_METRICS_HOST", "0.0.0.0")
