@@ -121,9 +121,11 @@ class Settings:
     #: (SO_REUSEPORT); the workers share the partitions (one consumer
     #: group). Each process is told its number in ``instance``. One of each
     #: by default: on the 2-core machine the project is measured on, one per
-    #: core relayed 0.79x to 0.9x as much (bench/e2e_relay.py, bulwark-per-core
-    #: against bulwark; docs/performance.md), as every process repeats the
-    #: fixed work of following the verdicts, the state topics and its group.
+    #: core relayed no more (1.02x on a quiet machine, 0.79x and 0.9x on a
+    #: busy one; bench/e2e_relay.py, bulwark-per-core against bulwark;
+    #: docs/performance.md) with half as much memory again, as every process
+    #: repeats the fixed work of following the verdicts, the state topics
+    #: and its group.
     ingest_processes: int = 1
     streams_workers: int = 1
     #: This process's number among its component's processes (0, 1, ...):
