@@ -23,7 +23,8 @@ import confluent_kafka
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalGenerationError, TopicAlreadyExistsError, UnknownMemberIdError
+from aiokafka.errors import (CommitFailedError, IllegalGenerationError, KafkaConnectionError, TopicAlreadyExistsError,
+                             UnknownMemberIdError)
 
 from bulwark import metrics
 from bulwark.kafka_security import aiokafka_options, librdkafka_config
@@ -551,6 +552,10 @@ async def iter_records(
         await consumer.stop()
 
 
+#: How long a client that found no broker at start waits before trying again.
+BROKER_RETRY_SECONDS = 2.0
+
+
 async def consume(
     settings: Settings, group_id: str, topics: list[str], handle: Callable[[list[Event]], Awaitable[None]]
 ) -> None:
@@ -559,17 +564,28 @@ async def consume(
     Offsets are committed after ``handle`` returns, so a crash redelivers the
     batch and ``handle`` must be idempotent.
     """
-    consumer = AIOKafkaConsumer(
-        *topics,
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",  # never act on an aborted transaction
-        client_id=group_id,
-        **aiokafka_options(settings),
-    )
-    await consumer.start()
+    while True:
+        consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",  # never act on an aborted transaction
+            client_id=group_id,
+            **aiokafka_options(settings),
+        )
+        try:
+            await consumer.start()
+            break
+        except KafkaConnectionError as exc:
+            # Started (or restarted by its supervisor) while the broker is
+            # down: wait for it, as the state views and publishers do, rather
+            # than exit and crash-loop until the supervisor gives up
+            # (tests/integration/test_chaos.py met this with the quarantine sink).
+            await consumer.stop()
+            log.warning("waiting for Kafka at %s (group %s): %s", settings.kafka_bootstrap, group_id, exc)
+            await asyncio.sleep(BROKER_RETRY_SECONDS)
     lag_at = 0.0
     try:
         while True:

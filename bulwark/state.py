@@ -20,6 +20,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
+from bulwark.kafka import BROKER_RETRY_SECONDS
 from bulwark.kafka_security import aiokafka_options
 from bulwark.settings import Settings
 from schemas import codec
@@ -29,9 +30,6 @@ from schemas.topics import TopicSpec
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, Event | None], None]
-
-#: How often a view that is starting asks again for a broker that did not answer.
-BROKER_RETRY_SECONDS = 2.0
 
 
 class StateView:
