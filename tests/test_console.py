@@ -19,7 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from console.admins import AdminStore
-from console.app import Console, Quarantine, make_app, matches
+from console.app import Console, make_app
+from console.quarantine_pages import Quarantine, matches
 from schemas import events as ev
 
 PASSWORD = "correct horse battery staple"

@@ -139,7 +139,8 @@ async def test_queued_digests_list_the_messages_with_links_once_per_period(tmp_p
 async def link_client(tmp_path, links):
     from bulwark.policy.runtime import PolicyHolder
     from console.admins import AdminStore
-    from console.app import Console, Quarantine, make_app
+    from console.app import Console, make_app
+    from console.quarantine_pages import Quarantine
 
     raw = hostile_message()
     by_id = {r["message_id"]: r for r in records()}
