@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 TEXT_LIMIT = 200_000
 LIST_LIMIT = 500
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: Why a digest link's release happened (the user types nothing: the link is the whole story).
+DIGEST_REASON = "released by the recipient from the digest"
 
 
 class Quarantine:
@@ -142,7 +144,7 @@ class QuarantinePages(ConsoleBase):
         return self.render("message.html", request, {
             "r": record, "parsed": describe(raw) if raw is not None else None,
             "csrf_token": session.csrf, "done": request.query.get("done"),
-            "requested": self._requested(record),
+            "requested": self._requested(record), "reason_max": ev.REASON_MAX,
         })
 
     def _requested(self, record: dict) -> tuple[str, str] | None:
@@ -163,10 +165,15 @@ class QuarantinePages(ConsoleBase):
         if requested := self._requested(record):
             raise Refused(409, f"{requested[1]} already asked to {requested[0]} this message.")
         by = session.admin.name
+        form = await request.post()
+        try:
+            # Who and why: the audit trail (and `bulwark trace`) show both.
+            reason = ev.audit_reason(str(form.get("reason", ""))[:4000])
+        except ValueError:
+            raise Refused(400, f"Not {'released' if action == 'release' else 'deleted'}: give a reason.") from None
         if action == "release":
             from console.addresses import AddressError, release_addresses
 
-            form = await request.post()
             to = None
             if "to" in form:  # the "release to another address" form
                 try:
@@ -174,9 +181,11 @@ class QuarantinePages(ConsoleBase):
                 except AddressError as exc:
                     raise Refused(400, f"Not released: {exc}.") from None
             event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
-                                          envelope=ev.Envelope.model_validate(record["envelope"]), by=by, to=to)
+                                          envelope=ev.Envelope.model_validate(record["envelope"]), by=by, to=to,
+                                          reason=reason)
         else:
-            event = ev.QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by)
+            event = ev.QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by,
+                                         reason=reason)
         self.requested[message_id] = (action, by)
         try:
             await self.publish(event)
@@ -231,7 +240,7 @@ class QuarantinePages(ConsoleBase):
         by = f"{recipient} (digest link)"
         event = ev.QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
                                       envelope=ev.Envelope.model_validate(record["envelope"]), by=by,
-                                      to=[recipient])
+                                      to=[recipient], reason=DIGEST_REASON)
         self.requested[message_id] = ("release", by)
         try:
             await self.publish(event)

@@ -174,6 +174,7 @@ async def test_a_link_releases_that_message_to_that_recipient_once(link_client, 
     [released] = published
     assert (released.message_id, released.to, released.by) == ("m1", ["lee@example.test"],
                                                                 "lee@example.test (digest link)")
+    assert released.reason == "released by the recipient from the digest"
     page = await (await client.get(f"/digest/{token}")).text()
     assert "Release requested" in page and 'id="release"' not in page
     # The link again, with a form token that passes (as from a second tab): a link works once.
