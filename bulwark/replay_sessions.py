@@ -50,7 +50,7 @@ from datetime import datetime, timedelta, timezone
 import confluent_kafka
 
 from bulwark.policy import Policy, PolicyError, load
-from bulwark.replay import PolicyArchive, _reader
+from bulwark.replay import PolicyArchive, _reader, gc_paused
 from bulwark.settings import Settings
 from schemas import codec
 from schemas import events as ev
@@ -158,6 +158,12 @@ def read(settings: Settings, selection: Selection, start: datetime | None, stats
     Each partition is read in offset order and the merge keeps that order
     within a partition, as a worker reads them.
     """
+    with gc_paused():  # (as bulwark.replay reads, and for the same reason)
+        return _read(settings, selection, start, stats, progress)
+
+
+def _read(settings: Settings, selection: Selection, start: datetime | None, stats: ReadStats | None,
+          progress: Callable[[int, int], None] | None) -> list[Input]:
     stats = stats if stats is not None else ReadStats()
     began = time.perf_counter()
     wanted: dict[str, set[str]] = {}
