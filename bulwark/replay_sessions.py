@@ -212,7 +212,7 @@ def _read(settings: Settings, selection: Selection, start: datetime | None, stat
                     if not any(n in folded for n in needles):
                         continue
                 try:
-                    event = codec.decode(value, headers)
+                    event = _decode(value, headers, kind)
                 except ValueError as exc:
                     log.warning("skipping %s[%d]@%d: %s", tp[0], tp[1], offset, exc)
                     continue
@@ -227,6 +227,20 @@ def _read(settings: Settings, selection: Selection, start: datetime | None, stat
         consumer.close()
         stats.seconds = time.perf_counter() - began
     return list(heapq.merge(*streams.values()))
+
+
+def _decode(value: bytes, headers, kind: bytes | None) -> ev.Event:
+    """``codec.decode``, with pydantic parsing the JSON itself when the record is of the current version.
+
+    Three times faster for a session event (33 against 98 microseconds here),
+    and decoding is most of a session replay's reading. An older version, or
+    a record without headers, goes through the codec and its upcasters; a
+    body that is not what its headers say fails validation either way.
+    """
+    cls = ev.EVENT_TYPES.get(kind.decode()) if kind is not None else None
+    if cls is not None and codec.header(headers, codec.HEADER_VERSION) == str(cls.VERSION):
+        return cls.model_validate_json(value)
+    return codec.decode(value, headers)
 
 
 def _ranges(consumer: confluent_kafka.Consumer, specs: Iterable[TopicSpec],

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from bulwark import replay_sessions as rs
 from schemas import events as ev
 from streams import hijack
@@ -120,3 +122,18 @@ def test_a_selection_names_its_feature():
     assert rs.Selection.of(accounts=["Alice@Example.test"]).accounts == {"alice@example.test"}
     assert rs.Selection.of().features == rs.Selection.of(client_ips=["192.0.2.1"], accounts=["a@b"]).features \
         == {rs.SCREENING, rs.HIJACK}
+
+
+def test_records_decode_alike_through_the_fast_path_and_the_codec():
+    from schemas import codec
+
+    [rcpt] = failed_rcpts("198.51.100.30", 1)
+    value, headers = codec.encode(rcpt)
+    assert rs._decode(value, headers, rcpt.TYPE.encode()) == codec.decode(value, headers) == rcpt
+    # A body that is not what its headers say is refused, as the codec refuses it.
+    [connect] = connects("198.51.100.30", 1)
+    other, _ = codec.encode(connect)
+    with pytest.raises(ValueError):
+        rs._decode(other, headers, rcpt.TYPE.encode())
+    with pytest.raises(ValueError):
+        codec.decode(other, headers)
