@@ -6,8 +6,8 @@ account's messages on ``mail.received`` and limits or disables it. A session
 replay reads those topics (and what the agents follow besides: the lifted
 bans on ``screening.bans``, the accounts an administrator enabled or
 disabled on ``accounts.state``), in event time, and runs the agents' own
-code on them (``streams.screening.DynamicScreening``,
-``streams.hijack.AccountHijackDetection``, over counters in memory instead
+code on them (``streams.screening.Screener``,
+``streams.hijack.HijackDetector``, over counters in memory instead
 of Faust tables):
 
 (a) under the policy version in force when each event happened (from
@@ -356,11 +356,11 @@ def run(inputs: list[Input], selection: Selection, policy_at: Callable[[int], Po
     from faust.windows import HoppingWindow, TumblingWindow  # the window arithmetic the agents' tables use
 
     steps = _Steps(TumblingWindow(step_s, expires=size_s + step_s))
-    dynamic = screening.DynamicScreening(screening.StepCounters(steps, size_s, step_s))
+    dynamic = screening.Screener(screening.StepCounters(steps, size_s, step_s))
     size_h = timedelta(minutes=hijack_minutes).total_seconds()
     step_h = size_h / screening.STEPS_PER_WINDOW
     accounts = _Steps(HoppingWindow(size_h, step_h, expires=size_h))
-    detection = hijack.AccountHijackDetection({}, {}, size_h, step_h)
+    detection = hijack.HijackDetector({}, {}, size_h, step_h)
     facts: list[Fact] = []
     counted = 0
     expired_at = 0.0
@@ -456,10 +456,11 @@ def differences(recorded: list[Fact], candidate: list[Fact], candidate_policy: P
             if old is None:
                 continue
             causes += _setting_changes("screening" if feature == SCREENING else "hijack", old, candidate_policy)
-            if feature == SCREENING and screening.exempt(old, subject) != screening.exempt(candidate_policy, subject):
-                causes.append(f"{subject} is {'exempt' if screening.exempt(candidate_policy, subject) else 'not exempt'}"
-                              f" in the candidate (allow list or domain mail servers), "
-                              f"{'exempt' if screening.exempt(old, subject) else 'not exempt'} under {old.version}")
+            was, is_ = (feature == SCREENING and screening.exempt(p, subject) for p in (old, candidate_policy))
+            if was != is_:
+                said = {True: "exempt", False: "not exempt"}
+                causes.append(f"{subject} is {said[is_]} in the candidate (allow list or domain mail servers), "
+                              f"{said[was]} under {old.version}")
         out.append(Difference(subject, feature, a, b, list(dict.fromkeys(causes)) or
                               ["the same settings: the window length or the order of events differs"]))
     return out

@@ -132,7 +132,7 @@ def decide(account: str, counts: dict, window: tuple[float, float], event: ev.Me
     )
 
 
-class AccountHijackDetection:
+class HijackDetector:
     """What Account Hijack Detection does with each record: count an account's messages, judge, publish once.
 
     The live agent (``install``) and ``bulwark replay sessions``
@@ -211,7 +211,7 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
     states = app.Table("hijack-account-states", default=None, partitions=partitions, key_type=str)
     #: Latest AccountLimitReached per account, to publish it once per window.
     reached = app.Table("hijack-limits", default=None, partitions=partitions, key_type=str)
-    detection = AccountHijackDetection(states, reached, size, step)
+    detection = HijackDetector(states, reached, size, step)
 
     received_channel = app.topic(received.get_topic_name(), key_type=bytes, value_type=bytes,
                                  key_serializer="raw", value_serializer="raw")

@@ -241,7 +241,7 @@ class StepCounters:
                 self.table[(key, step_range)] = op(old, None)
 
 
-class DynamicScreening:
+class Screener:
     """What Dynamic Screening does with each record, on its counters: count, judge, ban, start again.
 
     The live agent (``install``) and ``bulwark replay sessions``
@@ -302,7 +302,7 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
         "screening-counts", default=None, partitions=sessions.partitions, key_type=str, value_type=None,
     ).tumbling(step, expires=size + step).relative_to_stream()
     counters = StepCounters(table.table, size, step)
-    screening = DynamicScreening(counters)
+    screening = Screener(counters)
     active_bans = app.Table("screening-bans", default=None, partitions=sessions.partitions, key_type=str)
 
     # Every topic on one channel: the assignor gives one worker the same

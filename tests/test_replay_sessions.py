@@ -15,8 +15,12 @@ from bulwark import replay_sessions as rs
 from schemas import events as ev
 from streams import hijack
 
-from tests.test_screening import (T0, connects, failed_auths, failed_console_logins, failed_rcpts, policy,  # noqa: F401
-                                  published, received, run_hijack, run_screening)
+from tests import test_screening
+from tests.test_screening import (T0, connects, failed_auths, failed_console_logins, failed_rcpts, policy, received,
+                                  run_hijack, run_screening)
+
+#: What the agents publish, captured (tests/test_screening.py's fixture).
+published = test_screening.published
 
 INTERNAL = "<internal>"  # the topic name test_context gives every record it feeds
 
