@@ -346,10 +346,12 @@ def _automatic_disable(event: ev.Event) -> bool:
 
 
 def run(inputs: list[Input], selection: Selection, policy_at: Callable[[int], Policy | None],
-        screening_minutes: int, hijack_minutes: int) -> tuple[list[Fact], int]:
+        screening_minutes: int, hijack_minutes: int,
+        progress: Callable[[int, int], None] | None = None) -> tuple[list[Fact], int]:
     """Run the agents' code over the inputs; (the facts issued in the selected time, events counted).
 
-    ``policy_at(ms)`` is the policy an event of that time is judged under.
+    ``policy_at(ms)`` is the policy an event of that time is judged under;
+    ``progress(done, total)`` is called every few thousand inputs.
     """
     size_s = timedelta(minutes=screening_minutes).total_seconds()
     step_s = size_s / screening.STEPS_PER_WINDOW
@@ -364,7 +366,9 @@ def run(inputs: list[Input], selection: Selection, policy_at: Callable[[int], Po
     facts: list[Fact] = []
     counted = 0
     expired_at = 0.0
-    for item in inputs:
+    for done, item in enumerate(inputs):
+        if progress is not None and done % 5000 == 0:
+            progress(done, len(inputs))
         event, at = item.event, item.at_ms / 1000
         if at - expired_at > size_s + size_h:
             steps.expire(at - size_s - 2 * step_s)
@@ -392,6 +396,8 @@ def run(inputs: list[Input], selection: Selection, policy_at: Callable[[int], Po
                                      item.source, policy)
         if fact is not None and selection.reported(fact.occurred_at):
             facts.append(Fact.of(fact, policy.version))
+    if progress is not None:
+        progress(len(inputs), len(inputs))
     return facts, counted
 
 
@@ -499,8 +505,14 @@ class Report:
 
 
 async def replay(settings: Settings, selection: Selection, candidate: Policy | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Report:
-    """Read, then run under the recorded policies and, with ``candidate``, under it; compare."""
+                 progress: Callable[[str], Callable[[int, int], None]] | None = None) -> Report:
+    """Read, then run under the recorded policies and, with ``candidate``, under it; compare.
+
+    ``progress(what)`` gives the ``(done, total)`` callback of each step (reading, each run).
+    """
+    def step(what: str):
+        return progress(what) if progress is not None else None
+
     archive = await PolicyArchive.read(settings)
     try:
         local = load(settings.policy_path)
@@ -517,17 +529,17 @@ async def replay(settings: Settings, selection: Selection, candidate: Policy | N
         longest = max(minutes or [60])
         start = selection.since - timedelta(minutes=longest + longest / screening.STEPS_PER_WINDOW)
     stats = ReadStats()
-    inputs = read(settings, selection, start, stats, progress)
+    inputs = read(settings, selection, start, stats, step("reading the session topics"))
     fallback = first or candidate
     if fallback is None:
         raise PolicyError(f"no policy on config.policy and none readable at {settings.policy_path}")
     recorded, counted = run(inputs, selection, timeline.at, fallback.screening.window_minutes,
-                            fallback.hijack.window_minutes)
+                            fallback.hijack.window_minutes, step("counting under the recorded policies"))
     report = Report(selection, stats, counted, recorded, recorded_facts(inputs, selection))
     if candidate is not None:
         report.candidate_version = candidate.version
         report.candidate, _ = run(inputs, selection, lambda _ms: candidate, candidate.screening.window_minutes,
-                                  candidate.hijack.window_minutes)
+                                  candidate.hijack.window_minutes, step("counting under the candidate"))
         report.differences = differences(recorded, report.candidate, candidate,
                                          lambda v: archive.get(v) or (local if local and local.version == v else None),
                                          local)

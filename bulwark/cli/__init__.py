@@ -614,11 +614,18 @@ def replay_sessions(ctx, since, until, client_ip, account, features, candidate, 
     settings = _settings()
     policy = _candidate(candidate)
     selection = rs.Selection.of(_when(since), _when(until), client_ip, account, features)
-    reading = _Progress("reading the session topics")
+    bars: list[_Progress] = []
+
+    def bar(label: str) -> _Progress:
+        if bars:
+            bars[-1].close()
+        bars.append(_Progress(label))
+        return bars[-1]
     try:
-        report = _run(rs.replay(settings, selection, policy, reading))
+        report = _run(rs.replay(settings, selection, policy, bar))
     finally:
-        reading.close()
+        if bars:
+            bars[-1].close()
     if publish:
         from bulwark import forensics
 
