@@ -50,7 +50,7 @@ from datetime import datetime, timedelta, timezone
 import confluent_kafka
 
 from bulwark.policy import Policy, PolicyError, load
-from bulwark.replay import PolicyArchive, _reader, gc_paused
+from bulwark.replay import BATCH, PolicyArchive, _reader, gc_paused
 from bulwark.settings import Settings
 from schemas import codec
 from schemas import events as ev
@@ -183,7 +183,7 @@ def _read(settings: Settings, selection: Selection, start: datetime | None, stat
         consumer.assign([confluent_kafka.TopicPartition(t, p, begin) for (t, p), (begin, _) in ranges.items()])
         reported = 0
         while remaining:
-            for msg in consumer.consume(num_messages=10000, timeout=0.2):
+            for msg in consumer.consume(num_messages=BATCH, timeout=0.2):
                 tp = (msg.topic(), msg.partition())
                 if msg.error() is not None:
                     if msg.error().code() == confluent_kafka.KafkaError._PARTITION_EOF:
