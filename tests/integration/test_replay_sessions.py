@@ -67,6 +67,12 @@ def test_the_recorded_policy_reproduces_the_live_ban_and_writes_nothing(gateway,
     assert report["counted"] >= 21  # the connection and the 20 refused RCPTs
     assert _ends(gateway) == before
 
+    # A time range: reading starts a window before it (the ban needs the 19 RCPTs before the 20th).
+    since = banned.occurred_at.isoformat()
+    assert [f["event_id"] for f in replay(gateway, "--client-ip", RELAY_ABUSER, "--since", since)
+            ["recorded_policies"]] == [banned.event_id]
+    assert replay(gateway, "--client-ip", RELAY_ABUSER, "--until", "2001-01-01")["recorded_policies"] == []
+
     text = gateway.cli("replay", "sessions", "--client-ip", RELAY_ABUSER).stdout
     assert "1 bans, limits and disables under the recorded policies (1 on the topics, 0 not reproduced)" in text
     [row] = [line for line in text.splitlines() if RELAY_ABUSER in line]
