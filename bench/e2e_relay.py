@@ -97,10 +97,12 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def run_load(setup: str, port: int, sink, args, rss: PeakRss | None = None, bootstrap: str | None = None) -> Result:
+def run_load(setup: str, port: int, sink, args, scopes: tuple[str, ...], rss: PeakRss | None = None,
+             bootstrap: str | None = None) -> Result:
+    warm_up(port, sink, args)
     probe = Probe(port)
     before = sink.transactions()
-    cpu_before = cpu_seconds()
+    cpu_before = cpu_seconds(scopes)
     offsets_before = topic_offsets(bootstrap) if bootstrap else {}
     started = time.perf_counter()
     probe.start()
@@ -108,7 +110,7 @@ def run_load(setup: str, port: int, sink, args, rss: PeakRss | None = None, boot
     probe.stop()
     expected = args.messages + len(probe.message_ids)
     count, seconds = wait_delivered(sink, before + expected, started)
-    cpu_after = cpu_seconds()
+    cpu_after = cpu_seconds(scopes)
     relayed = max(count - before, 1)
     offsets_after = topic_offsets(bootstrap) if bootstrap else {}
     records = {t: (n - offsets_before.get(t, 0)) / relayed for t, n in offsets_after.items()
@@ -140,7 +142,7 @@ def run_postfix(root: Path, args, milter: bool) -> Result:
     with smtp_sink(root / setup) as sink:
         if not milter:
             with postfix(root / setup / "postfix", sink.port) as port:
-                return run_load(setup, port, sink, args)
+                return run_load(setup, port, sink, args, (str(root / setup),))
         # The project's clamd, started by its own script, as Bulwark's checks use it.
         with environment(private_environment(root / setup, root / "unused-policy.yaml")):
             stack = LocalStack.from_settings(Settings.from_env())
@@ -148,7 +150,7 @@ def run_postfix(root: Path, args, milter: bool) -> Result:
             try:
                 with clamav_milter(root / setup / "milter", stack.settings.clamd_port) as milter_port:
                     with postfix(root / setup / "postfix", sink.port, milter_port) as port:
-                        return run_load(setup, port, sink, args)
+                        return run_load(setup, port, sink, args, (str(root / setup),))
             finally:
                 stack.stop_clamd()
 
@@ -181,22 +183,36 @@ def run_bulwark(root: Path, args, inline_refusal: bool, per_core: bool = False) 
         policy = bulwark_policy(sink.port, inline_refusal)
         components = ("quarantine", "delivery", "streams", "ingest")
         with local_stack(policy, components=components, extra_env=scale) as (settings, stack):
-            warm_up(settings.smtp_port, sink)
+            scopes = (str(root / setup), str(stack.kafka_dir.parent))
             with PeakRss(lambda: [p.pid for n, p in stack.procs.items() if n.startswith(BULWARK_PROCESSES)]) as rss:
-                result = run_load(setup, settings.smtp_port, sink, args, rss, settings.kafka_bootstrap)
+                result = run_load(setup, settings.smtp_port, sink, args, scopes, rss, settings.kafka_bootstrap)
             counts, actions = asyncio.run(_reconcile(settings))
             accepted = counts["received"] - counts["refused"]
-            accounted = result.delivered + 1 + counts["quarantined"]  # +1: the warm-up message
+            delivered = result.delivered + warm_up_count(args)
+            accounted = delivered + counts["quarantined"]
             result.reconciliation = (
-                f"accepted {accepted} (250) = delivered {result.delivered + 1} + quarantined {counts['quarantined']}"
+                f"accepted {accepted} (250) = delivered {delivered} + quarantined {counts['quarantined']}"
                 f" -> {'ok' if accepted == accounted else f'MISMATCH by {accepted - accounted}'};"
                 f" refused {counts['refused']}; unjudged {counts['unjudged']}; verdicts {actions}"
             )
             return result
 
 
-def warm_up(port: int, sink) -> None:
-    """One message through every stage first: the workers own their partitions, clients are connected."""
+def warm_up_count(args) -> int:
+    return 1 + args.warm_up
+
+
+def warm_up(port: int, sink, args) -> None:
+    """Before the measured load, and not counted in it: one message through
+    every stage (the workers own their partitions, clients are connected),
+    then ``--warm-up`` messages at the measured load's concurrency.
+
+    The second part is for the steady state a gateway runs in: right after a
+    start, the Kafka broker's JIT compiler alone costs about 10 ms of CPU a
+    message over the first thousand messages and 3-4 ms over the next
+    thousand (per-thread CPU of the broker, docs/performance.md); Postfix,
+    in C, has no such phase. ``--warm-up 0`` measures from a cold start.
+    """
     before = sink.transactions()
     load = smtp_source(port, 1, 1, 1000, timeout=120)
     deadline = time.monotonic() + 180
@@ -204,6 +220,10 @@ def warm_up(port: int, sink) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"warm-up message never reached the sink ({load.output})")
         time.sleep(0.2)
+    if args.warm_up:
+        expected = sink.transactions() + args.warm_up
+        smtp_source(port, args.warm_up, args.sessions, args.size, timeout=args.timeout)
+        wait_delivered(sink, expected, time.perf_counter())
 
 
 def report(results: list[Result], args) -> None:
@@ -245,6 +265,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--size", type=int, default=10240, help="message size in bytes (smtp-source -l)")
     parser.add_argument("--only", action="append", choices=SETUPS + EXTRA_SETUPS, help="run only these set-ups (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the load may take")
+    parser.add_argument("--warm-up", type=int, default=1000, dest="warm_up",
+                        help="messages sent through each set-up before the measured load, not counted (0: cold)")
     args = parser.parse_args(argv)
     require("smtp-source", "smtp-sink", "postfix", "clamav-milter")
     root = Path(tempfile.mkdtemp(prefix="bulwark-e2e-"))

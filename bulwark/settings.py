@@ -116,6 +116,10 @@ class Settings:
     #: gateway's certificate). 127.0.0.1 on a host; 0.0.0.0 in a container.
     console_host: str = "127.0.0.1"
     console_port: int = 8445
+    #: The quarantine digests' period in seconds, instead of the policy's
+    #: ``quarantine_digest.every_hours``: for tests and demonstrations, which
+    #: need a period boundary to pass in seconds. None: the policy's.
+    digest_period_seconds: int | None = None
     #: How many ingest processes and Faust workers ``bulwark up`` starts
     #: (``auto``: one per core). The ingest processes share the SMTP ports
     #: (SO_REUSEPORT); the workers share the partitions (one consumer
@@ -233,6 +237,7 @@ class Settings:
             delivery_connection_cache_seconds=float(_env("BULWARK_DELIVERY_CONNECTION_CACHE_SECONDS", "2")),
             console_host=_env("BULWARK_CONSOLE_HOST", "127.0.0.1"),
             console_port=int(_env("BULWARK_CONSOLE_PORT", "8445")),
+            digest_period_seconds=max(int(_env("BULWARK_DIGEST_PERIOD_SECONDS", "0")), 0) or None,
             ingest_processes=_processes("BULWARK_INGEST_PROCESSES"),
             streams_workers=_processes("BULWARK_STREAMS_WORKERS"),
             instance=int(_env("BULWARK_INSTANCE", "0")),

@@ -195,6 +195,11 @@ async def trace(settings: Settings, ident: str) -> tuple[list[Record], Index | N
         index.close()
 
 
+def _why(reason: str | None) -> str:
+    # Releases and deletions recorded before they kept a reason have none.
+    return f" ({reason})" if reason else " (no reason recorded)"
+
+
 def describe(event: ev.Event) -> str:
     """One line an administrator can read."""
     match event:
@@ -248,7 +253,7 @@ def describe(event: ev.Event) -> str:
             return f"quarantined because {', '.join(event.reasons)}"
         case ev.QuarantineReleased():
             to = f" to {', '.join(event.to)} instead" if event.to else ""
-            return f"released from quarantine by {event.by}{to}"
+            return f"released from quarantine by {event.by}{to}{_why(event.reason)}"
         case ev.QuarantineDeleted():
-            return f"deleted from quarantine by {event.by}"
+            return f"deleted from quarantine by {event.by}{_why(event.reason)}"
     return event.TYPE

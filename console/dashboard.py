@@ -18,17 +18,22 @@ table for those who do not see the chart.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
+from aiohttp import web
 from markupsafe import Markup, escape
 
+from console.web import ConsoleBase
 from schemas import events as ev
 from schemas.topics import BANS, SESSIONS, VERDICTS
 
 HOURS = 24
+#: The page's figures are at most this old.
+DASHBOARD_SECONDS = 60
 TOP = 10
 ACTIONS = ("deliver", "quarantine", "reject", "redirect")
 #: Colour-blind-safe (Okabe and Ito), one per action; the legend names them too.
@@ -194,3 +199,25 @@ def kafka_dashboard(settings) -> Dashboard:
         return [r async for r in iter_records(settings, topics, since=since, types=types)]
 
     return Dashboard(read)
+
+
+class DashboardPage(ConsoleBase):
+    """The dashboard (administrators only), its figures recomputed at most every DASHBOARD_SECONDS."""
+
+    async def dashboard_page(self, request: web.Request) -> web.Response:
+        self.require(request, "admin")
+        now = datetime.now(timezone.utc)
+        if self._figures is None or time.monotonic() - self._figures[0] > DASHBOARD_SECONDS:
+            self._figures = (time.monotonic(), (now, await self.dashboard.figures(now)))
+        at, f = self._figures[1]
+        charts = {
+            "messages": stacked_bars("messages-chart", "Messages per hour by action",
+                                     f"Verdicts per hour over the last {len(f.hours)} hours, stacked by action.",
+                                     f.hours, f.by_action),
+            "bans": stacked_bars("bans-chart", "Dynamic Screening bans per hour",
+                                 f"Bans issued per hour over the last {len(f.hours)} hours.", f.hours,
+                                 {"bans": f.bans}),
+            "ips": horizontal_bars("ips-chart", "Top refused client addresses", f.top_ips),
+            "senders": horizontal_bars("senders-chart", "Top refused senders", f.top_senders),
+        }
+        return self.render("dashboard.html", request, {"f": f, "at": at, "charts": charts})

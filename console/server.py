@@ -16,9 +16,10 @@ from bulwark.service import configure_logging, run_until_signalled
 from bulwark.settings import Settings
 from bulwark.state import StateView
 from console.admins import AdminStore, admins_path
-from console.app import Console, Quarantine, make_app
+from console.app import Console, make_app
 from console.dashboard import kafka_dashboard
 from console.digest_links import DigestLinks, load_key
+from console.quarantine_pages import Quarantine
 from console.tables import streams_tables
 from console.tracking import kafka_tracking
 from schemas.topics import ACCOUNT_STATE, BANS

@@ -16,6 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from aiohttp import web
+
+from console.web import ConsoleBase, Refused
 from schemas import events as ev
 from schemas.topics import RECEIVED, VERDICTS
 
@@ -150,3 +153,24 @@ def kafka_tracking(settings) -> Tracking:
         return records
 
     return Tracking(read, timeline)
+
+
+class TrackingPages(ConsoleBase):
+    """Search (admin and help desk) and a message's timeline."""
+
+    async def tracking_search(self, request: web.Request) -> web.Response:
+        self.require(request, "admin", "helpdesk")
+        q, values = Query.from_form(request.query, datetime.now(timezone.utc))
+        searched = any(request.query.get(k) for k in ("message_id", "sender", "recipient", "client_ip",
+                                                       "since", "until"))
+        found, more = (await self.tracking.search(q)) if searched else ([], 0)
+        return self.render("tracking.html", request, {"q": values, "rows": found, "more": more,
+                                                      "searched": searched})
+
+    async def tracking_trace(self, request: web.Request) -> web.Response:
+        self.require(request, "admin", "helpdesk")
+        ident = request.match_info["ident"]
+        timeline = await self.tracking.timeline(ident)
+        if not timeline:
+            raise Refused(404, "Nothing on the topics about this message or session.")
+        return self.render("trace.html", request, {"ident": ident, "timeline": timeline})

@@ -59,7 +59,8 @@ UNDERSTOOD = {
     "session.refused": 2,
     "session.rcpt": 1,
     "quarantine.added": 1,
-    "quarantine.released": 2,
+    "quarantine.released": 3,
+    "quarantine.deleted": 2,
 }
 
 
@@ -97,6 +98,15 @@ def released_v1_to_v2(event: dict) -> dict:
     return {**event, "to": None, "version": 2}
 
 
+def released_v2_to_v3(event: dict) -> dict:
+    # v3 records why; v2 kept only who.
+    return {**event, "reason": None, "version": 3}
+
+
+def deleted_v1_to_v2(event: dict) -> dict:
+    return {**event, "reason": None, "version": 2}
+
+
 # (type, version) -> the next version. Bulwark's own are in schemas/codec.py.
 UPCASTERS = {
     ("message.received", 1): received_v1_to_v2,
@@ -104,6 +114,8 @@ UPCASTERS = {
     ("delivery.attempted", 1): attempted_v1_to_v2,
     ("session.refused", 1): refused_v1_to_v2,
     ("quarantine.released", 1): released_v1_to_v2,
+    ("quarantine.released", 2): released_v2_to_v3,
+    ("quarantine.deleted", 1): deleted_v1_to_v2,
 }
 
 
@@ -134,7 +146,10 @@ def describe(event: dict) -> str:
     if kind == "quarantine.added":
         return f"quarantined because {', '.join(event['reasons'])}"
     if kind == "quarantine.released":
-        return f"released by {event['by']} to {', '.join(event['to'] or event['envelope']['rcpt_to'])}"
+        why = f": {event['reason']}" if event["reason"] else ""
+        return f"released by {event['by']} to {', '.join(event['to'] or event['envelope']['rcpt_to'])}{why}"
+    if kind == "quarantine.deleted":
+        return f"deleted by {event['by']}" + (f": {event['reason']}" if event["reason"] else "")
     return ""
 
 

@@ -72,6 +72,16 @@ def _quarantine_released_v1_to_v2(data: dict) -> dict:
     return {**data, "to": None, "version": 2}
 
 
+def _quarantine_released_v2_to_v3(data: dict) -> dict:
+    # v2 recorded who released a message, not why.
+    return {**data, "reason": None, "version": 3}
+
+
+def _quarantine_deleted_v1_to_v2(data: dict) -> dict:
+    # v1 recorded who deleted a message, not why.
+    return {**data, "reason": None, "version": 2}
+
+
 #: (type, version it reads) -> function returning the next version's dict.
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("message.received", 1): _message_received_v1_to_v2,
@@ -79,6 +89,8 @@ UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("delivery.attempted", 1): _delivery_attempted_v1_to_v2,
     ("message.verdict", 1): _verdict_v1_to_v2,
     ("quarantine.released", 1): _quarantine_released_v1_to_v2,
+    ("quarantine.released", 2): _quarantine_released_v2_to_v3,
+    ("quarantine.deleted", 1): _quarantine_deleted_v1_to_v2,
 }
 
 

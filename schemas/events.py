@@ -469,21 +469,41 @@ class QuarantineAdded(Event):
     policy_version: str
 
 
+#: A reason for a quarantine action is one line of at most this many characters.
+REASON_MAX = 300
+#: One line: no control character (a line break in a reason could forge a log line or a syslog record).
+REASON_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+
+def audit_reason(text: str) -> str:
+    """A reason as the events keep it: whitespace runs (line breaks too) made one
+    space, cut to REASON_MAX; ValueError when nothing is left."""
+    reason = " ".join(str(text).split())[:REASON_MAX].rstrip()
+    if not reason or any(ord(c) < 0x20 or ord(c) == 0x7F for c in reason):
+        raise ValueError("a reason is needed (one line of text)")
+    return reason
+
+
 class QuarantineReleased(Event):
-    """A held message released for delivery: to its recipients, or to other addresses.
+    """A held message released for delivery: to its recipients, or to other addresses; who and why.
 
     Version 2 added ``to`` (v1 records read with none: released to the
-    envelope's recipients; see ``schemas.codec``).
+    envelope's recipients); version 3 added ``reason`` (older records read
+    with none: it was not recorded). See ``schemas.codec``.
     """
 
     TYPE: ClassVar[str] = "quarantine.released"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     envelope: Envelope
-    by: str = Field(description="Who released it")
+    by: str = Field(description="Who released it (an administrator, or a recipient's digest link)")
     to: list[str] | None = Field(
         default=None, min_length=1,
         description="Delivered to these addresses instead of the envelope's recipients (release to another "
                     "address); none: to the envelope's recipients")
+    reason: str | None = Field(
+        max_length=REASON_MAX, pattern=REASON_PATTERN,
+        description="Why it was released, as whoever released it said (one line, free text); "
+                    "null only in records written before version 3, which kept none")
 
     @property
     def recipients(self) -> list[str]:
@@ -492,9 +512,18 @@ class QuarantineReleased(Event):
 
 
 class QuarantineDeleted(Event):
+    """A held message deleted: never delivered; who and why.
+
+    Version 2 added ``reason`` (v1 records read with none; see ``schemas.codec``).
+    """
+
     TYPE: ClassVar[str] = "quarantine.deleted"
-    VERSION: ClassVar[int] = 1
-    by: str
+    VERSION: ClassVar[int] = 2
+    by: str = Field(description="Who deleted it")
+    reason: str | None = Field(
+        max_length=REASON_MAX, pattern=REASON_PATTERN,
+        description="Why it was deleted, as whoever deleted it said (one line, free text); "
+                    "null only in records written before version 2, which kept none")
 
 
 class ConsoleLoginFailed(Event):

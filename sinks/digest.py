@@ -7,6 +7,10 @@ sender, subject, when, why, and for each message a user may release (not
 held by a check in ``never_user_releasable``) a signed link to the console
 that releases it to them, valid for ``link_hours`` (console/digest_links.py).
 
+``BULWARK_DIGEST_PERIOD_SECONDS`` replaces the policy's period with one of
+that many seconds (aligned the same way): a test, or a demonstration, sees
+a period boundary pass without waiting an hour or faking the clock.
+
 A digest is queued like any other delivery (the hijack notification's way,
 sinks/notify.py), under an id made of the period and the recipient, so a
 restart, or a second delivery process, never sends one twice. It comes from
@@ -36,10 +40,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def period_end(now: datetime, every_hours: int) -> datetime:
-    """The latest period boundary at or before ``now`` (multiples of every_hours since the epoch)."""
-    step = every_hours * 3600
-    return datetime.fromtimestamp(int(now.timestamp()) // step * step, timezone.utc)
+#: The digester wakes this long after a boundary: a message the quarantine sink
+#: held in the period's last instant is in its index by then.
+GRACE_SECONDS = 2.0
+
+
+def period_seconds(policy: "Policy", settings=None) -> int:
+    """The digest period: ``BULWARK_DIGEST_PERIOD_SECONDS`` when set, else the policy's ``every_hours``."""
+    override = getattr(settings, "digest_period_seconds", None)
+    return override if override else policy.quarantine_digest.every_hours * 3600
+
+
+def period_end(now: datetime, seconds: int) -> datetime:
+    """The latest period boundary at or before ``now`` (multiples of the period since the epoch)."""
+    return datetime.fromtimestamp(int(now.timestamp()) // seconds * seconds, timezone.utc)
+
+
+def digest_id(end: datetime, recipient: str) -> str:
+    """The digest's queue id: one per period and recipient (a period of whole hours keeps the hour's form)."""
+    stamp = f"{end:%Y%m%d%H}" if end.minute == end.second == 0 else f"{end:%Y%m%d%H%M%S}"
+    return f"digest-{stamp}-{hashlib.sha256(recipient.encode()).hexdigest()[:20]}"
 
 
 def user_releasable(record: dict, policy: "Policy") -> bool:
@@ -108,11 +128,12 @@ async def queue_digests(sink: "DeliverySink", records: list[dict], links, now: d
     policy = sink.policy.current if hasattr(sink.policy, "current") else sink.policy
     settings = policy.quarantine_digest
     now = now or utcnow()
-    end = period_end(now, settings.every_hours)
-    start = end - timedelta(hours=settings.every_hours)
+    seconds = period_seconds(policy, getattr(sink, "settings", None))
+    end = period_end(now, seconds)
+    start = end - timedelta(seconds=seconds)
     queued = []
     for recipient, held in held_for(records, policy, start, end).items():
-        message_id = f"digest-{end:%Y%m%d%H}-{hashlib.sha256(recipient.encode()).hexdigest()[:20]}"
+        message_id = digest_id(end, recipient)
         if message_id in sink.queue:
             continue
         items = []
@@ -163,7 +184,7 @@ async def digester(settings, sink: "DeliverySink") -> None:
     links = None
     while True:
         policy = sink.policy.current if hasattr(sink.policy, "current") else sink.policy
-        every = policy.quarantine_digest.every_hours
+        every = period_seconds(policy, settings)
         if policy.quarantine_digest.enabled:
             try:
                 links = links or DigestLinks(load_key(settings.data_dir))
@@ -172,6 +193,6 @@ async def digester(settings, sink: "DeliverySink") -> None:
             except Exception as exc:  # never stops deliveries; tried again at the next boundary
                 log.warning("quarantine digests not queued (%s: %s)", type(exc).__name__, exc)
         now = utcnow()
-        # Wake at the next boundary (or within the hour, to follow a policy change).
-        wait = (period_end(now, every) + timedelta(hours=every) - now).total_seconds()
+        # Wake just after the next boundary (or within the hour, to follow a policy change).
+        wait = (period_end(now, every) + timedelta(seconds=every) - now).total_seconds() + GRACE_SECONDS
         await asyncio.sleep(min(max(wait, 1.0), 3600))

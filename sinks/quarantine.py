@@ -105,6 +105,8 @@ class QuarantineSink:
                 metrics.MESSAGES.labels(action=state).inc()
             record["state"] = state
             record["by"] = event.by
+            # Why (None for a release or deletion recorded before reasons were kept).
+            record["reason"] = event.reason
             if isinstance(event, ev.QuarantineReleased) and event.to:
                 record["released_to"] = event.to
         record["updated_at"] = event.occurred_at.isoformat()

@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 #: least 20 s for a whole SPF evaluation, which SPF_SECONDS bounds).
 LOOKUP_SECONDS = 5.0
 SPF_SECONDS = 20.0
+#: Answers the content checks' resolvers keep (each for its TTL).
+CACHED_ANSWERS = 10_000
 #: RFC 8301 section 3.2: RSA keys shorter than 1024 bits are not accepted.
 MIN_RSA_BITS = 1024
 
@@ -89,7 +91,18 @@ _DKIM_LOG.addHandler(logging.NullHandler())
 
 @lru_cache(maxsize=8)
 def _resolvers(address: str | None) -> tuple[dns.asyncresolver.Resolver, dns.resolver.Resolver]:
-    return resolver_for(address, LOOKUP_SECONDS), blocking_resolver_for(address, LOOKUP_SECONDS)
+    """Both resolvers share a cache that keeps each answer for its TTL.
+
+    A sender's SPF, DKIM and DMARC records are asked for with each of its
+    messages; without a cache every lookup was a query and a Python-side
+    parse (about 3 % of the worker's CPU at 20 msg/s in py-spy, more with a
+    remote resolver). Negative answers are kept for their SOA minimum, as a
+    caching resolver does (RFC 2308).
+    """
+    cache = dns.resolver.LRUCache(CACHED_ANSWERS)
+    asynchronous, blocking = resolver_for(address, LOOKUP_SECONDS), blocking_resolver_for(address, LOOKUP_SECONDS)
+    asynchronous.cache = blocking.cache = cache
+    return asynchronous, blocking
 
 
 def resolvers() -> tuple[dns.asyncresolver.Resolver, dns.resolver.Resolver]:

@@ -19,7 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from console.admins import AdminStore
-from console.app import Console, Quarantine, make_app, matches
+from console.app import Console, make_app
+from console.quarantine_pages import Quarantine, matches
 from schemas import events as ev
 
 PASSWORD = "correct horse battery staple"
@@ -269,23 +270,57 @@ async def test_release_and_delete_publish_the_cli_events_as_the_logged_in_admin(
     _, published, _ = world
     await log_in(client, name="desk")
     page = await (await client.get("/quarantine/m1")).text()
-    response = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page)},
+    response = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page),
+                                                                 "reason": "expected invoice"},
                                  allow_redirects=False)
     assert response.status == 303
-    response = await client.post("/quarantine/m2/delete", data={"csrf_token": csrf_of(page)},
+    response = await client.post("/quarantine/m2/delete", data={"csrf_token": csrf_of(page),
+                                                                "reason": "newsletter nobody reads"},
                                  allow_redirects=False)
     assert response.status == 303
     released, deleted = published
     assert isinstance(released, ev.QuarantineReleased) and released.by == "desk"
     assert released.message_id == "m1" and released.envelope.rcpt_to == ["lee@example.test"]
+    assert released.reason == "expected invoice"
     assert isinstance(deleted, ev.QuarantineDeleted) and deleted.by == "desk" and deleted.message_id == "m2"
+    assert deleted.reason == "newsletter nobody reads"
+
+
+async def test_a_release_or_deletion_needs_a_reason_of_one_line(client, world):
+    _, published, _ = world
+    await log_in(client, name="desk")
+    page = await (await client.get("/quarantine/m1")).text()
+    # Each form has a labelled, required reason field.
+    assert '<label for="reason">Reason</label>' in page and '<label for="reason-to">Reason</label>' in page
+    assert re.search(r'<input id="reason" name="reason" required maxlength="300"', page)
+    for action, data in (("release", {}), ("delete", {"reason": "  \r\n "})):
+        refused = await client.post(f"/quarantine/m1/{action}", data={"csrf_token": csrf_of(page), **data})
+        assert refused.status == 400 and "give a reason" in await refused.text()
+    assert published == []
+    # A line break cannot forge a second log or syslog line; a long reason is cut.
+    await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page),
+                                                      "reason": "expected\r\nFAKE: entry " + "x" * 500},
+                      allow_redirects=False)
+    [released] = published
+    assert released.reason.startswith("expected FAKE: entry x") and len(released.reason) == ev.REASON_MAX
+
+
+async def test_the_reason_is_shown_escaped_once_the_sink_has_marked_the_message(client, world):
+    _, _, records = world
+    records["m3"].update(by="desk", reason="<script>alert('why')</script> sender confirmed")
+    await log_in(client)
+    view = await (await client.get("/quarantine/m3")).text()
+    assert "&lt;script&gt;alert(&#39;why&#39;)&lt;/script&gt; sender confirmed" in view
+    assert "<script>alert" not in view
+    records["m3"].pop("reason")  # released before reasons were kept
+    assert "(no reason recorded)" in await (await client.get("/quarantine/m3")).text()
 
 
 async def test_a_message_no_longer_held_cannot_be_released(client, world):
     _, published, _ = world
     await log_in(client)
     page = await (await client.get("/quarantine")).text()
-    response = await client.post("/quarantine/m3/release", data={"csrf_token": csrf_of(page)})
+    response = await client.post("/quarantine/m3/release", data={"csrf_token": csrf_of(page), "reason": "x"})
     assert response.status == 409 and published == []
 
 
@@ -315,10 +350,11 @@ async def test_a_second_release_before_the_sinks_act_is_refused(client, world):
     _, published, _ = world
     await log_in(client)
     page = await (await client.get("/quarantine/m1")).text()
-    first = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page)}, allow_redirects=False)
+    first = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page), "reason": "expected"},
+                              allow_redirects=False)
     assert first.status == 303
     # The index still says "quarantined" (the sink has not marked it yet).
-    again = await client.post("/quarantine/m1/delete", data={"csrf_token": csrf_of(page)})
+    again = await client.post("/quarantine/m1/delete", data={"csrf_token": csrf_of(page), "reason": "oops"})
     assert again.status == 409 and "root already asked to release" in await again.text()
     view = await (await client.get("/quarantine/m1")).text()
     assert 'id="release"' not in view and "root asked to release this message" in view
@@ -867,15 +903,15 @@ async def test_release_to_another_address(client, world):
     await log_in(client, name="desk")
     page = await (await client.get("/quarantine/m1")).text()
     assert '<label for="to">Release to another address</label>' in page
-    refused = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page),
+    refused = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page), "reason": "audit",
                                                                 "to": "kim@example.test\r\nDATA"})
     assert refused.status == 400 and published == []
-    response = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page),
+    response = await client.post("/quarantine/m1/release", data={"csrf_token": csrf_of(page), "reason": "audit",
                                                                  "to": "audit@example.test"}, allow_redirects=False)
     assert response.status == 303
     [released] = published
     assert released.to == ["audit@example.test"] and released.envelope.rcpt_to == ["lee@example.test"]
-    assert released.recipients == ["audit@example.test"] and released.by == "desk"
+    assert released.recipients == ["audit@example.test"] and released.by == "desk" and released.reason == "audit"
 
 
 def test_quarantine_release_to_refuses_what_is_not_an_address_before_anything_else(tmp_path, monkeypatch):
@@ -884,5 +920,19 @@ def test_quarantine_release_to_refuses_what_is_not_an_address_before_anything_el
     from bulwark.cli import main
 
     monkeypatch.setenv("BULWARK_DATA_DIR", str(tmp_path))  # no index, no broker: refused before either is needed
-    result = CliRunner().invoke(main, ["quarantine", "release", "q1", "--to", "kim@example.test>\r\nDATA"])
+    result = CliRunner().invoke(main, ["quarantine", "release", "q1", "--reason", "audit",
+                                       "--to", "kim@example.test>\r\nDATA"])
     assert result.exit_code == 2 and "is not an address" in result.output
+
+
+@pytest.mark.parametrize("command", ["release", "delete"])
+def test_the_cli_asks_why_before_anything_else(tmp_path, monkeypatch, command):
+    from click.testing import CliRunner
+
+    from bulwark.cli import main
+
+    monkeypatch.setenv("BULWARK_DATA_DIR", str(tmp_path))  # no index, no broker: refused before either is needed
+    missing = CliRunner().invoke(main, ["quarantine", command, "q1"])
+    assert missing.exit_code == 2 and "Missing option '--reason'" in missing.output
+    blank = CliRunner().invoke(main, ["quarantine", command, "q1", "--reason", " \n "])
+    assert blank.exit_code == 2 and "a reason is needed" in blank.output

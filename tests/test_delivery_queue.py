@@ -217,8 +217,9 @@ async def test_a_release_to_another_address_goes_there_only_and_says_whom_it_was
     sink = make_sink(tmp_path, send)
     [held, plain] = await verdicts(sink, ["lee@example.test", "kim@example.test"])
     await sink.take([
-        ev.QuarantineReleased(message_id="m0", envelope=held.envelope, by="root", to=["audit@example.test"]),
-        ev.QuarantineReleased(message_id="m1", envelope=plain.envelope, by="root"),
+        ev.QuarantineReleased(message_id="m0", envelope=held.envelope, by="root", to=["audit@example.test"],
+                              reason="for the audit mailbox"),
+        ev.QuarantineReleased(message_id="m1", envelope=plain.envelope, by="root", reason="expected"),
     ])
     await run_until(sink, lambda: len(sent) == 2)
     by_rcpt = {tuple(rcpts): data for rcpts, data in sent}

@@ -53,8 +53,8 @@ def records():
 
 def test_who_gets_a_digest_and_which_messages_a_user_may_release():
     policy = digest_policy()
-    assert period_end(NOW, 24) == datetime(2026, 12, 2, tzinfo=timezone.utc)
-    assert period_end(NOW, 6) == datetime(2026, 12, 2, tzinfo=timezone.utc)
+    assert period_end(NOW, 24 * 3600) == datetime(2026, 12, 2, tzinfo=timezone.utc)
+    assert period_end(NOW, 6 * 3600) == datetime(2026, 12, 2, tzinfo=timezone.utc)
     found = held_for(records(), policy, NOW.replace(minute=0) - timedelta(hours=24), NOW.replace(minute=0))
     assert {k: [r["message_id"] for r in v] for k, v in found.items()} == {
         "lee@example.test": ["m1", "m2"], "kim@example.test": ["m3"]}
@@ -139,7 +139,8 @@ async def test_queued_digests_list_the_messages_with_links_once_per_period(tmp_p
 async def link_client(tmp_path, links):
     from bulwark.policy.runtime import PolicyHolder
     from console.admins import AdminStore
-    from console.app import Console, Quarantine, make_app
+    from console.app import Console, make_app
+    from console.quarantine_pages import Quarantine
 
     raw = hostile_message()
     by_id = {r["message_id"]: r for r in records()}
@@ -173,6 +174,7 @@ async def test_a_link_releases_that_message_to_that_recipient_once(link_client, 
     [released] = published
     assert (released.message_id, released.to, released.by) == ("m1", ["lee@example.test"],
                                                                 "lee@example.test (digest link)")
+    assert released.reason == "released by the recipient from the digest"
     page = await (await client.get(f"/digest/{token}")).text()
     assert "Release requested" in page and 'id="release"' not in page
     # The link again, with a form token that passes (as from a second tab): a link works once.
@@ -193,3 +195,33 @@ async def test_links_that_are_expired_forged_or_for_malware_release_nothing(link
     response = await client.get(f"/digest/{links.token('m5', 'lee@example.test')}")
     assert "already released" in await response.text()
     assert published == []
+
+
+async def test_a_period_of_seconds_from_the_settings_replaces_the_policys_hours(tmp_path, links, monkeypatch):
+    """BULWARK_DIGEST_PERIOD_SECONDS: what the integration test's short period rests on."""
+    from bulwark.policy.runtime import PolicyHolder
+    from bulwark.settings import Settings
+
+    from .test_delivery_queue import delivered
+
+    async def send(route, req, mail_from, rcpts, data, record=None):
+        return delivered(rcpts)
+
+    monkeypatch.setenv("BULWARK_DIGEST_PERIOD_SECONDS", "30")
+    assert Settings.from_env().digest_period_seconds == 30
+    sink = make_sink(tmp_path, send)
+    sink.settings = sink.settings.with_(digest_period_seconds=30)
+    sink.policy = PolicyHolder.fixed(digest_policy())
+    held_records = [held("in", "lee@example.test", NOW - timedelta(seconds=10)),
+                    held("before", "kim@example.test", NOW - timedelta(seconds=40))]
+    for r in held_records:
+        r["envelope"]["sha256"] = await sink.blobs.put(hostile_message())
+    # NOW (00:05:00) is a boundary: the period just ended is 00:04:30 to 00:05:00.
+    queued = await queue_digests(sink, held_records, links, now=NOW + timedelta(seconds=1))
+    assert queued == [f"digest-20261202000500-{hashlib.sha256(b'lee@example.test').hexdigest()[:20]}"]
+    assert await queue_digests(sink, held_records, links, now=NOW + timedelta(seconds=29)) == []  # the same period
+    # Whole hours keep the id's hour form (no digest sent twice across an upgrade).
+    sink.settings = sink.settings.with_(digest_period_seconds=None)
+    held_records[0]["quarantined_at"] = (NOW - timedelta(hours=1)).isoformat()
+    [daily] = await queue_digests(sink, held_records, links, now=NOW)
+    assert daily.startswith("digest-2026120200-")

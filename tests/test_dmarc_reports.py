@@ -303,7 +303,7 @@ async def test_the_sink_reads_only_delivered_mail_to_a_report_address(sink):
     ])
     assert sink.publisher.events == []
     held = _verdict(sink, mail, action="quarantine", message_id="held")
-    await sink.take([ev.QuarantineReleased(message_id="held", envelope=held.envelope, by="admin")])
+    await sink.take([ev.QuarantineReleased(message_id="held", envelope=held.envelope, by="admin", reason="expected")])
     released = only(sink.publisher.events)
     assert released.message_id == "held" and released.received.dmarc is None
 

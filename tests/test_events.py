@@ -197,5 +197,39 @@ def _librdkafka_partition(key: bytes) -> tuple[int, int]:
 def test_a_v1_quarantine_release_is_upcast_to_the_envelopes_recipients():
     raw = (FIXTURES / "quarantine.released.v1.json").read_bytes()
     event = codec.decode(raw, [(codec.HEADER_TYPE, b"quarantine.released"), (codec.HEADER_VERSION, b"1")])
-    assert isinstance(event, ev.QuarantineReleased) and event.version == 2
+    assert isinstance(event, ev.QuarantineReleased) and event.version == 3 and event.reason is None
     assert event.to is None and event.recipients == ["lee@example.test"] and event.by == "admin"
+
+
+def test_a_quarantine_action_records_why_and_round_trips():
+    envelope = ev.Envelope(mail_from="billing@partner.test", rcpt_to=["lee@example.test"], sha256="0" * 64, size=1,
+                           client_ip="192.0.2.7", received_at=ev.utcnow())
+    for event in (ev.QuarantineReleased(message_id="q1", envelope=envelope, by="desk-lee",
+                                        reason="expected invoice; the sender confirmed by phone"),
+                  ev.QuarantineDeleted(message_id="q1", by="ops", reason="phishing reported by the recipient")):
+        value, headers = codec.encode(event)
+        assert codec.decode(value, headers) == event
+    # Who and why are required of every new release and deletion, and why is one line.
+    with pytest.raises(ValidationError):
+        ev.QuarantineDeleted(message_id="q1", by="ops")
+    for bad in ("two\nlines", "", "x" * (ev.REASON_MAX + 1)):
+        with pytest.raises(ValidationError):
+            ev.QuarantineDeleted(message_id="q1", by="ops", reason=bad)
+    assert ev.audit_reason("  expected\r\n invoice ") == "expected invoice"
+    with pytest.raises(ValueError):
+        ev.audit_reason(" \t\n")
+
+
+def test_a_v2_release_and_a_v1_deletion_are_upcast_with_no_reason_recorded():
+    raw = (FIXTURES / "quarantine.released.v2.json").read_bytes()
+    released = codec.decode(raw, [(codec.HEADER_TYPE, b"quarantine.released"), (codec.HEADER_VERSION, b"2")])
+    assert isinstance(released, ev.QuarantineReleased) and released.version == 3
+    assert (released.by, released.to, released.reason) == ("desk-lee", ["audit@example.test"], None)
+    raw = (FIXTURES / "quarantine.deleted.v1.json").read_bytes()
+    deleted = codec.decode(raw, [(codec.HEADER_TYPE, b"quarantine.deleted"), (codec.HEADER_VERSION, b"1")])
+    assert isinstance(deleted, ev.QuarantineDeleted) and deleted.version == 2
+    assert (deleted.by, deleted.reason) == ("admin", None)
+    from bulwark.trace import describe
+
+    assert describe(deleted) == "deleted from quarantine by admin (no reason recorded)"
+

@@ -228,7 +228,7 @@ async def test_quarantine_counts_each_message_once_however_often_its_verdict_com
                            client_ip="192.0.2.1", received_at=datetime.now(timezone.utc))
     verdict = ev.Verdict(message_id="q1", action="quarantine", reasons=["ANTIVIRUS_INFECTED"], results=[],
                          policy_version="p", direction="inbound", envelope=envelope)
-    release = ev.QuarantineReleased(message_id="q1", envelope=envelope, by="admin")
+    release = ev.QuarantineReleased(message_id="q1", envelope=envelope, by="admin", reason="expected")
     before = [value("quarantine", "bulwark_messages_total", action=a) for a in ("quarantined", "released")]
     await sink.take([verdict, verdict])
     await sink.take([verdict, release, release])

@@ -830,15 +830,29 @@ def _publish(event) -> None:
     _run(publish_once(_settings(), event))
 
 
+def _reason(value: str) -> str:
+    from schemas.events import audit_reason
+
+    try:
+        return audit_reason(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--reason") from None
+
+
+REASON_HELP = "Why (required: the audit trail records who and why; one line, at most 300 characters)"
+
+
 @quarantine.command("release")
 @click.argument("message_id")
+@click.option("--reason", required=True, help=REASON_HELP)
 @click.option("--by", default=None, help="Who releases it (default: the current user)")
 @click.option("--to", "to", multiple=True, help="Deliver to this address instead of the recipients (repeatable)")
-def quarantine_release(message_id: str, by: str | None, to: tuple[str, ...]) -> None:
+def quarantine_release(message_id: str, reason: str, by: str | None, to: tuple[str, ...]) -> None:
     """Release a message: the delivery sink delivers it (to its recipients, or --to others)."""
     from console.addresses import AddressError, release_addresses
     from schemas.events import Envelope, QuarantineReleased
 
+    why = _reason(reason)
     try:
         others = release_addresses(",".join(to)) if to else None
     except AddressError as exc:
@@ -848,21 +862,24 @@ def quarantine_release(message_id: str, by: str | None, to: tuple[str, ...]) -> 
         raise click.ClickException(f"{message_id} is already {record['state']}")
     _publish(QuarantineReleased(message_id=message_id, session_id=record.get("session_id"),
                                 envelope=Envelope.model_validate(record["envelope"]), by=by or getpass.getuser(),
-                                to=others))
+                                to=others, reason=why))
     click.echo(f"released {message_id}" + (f" to {', '.join(others)}" if others else ""))
 
 
 @quarantine.command("delete")
 @click.argument("message_id")
+@click.option("--reason", required=True, help=REASON_HELP)
 @click.option("--by", default=None, help="Who deletes it (default: the current user)")
-def quarantine_delete(message_id: str, by: str | None) -> None:
+def quarantine_delete(message_id: str, reason: str, by: str | None) -> None:
     """Delete a message from the quarantine (it is never delivered)."""
     from schemas.events import QuarantineDeleted
 
+    why = _reason(reason)
     record = _held(message_id)
     if record["state"] != "quarantined":
         raise click.ClickException(f"{message_id} is already {record['state']}")
-    _publish(QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"), by=by or getpass.getuser()))
+    _publish(QuarantineDeleted(message_id=message_id, session_id=record.get("session_id"),
+                               by=by or getpass.getuser(), reason=why))
     click.echo(f"deleted {message_id}")
 
 

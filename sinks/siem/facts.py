@@ -276,11 +276,12 @@ def _facts(event: ev.Event, summary: str) -> Facts:
                          **_envelope(event.envelope), **common)
         case ev.QuarantineReleased():
             return Facts(name="Quarantined message released", categories=("email",), types=("change", "allowed"),
-                         outcome="success", severity=5, **{**_envelope(event.envelope), "user": event.by,
-                                                           "recipients": tuple(event.recipients)}, **common)
+                         outcome="success", severity=5, reason=event.reason,
+                         **{**_envelope(event.envelope), "user": event.by, "recipients": tuple(event.recipients)},
+                         **common)
         case ev.QuarantineDeleted():
             return Facts(name="Quarantined message deleted", categories=("email",), types=("deletion",),
-                         outcome="success", severity=3, user=event.by, **common)
+                         outcome="success", severity=3, user=event.by, reason=event.reason, **common)
         case ev.ConsoleLoginFailed():
             return Facts(name="Console login failed", categories=("authentication", "web"), types=("start",),
                          outcome="failure", severity=5, reason="wrong name or password", client_ip=event.client_ip,

@@ -40,6 +40,8 @@ SCREENING_ALLOW_LISTED_IP = "127.0.0.60"
 #: its mail servers listen on 127.0.1.50 and .51 at the gateway's MX port.
 REMOTE_DOMAIN = "partner-mx.test"
 REMOTE_MX = {"mx1": "127.0.1.50", "mx2": "127.0.1.51"}
+#: The quarantine digests' period in the test stack (BULWARK_DIGEST_PERIOD_SECONDS).
+DIGEST_PERIOD_SECONDS = 15
 
 
 #: Sender authentication (test_sender_auth.py): a domain with SPF, DKIM
@@ -230,6 +232,10 @@ def gateway(tmp_path_factory) -> Gateway:
         # Short enough that the outage test's 451 comes quickly.
         "BULWARK_KAFKA_REQUEST_TIMEOUT_MS": "5000",
         "BULWARK_DELIVERY_POLL_SECONDS": "0.2",
+        # Quarantine digests (off in the policy unless a test enables them)
+        # every 15 seconds, not every day: test_console_browser.py sees a
+        # period boundary pass.
+        "BULWARK_DIGEST_PERIOD_SECONDS": str(DIGEST_PERIOD_SECONDS),
     }
     with environment(env):
         settings = Settings.from_env()

@@ -27,7 +27,8 @@ from bulwark.devstack import wait_for_port
 from schemas import events as ev
 from schemas.topics import BANS, CONSOLE_LOGINS, QUARANTINE
 
-from .conftest import LOCAL_DOMAIN
+from .conftest import DIGEST_PERIOD_SECONDS, LOCAL_DOMAIN
+from .policy_helpers import applied_policy
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,8 @@ ADMIN, HELPDESK, PASSWORD = "ops-admin", "desk-lee", "tundra quartz lantern 42"
 #: The address the console sees through the relay (the task's 127.0.12.1-30).
 BANNED_IP = "127.0.12.1"
 HOSTILE_SUBJECT = "<script>document.title='pwned'</script> invoice"
+#: A reason as an administrator might type it, markup included: shown as text, never run.
+RELEASE_REASON = "expected invoice <script>document.title='pwned'</script>, the sender confirmed by phone"
 HOSTILE_BODY = "Please pay.\n<script>document.title='pwned'</script>\n<img src=x onerror=\"document.title='pwned'\">\n"
 
 
@@ -239,6 +242,9 @@ def test_an_admin_finds_views_and_releases_a_quarantined_message(gateway, consol
     assert not gateway.downstream.matching(lambda d: "mallory-console@" in d.mail_from)
     browser.shot("message")
 
+    # Who and why: the reason is a labelled field, typed from the keyboard.
+    assert label_of(browser, "reason") == "Reason"
+    browser.find_element(By.ID, "reason").send_keys(RELEASE_REASON)
     browser.find_element(By.ID, "release").click()
     wait_for_url(browser, "done=release")
     assert "Release requested" in browser.find_element(By.ID, "done").text
@@ -248,7 +254,19 @@ def test_an_admin_finds_views_and_releases_a_quarantined_message(gateway, consol
     assert delivered.rcpt_to == [f"lee@{LOCAL_DOMAIN}"]
     released = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
                                     keys={queue_id})
-    assert released[0].event.by == ADMIN
+    assert (released[0].event.by, released[0].event.reason) == (ADMIN, RELEASE_REASON)
+    # The message view says who and why once the quarantine sink has marked it (a moment after the event),
+    # escaped as text; the tracking timeline (bulwark trace's) says it too.
+    deadline = time.monotonic() + 30
+    while "released" not in browser.find_element(By.ID, "state").text and time.monotonic() < deadline:
+        time.sleep(0.5)
+        browser.get(f"{console}/quarantine/{queue_id}")
+    assert browser.find_element(By.ID, "state").text == f"released (by {ADMIN})"
+    assert browser.find_element(By.ID, "why").text == RELEASE_REASON
+    assert browser.title != "pwned" and browser.find_elements(By.TAG_NAME, "script") == []
+    browser.shot("released-why")
+    browser.get(f"{console}/tracking/{queue_id}")
+    assert f"released from quarantine by {ADMIN} ({RELEASE_REASON})" in browser.find_element(By.ID, "timeline").text
 
 
 def test_a_failed_login_is_refused_and_recorded(gateway, console, browser):
@@ -284,6 +302,7 @@ def test_a_post_without_the_csrf_token_is_refused(gateway, console, browser):
     # And in the browser: the release form with its token removed.
     browser.execute_script(
         "document.querySelector(\"form[action$='/release'] input[name=csrf_token]\").remove()")
+    browser.find_element(By.ID, "reason").send_keys("forged")
     browser.find_element(By.ID, "release").click()
     wait_for_url(browser, "/release")
     assert "did not come from the console" in browser.find_element(By.ID, "refusal").text
@@ -448,7 +467,11 @@ def test_the_help_desk_releases_a_message_to_another_address(gateway, console, b
     log_in(browser, console, HELPDESK)
     browser.get(f"{console}/quarantine/{queue_id}")
     assert label_of(browser, "to") == "Release to another address"
-    browser.find_element(By.ID, "to").send_keys(f"audit@{LOCAL_DOMAIN}" + Keys.ENTER)
+    browser.find_element(By.ID, "to").send_keys(f"audit@{LOCAL_DOMAIN}" + Keys.TAB)
+    # Tab from the address reaches its form's own reason field; Enter submits.
+    assert browser.switch_to.active_element.get_attribute("id") == "reason-to"
+    assert label_of(browser, "reason-to") == "Reason"
+    browser.switch_to.active_element.send_keys("for the audit mailbox" + Keys.ENTER)
     wait_for_url(browser, "done=release")
     browser.shot("released-to")
     [delivered] = gateway.downstream.wait_for(lambda d: "release-to-console@" in d.mail_from, timeout=60,
@@ -458,6 +481,7 @@ def test_the_help_desk_releases_a_message_to_another_address(gateway, console, b
     [released] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
                                       keys={queue_id})
     assert released.event.to == [f"audit@{LOCAL_DOMAIN}"] and released.event.by == HELPDESK
+    assert released.event.reason == "for the audit mailbox"
 
 
 def test_an_account_with_totp_logs_in_with_its_code_from_the_keyboard(gateway, console, browser):
@@ -520,9 +544,92 @@ def test_a_user_releases_a_message_with_a_digest_link(gateway, console, browser)
     [released] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
                                       keys={queue_id})
     assert released.event.by == f"lee@{LOCAL_DOMAIN} (digest link)"
+    assert released.event.reason == "released by the recipient from the digest"
     # A forged link opens nothing.
     browser.get(f"{console}/digest/{token[:-4]}AAAA")
     assert "not valid" in browser.find_element(By.ID, "refusal").text
+
+
+def http_status(url: str) -> int:
+    """The status the console answers a GET of ``url`` with (urllib, not the browser: it shows no status)."""
+    unverified = ssl._create_unverified_context()  # the stack's self-signed certificate
+    try:
+        with urllib.request.urlopen(url, context=unverified, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+def test_the_digest_of_a_period_arrives_at_its_end_and_its_link_releases_the_message(gateway, console, browser,
+                                                                                     tmp_path):
+    """The delivery process's digester, at a real period boundary (BULWARK_DIGEST_PERIOD_SECONDS,
+    15 s in the test stack), mails the recipient the message held for them in the period just
+    ended; the digest's own link releases it; an expired or altered link is refused."""
+    import email
+    import email.policy
+    import re
+
+    from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from console.digest_links import SALT, load_key
+
+    rcpt, sender, source_ip = f"digest-period@{LOCAL_DOMAIN}", "digest-period@partner.test", "127.0.15.1"
+    link_hours = 72
+    enabled = f"quarantine_digest:\n  enabled: true\n  link_hours: {link_hours}\n  console_url: {console}\n"
+    with applied_policy(gateway, tmp_path, enabled):
+        msg = gateway.message(sender, [rcpt], "held until the digest")
+        msg.add_attachment(b"MZ\x90\x00digest program", maintype="application", subtype="octet-stream",
+                           filename="statement.pdf.exe")
+        queue_id = gateway.send(msg, source_ip=source_ip)
+        gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineAdded), [QUARANTINE.name],
+                             keys={queue_id}, timeout=60, what="the quarantined message")
+        # Within a period and a little more: the boundary, the digester's wake-up, the delivery.
+        [digest] = gateway.downstream.wait_for(lambda d: d.rcpt_to == [rcpt] and d.mail_from == "",
+                                               timeout=DIGEST_PERIOD_SECONDS * 3 + 30, what="the digest")
+    parsed = email.message_from_bytes(digest.content, policy=email.policy.default)
+    assert parsed["Subject"] == "Quarantine: 1 message held for you"
+    body = parsed.get_body(("plain",)).get_content()
+    assert f"From:     {sender}" in body and "Subject:  held until the digest" in body
+    assert "ATTACHMENT_TYPE_BLOCKED" in body
+    link = re.search(rf"{re.escape(console)}/digest/(\S+)", body)
+    assert link, body
+    token = link.group(1)
+    assert not gateway.downstream.matching(lambda d: sender in d.mail_from)  # still held
+
+    # Refused: the same link altered (its message id), and one signed with the gateway's
+    # key more than link_hours ago. Neither releases anything.
+    altered = ("B" if token[0] != "B" else "C") + token[1:]
+    assert http_status(f"{console}/digest/{altered}") == 404
+    hours_ago = int(time.time()) - (link_hours + 1) * 3600
+
+    class LongAgo(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return hours_ago
+
+    expired = URLSafeTimedSerializer(load_key(gateway.settings.data_dir), salt=SALT,
+                                     signer=LongAgo).dumps({"m": queue_id, "r": rcpt})
+    assert http_status(f"{console}/digest/{expired}") == 410
+    browser.delete_all_cookies()
+    browser.get(f"{console}/digest/{expired}")
+    assert "This link has expired" in browser.find_element(By.ID, "refusal").text
+    browser.shot("digest-expired")
+
+    # The digest's link, in the browser, with no login: the page, then the release.
+    browser.get(f"{console}/digest/{token}")
+    assert browser.find_element(By.ID, "subject").text == "held until the digest"
+    browser.shot("digest-period-link")
+    browser.find_element(By.ID, "release").send_keys(Keys.ENTER)
+    wait_for_url(browser, "done=1")
+    [delivered] = gateway.downstream.wait_for(lambda d: sender in d.mail_from, timeout=60,
+                                              what="the message released from the digest")
+    assert delivered.rcpt_to == [rcpt]
+    [released] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
+                                      keys={queue_id})
+    assert (released.event.by, released.event.reason) == (f"{rcpt} (digest link)",
+                                                          "released by the recipient from the digest")
+    assert token not in released.event.model_dump_json()
 
 
 def test_every_field_has_a_label_and_the_keyboard_reaches_the_content(gateway, console, browser):

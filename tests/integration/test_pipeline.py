@@ -200,15 +200,20 @@ def test_quarantined_message_is_listed_released_and_delivered(gateway):
     assert "invoice.pdf.exe" in shown and "Subject: invoice attached" in shown
     assert not gateway.downstream.matching(lambda d: "invoice attached" in d.text)
 
-    gateway.cli("quarantine", "release", queue_id, "--by", "admin@example.test")
+    gateway.cli("quarantine", "release", queue_id, "--by", "admin@example.test",
+                "--reason", "expected invoice, checked with the sender")
     [delivered] = gateway.downstream.wait_for(lambda d: "invoice attached" in d.text)
     assert delivered.rcpt_to == [f"lee@{LOCAL_DOMAIN}"]
     released = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineReleased), [QUARANTINE.name],
                                     keys={queue_id})
     assert released[0].event.by == "admin@example.test"
+    assert released[0].event.reason == "expected invoice, checked with the sender"
+    # Who and why, in the message's story.
+    assert ("released from quarantine by admin@example.test (expected invoice, checked with the sender)"
+            in gateway.cli("trace", queue_id).stdout)
 
     # Once released it is no longer held, and cannot be released twice.
-    again = gateway.cli("quarantine", "release", queue_id, check=False)
+    again = gateway.cli("quarantine", "release", queue_id, "--reason", "once more", check=False)
     assert again.returncode != 0 and "already released" in again.stderr
     assert queue_id not in gateway.cli("quarantine", "list").stdout
     assert "released" in gateway.cli("quarantine", "list", "--all").stdout
@@ -219,8 +224,10 @@ def test_deleted_quarantined_message_is_never_delivered(gateway):
     msg.add_attachment(b"WScript.Echo 1", maintype="text", subtype="plain", filename="run.vbs")
     queue_id = gateway.send(msg)
     gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineAdded), [QUARANTINE.name], keys={queue_id})
-    gateway.cli("quarantine", "delete", queue_id, "--by", "admin")
-    gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineDeleted), [QUARANTINE.name], keys={queue_id})
+    gateway.cli("quarantine", "delete", queue_id, "--by", "admin", "--reason", "a script nobody asked for")
+    [deleted] = gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineDeleted), [QUARANTINE.name],
+                                     keys={queue_id})
+    assert (deleted.event.by, deleted.event.reason) == ("admin", "a script nobody asked for")
     assert not gateway.downstream.matching(lambda d: "script attached" in d.text)
 
 
