@@ -192,11 +192,17 @@ class StepCounters:
     def __init__(self, table, size: float, step: float):
         self.table = table  # the Faust table, not its window wrapper
         self.size, self.step = size, step
+        #: The last timestamp's steps: counting an event asks for them three times.
+        self._steps_at: tuple[float, list[tuple[float, float]]] | None = None
 
     def steps(self, timestamp: float) -> list[tuple[float, float]]:
         """The step ranges making up the window that ends with ``timestamp``'s step, oldest first."""
-        steps = round(self.size / self.step)
-        return [self.table.window.ranges(timestamp - i * self.step)[0] for i in reversed(range(steps))]
+        if self._steps_at is not None and self._steps_at[0] == timestamp:
+            return self._steps_at[1]
+        count = round(self.size / self.step)
+        steps = [self.table.window.ranges(timestamp - i * self.step)[0] for i in reversed(range(count))]
+        self._steps_at = (timestamp, steps)
+        return steps
 
     def window(self, timestamp: float) -> tuple[float, float]:
         """Start and end (exclusive) of the window the counts at ``timestamp`` cover."""
