@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from schemas import events as ev
-from schemas.topics import FORENSICS, HIJACK_LIMITS
+from schemas.topics import FORENSICS, HIJACK_LIMITS, SESSIONS
 
 from .abuse_helpers import ban_on_topic, close_quietly, failed_rcpts
 from .conftest import LOCAL_DOMAIN
@@ -52,6 +52,10 @@ def banned(gateway) -> ev.BanIssued:
     ban = ban_on_topic(gateway, RELAY_ABUSER)
     close_quietly(client)
     assert ban.counters["failed_rcpt"] == 20
+    # The session's end is recorded after the fact (audit events do not hold up the dialogue): wait for it,
+    # so that the tests below see every record of this client and can tell that a replay writes none.
+    gateway.wait_records(lambda r: isinstance(r.event, ev.SessionDisconnected), [SESSIONS.name],
+                         keys={RELAY_ABUSER}, what="the banned session's end")
     return ban
 
 
