@@ -123,6 +123,19 @@ class AdminStore:
         self._write(records)
         return secret
 
+    def remove(self, name: str) -> None:
+        """Remove ``name``: it cannot log in, and its open sessions end at their next request."""
+        with self._lock:
+            records = self._read()
+            if records.pop(name, None) is None:
+                raise ValueError(f"no console account {name}")
+            self._write(records)
+
+    def role_of(self, name: str) -> str | None:
+        """The account's role now, or None when it no longer exists."""
+        record = self._read().get(name)
+        return record["role"] if record else None
+
     @staticmethod
     def provisioning_uri(name: str, secret: str) -> str:
         """The otpauth:// URI an authenticator app reads (as a QR code or typed in)."""

@@ -96,7 +96,9 @@ class ConsoleBase:
         now = time.monotonic()
         if session is None:
             return None
-        if session.expired(now):
+        # An account removed (or given another role) since the login: its
+        # sessions end now, not when they expire.
+        if session.expired(now) or self.admins.role_of(session.admin.name) != session.admin.role:
             self.sessions.pop(token, None)
             return None
         session.seen = now

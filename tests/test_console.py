@@ -939,3 +939,24 @@ def test_the_cli_asks_why_before_anything_else(tmp_path, monkeypatch, command):
     assert missing.exit_code == 2 and "Missing option '--reason'" in missing.output
     blank = CliRunner().invoke(main, ["quarantine", command, "q1", "--reason", " \n "])
     assert blank.exit_code == 2 and "a reason is needed" in blank.output
+
+
+async def test_an_administrator_removed_is_logged_out_at_the_next_request(world, client):
+    console, _, _ = world
+    assert (await log_in(client)).status == 303
+    assert (await client.get("/quarantine")).status == 200
+    console.admins.remove("root")
+    # The session the removed account had open ends now, not when it would have expired.
+    page = await client.get("/quarantine", allow_redirects=False)
+    assert page.status == 303 and page.headers["Location"].startswith("/login")
+    assert (await log_in(client)).status == 401
+    with pytest.raises(ValueError, match="no console account"):
+        console.admins.remove("root")
+
+
+async def test_an_administrator_given_another_role_logs_in_again(world, client):
+    console, _, _ = world
+    assert (await log_in(client)).status == 303
+    console.admins.add("root", "helpdesk", PASSWORD)
+    page = await client.get("/quarantine", allow_redirects=False)
+    assert page.status == 303 and page.headers["Location"].startswith("/login")

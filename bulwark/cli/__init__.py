@@ -916,6 +916,19 @@ def console_add_admin(name: str, role: str, password_stdin: bool) -> None:
     click.echo(f"{name} can log in to the console as {role}")
 
 
+@console.command("remove-admin")
+@click.argument("name")
+def console_remove_admin(name: str) -> None:
+    """Remove a console administrator; sessions it has open end at their next request."""
+    from console.admins import AdminStore, admins_path
+
+    try:
+        AdminStore(admins_path(_settings().data_dir)).remove(name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"{name} can no longer log in to the console")
+
+
 @console.command("admins")
 def console_admins() -> None:
     """List the console's administrators and their roles."""
