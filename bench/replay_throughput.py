@@ -77,17 +77,22 @@ def produce(settings, count: int, start_ms: int) -> float:
         mid = f"MSGID{n:010d}".encode()
         sender = f"sender{n % 50000:05d}@partner.test".encode()
         value = value.replace(MID.encode(), mid).replace(SENDER.encode(), sender)
-        while True:
-            try:
-                producer.produce(VERDICTS.name, value=value, key=mid, headers=headers, timestamp=start_ms + n)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        if n % 1000 == 0:
-            producer.poll(0)
+        _produce(producer, n, VERDICTS.name, value=value, key=mid, headers=headers, timestamp=start_ms + n)
     if producer.flush(120):
         raise RuntimeError("records not delivered")
     return time.perf_counter() - began
+
+
+def _produce(producer, n: int, topic: str, **record) -> None:
+    """Queue one record, waiting while librdkafka's queue is full; serve delivery reports now and then."""
+    while True:
+        try:
+            producer.produce(topic, **record)
+            break
+        except BufferError:
+            producer.poll(0.05)
+    if n % 1000 == 0:
+        producer.poll(0)
 
 
 def raw_read(settings) -> tuple[int, float]:
@@ -142,15 +147,7 @@ def produce_sessions(settings, count: int, start_ms: int) -> float:
         ip = f"198.51.{100 + address // 250}.{address % 250 + 1}"
         value = value.replace(b"SESSION000000000", f"S{session:015d}".encode()).replace(
             b'"198.51.100.1"', f'"{ip}"'.encode())
-        while True:
-            try:
-                producer.produce(SESSIONS.name, value=value, key=ip.encode(), headers=headers,
-                                 timestamp=start_ms + n)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        if n % 1000 == 0:
-            producer.poll(0)
+        _produce(producer, n, SESSIONS.name, value=value, key=ip.encode(), headers=headers, timestamp=start_ms + n)
     if producer.flush(120):
         raise RuntimeError("records not delivered")
     return time.perf_counter() - began
