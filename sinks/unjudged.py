@@ -65,6 +65,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import confluent_kafka
@@ -149,7 +150,7 @@ class Ledger:
         self.judged[message_id] = now
         return self.pending.pop(message_id, None)
 
-    def due(self, now: float, caught_up=lambda partition, due: float: True) -> list[Waiting]:
+    def due(self, now: float, caught_up: Callable[[int, float], bool] = lambda partition, due: True) -> list[Waiting]:
         """Messages whose period has passed with no verdict, not given up, and whose verdicts were read far enough."""
         return [w for w in self.pending.values()
                 if not w.given_up and w.due <= now and caught_up(w.partition, w.due)]
@@ -355,11 +356,8 @@ class SafetyNet:
         positions = self.ledger.commit_positions()
         if not positions:
             return
-        offsets = []
-        for partition, (offset, timestamp_ms) in positions.items():
-            tp = confluent_kafka.TopicPartition(RECEIVED.name, partition, offset)
-            tp.metadata = str(timestamp_ms)
-            offsets.append(tp)
+        offsets = [confluent_kafka.TopicPartition(RECEIVED.name, partition, offset, metadata=str(timestamp_ms))
+                   for partition, (offset, timestamp_ms) in positions.items()]
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
         except confluent_kafka.KafkaException as exc:
