@@ -18,7 +18,7 @@ given up: never a silent drop.
 
 Why re-sending is safe. The content agent remembers each message it judged
 (the ``content-judged`` table, streams/app.py) and skips a second copy of a
-record it has judged; the record timestamp is kept so the copy falls in
+record it has judged or is judging; the record timestamp is kept so the copy falls in
 the same window of that table. A copy read by a worker that never judged
 the original is judged once. Should both copies ever be judged (a crash
 between publishing a verdict and remembering it), the sinks act on the
