@@ -287,16 +287,17 @@ class SafetyNet:
             key, headers = msg.key(), msg.headers() or []
             if not key:
                 continue
+            message_id = key.decode(errors="replace")  # ingest's ids are ASCII; a forged key must not stop the net
             kind = _header(headers, HEADER_TYPE)
             timestamp_ms = msg.timestamp()[1]
             if msg.topic() == RECEIVED.name:
                 if kind == MessageReceived.TYPE.encode():
-                    self.ledger.received(msg.partition(), msg.offset(), key.decode(), timestamp_ms, msg.value(),
+                    self.ledger.received(msg.partition(), msg.offset(), message_id, timestamp_ms, msg.value(),
                                          headers, resend_count(headers), now)
                 else:
                     self.ledger.read_to[msg.partition()] = (msg.offset() + 1, timestamp_ms)
             elif kind in SETTLES:
-                waited = self.ledger.verdict(msg.partition(), key.decode(), timestamp_ms, now)
+                waited = self.ledger.verdict(msg.partition(), message_id, timestamp_ms, now)
                 if waited is not None and waited.resends:
                     log.info("message %s judged after %d re-send(s)", waited.message_id, waited.resends)
 
