@@ -449,6 +449,8 @@ class Topics:
     received: dict[str, list[str]] = field(default_factory=dict)
     verdicts: dict[str, list[str]] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
+    #: queue id -> copies of its mail.received record beyond the first (the safety net's re-sends)
+    copies: Counter = field(default_factory=Counter)
     quarantined: Counter = field(default_factory=Counter)
     bounced: Counter = field(default_factory=Counter)
     #: queue id -> delivery attempts that the delivery sink recorded as delivered
@@ -468,7 +470,9 @@ async def read_state(settings: Settings, quarantine_only: bool = False) -> Topic
         if isinstance(e, ev.MessageReceived) and e.header_message_id:
             # Once per queue id: the safety net (sinks/unjudged.py) may have written a record again.
             ids = state.received.setdefault(_one_line(e.header_message_id), [])
-            if e.message_id not in ids:
+            if e.message_id in ids:
+                state.copies[e.message_id] += 1
+            else:
                 ids.append(e.message_id)
         elif isinstance(e, ev.Verdict):
             state.verdicts.setdefault(e.message_id, []).append(e.action)
@@ -540,6 +544,9 @@ class Report:
     outbound_window: int = 0
     verdict_actions: Counter = field(default_factory=Counter)
     second_verdicts: int = 0
+    #: messages the safety net sent again (no verdict in time), and the copies it wrote
+    resent_messages: int = 0
+    resent_copies: int = 0
     problems: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     drain_seconds: float = 0.0
@@ -609,6 +616,7 @@ def reconcile(attempts: list[Attempt], arrivals: list[Arrival], topics: Topics, 
     for actions in topics.verdicts.values():
         report.verdict_actions[actions[0]] += 1
         report.second_verdicts += len(actions) - 1
+    report.resent_messages, report.resent_copies = len(topics.copies), sum(topics.copies.values())
 
 
 def recovery(kills: list[Kill], attempts: list[Attempt], arrivals: list[Arrival]) -> None:
@@ -796,6 +804,8 @@ def print_report(report: Report, options: Options) -> None:
               + ", ".join(f"{k} {v}" for k, v in report.in_doubt.most_common()))
     print(f"  verdicts: {dict(report.verdict_actions)}; second verdicts (ignored by the sinks): "
           f"{report.second_verdicts}")
+    print(f"  sent again by the safety net (no verdict in time): {report.resent_messages} messages, "
+          f"{report.resent_copies} copies")
     print(f"  {'killed':<15}{'at s':>7}{'down s':>8}{'250 again s':>13}{'delivered again s':>19}")
     for kill in report.kills:
         down = f"{kill.restarted - kill.at:.1f}" if kill.restarted else "-"
