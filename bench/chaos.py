@@ -294,6 +294,8 @@ async def run_load(port: int, load: Load, sessions: int, per_session: int, timeo
                 if code != 250:
                     load.connect_errors[f"{code} before MAIL"] += 1
                     await asyncio.sleep(0.5)
+                    if load.started >= len(load.attempts):
+                        return  # nothing left to send (refused at connect, e.g. banned, for ever)
                     continue
                 for _ in range(per_session):
                     attempt = await take()
@@ -663,13 +665,14 @@ def chaos_policy(downstream_port: int) -> str:
     """The `make run` policy, relaying to the downstream; DSNs to other domains go there too.
 
     The load's addresses are counted by Dynamic Screening but never banned
-    (a relay refusal is a failed RCPT), and nothing trusts them.
+    (a relay refusal is a failed RCPT; while the broker is down every MAIL
+    gets a 451 and the loader's RSET after it counts), and nothing trusts them.
     """
     policy = yaml.safe_load((REPO_ROOT / "infra" / "policy.local.yaml").read_text())
     policy["local_domains"] = [DOMAIN]
     server = policy["mail_servers"][0]
     server.update(port=downstream_port, domains=[DOMAIN], trusted_addresses=["127.0.0.5/32"])
-    policy["screening"] = {"connection_limit": 1_000_000, "failed_rcpt_limit": 1_000_000}
+    policy["screening"] = {"connection_limit": 1_000_000, "failed_rcpt_limit": 1_000_000, "rset_limit": 1_000_000}
     policy["delivery"] = {"retry_schedule_seconds": [1, 2, 5, 10, 30], "give_up_after_seconds": 3600,
                           "smarthost": f"127.0.0.1:{downstream_port}"}
     return yaml.safe_dump(policy)

@@ -10,12 +10,24 @@ select a tenth of the newer half. Judging the selected messages
 again is not timed here: that is the content checks' own speed
 (bench/content_throughput.py).
 
+Each line also gives the records read per second of CPU time (the
+process's, librdkafka's threads included): on a machine shared with others
+the wall-clock figure follows the CPU that is left, this one much less.
+
+Then ``bulwark replay sessions``: SESSION_RECORDS session events (a
+thousand client addresses, six events a session, one refused RCPT in
+three) on smtp.sessions, read by ``bulwark.replay_sessions.read`` for one
+address (kept or dropped by the record key) and for every address (each
+event that counts decoded), and the whole replay of every address (read,
+then counted under the local policy by the agents' code).
+
     python -m bench replay_throughput
     python -m bench.replay_throughput 200000
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,10 +36,11 @@ import confluent_kafka
 
 from bench._stack import local_stack
 from bulwark.kafka import producer_config
+from bulwark import replay_sessions
 from bulwark.replay import ReadStats, Selection, _reader, select
 from schemas import codec
 from schemas import events as ev
-from schemas.topics import VERDICTS, record_key
+from schemas.topics import SESSIONS, VERDICTS, record_key
 
 POLICY = """
 hostname: bench.example.test
@@ -37,6 +50,7 @@ mail_servers:
 """
 
 RECORDS = 500_000
+SESSION_RECORDS = 300_000
 MID = "MSGID0000000000"
 SENDER = "sender00000@partner.test"
 
@@ -94,13 +108,91 @@ def raw_read(settings) -> tuple[int, float]:
     return count, seconds
 
 
-def timed(settings, selection: Selection) -> ReadStats:
+def timed(settings, selection: Selection) -> tuple[ReadStats, float]:
+    """The reading's figures, and the CPU seconds it took."""
     stats = ReadStats()
+    cpu = time.process_time()
     select(settings, selection, stats)
-    return stats
+    return stats, time.process_time() - cpu
 
 
-def run(records: int = RECORDS) -> None:
+def produce_sessions(settings, count: int, start_ms: int) -> float:
+    """Sessions of six events each from a thousand addresses: connect, EHLO, MAIL, RCPT (refused in one
+    session of three), DATA, disconnect."""
+    at = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    s = dict(session_id="SESSION000000000", client_ip="198.51.100.1", occurred_at=at)
+    kinds = [ev.SessionConnected(**s, client_port=40000, listener="inbound", server_port=25),
+             ev.SessionEhlo(**s, hostname="client.partner.test", esmtp=True),
+             ev.SessionMail(**s, sender="a@partner.test", accepted=True, reply_code=250),
+             ev.SessionRcpt(**s, recipient="b@example.test", accepted=True, reply_code=250),
+             ev.SessionData(**s, accepted=True, reply_code=250, size=2048),
+             ev.SessionDisconnected(**s, duration_seconds=1.5, messages_accepted=1)]
+    refused = ev.SessionRcpt(**s, recipient="b@elsewhere.test", accepted=False, reply_code=554,
+                             reason="relay access denied")
+    templates = [codec.encode(e) for e in kinds]
+    refused_template = codec.encode(refused)
+    producer = confluent_kafka.Producer(producer_config(settings, "bench-replay-sessions", **{
+        "linger.ms": 50, "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
+    }))
+    began = time.perf_counter()
+    for n in range(count):
+        session, step = divmod(n, len(templates))
+        value, headers = refused_template if step == 3 and session % 3 == 0 else templates[step]
+        address = session % 1000
+        ip = f"198.51.{100 + address // 250}.{address % 250 + 1}"
+        value = value.replace(b"SESSION000000000", f"S{session:015d}".encode()).replace(
+            b'"198.51.100.1"', f'"{ip}"'.encode())
+        while True:
+            try:
+                producer.produce(SESSIONS.name, value=value, key=ip.encode(), headers=headers,
+                                 timestamp=start_ms + n)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if n % 1000 == 0:
+            producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError("records not delivered")
+    return time.perf_counter() - began
+
+
+def line(what: str, stats, seconds: float, cpu: float, extra: str) -> str:
+    return (f"  {what}: read and filtered {stats.read:,} in {seconds:.2f}s: {stats.read / seconds:,.0f} events/s "
+            f"({stats.read / cpu:,.0f} per CPU-second), {extra}")
+
+
+def best(runs: int, measure):
+    """The fastest of a few runs: what the code can do when the neighbours leave it the CPU."""
+    return min((measure() for _ in range(runs)), key=lambda r: r[0].seconds)
+
+
+def sessions(settings, records: int) -> None:
+    start_ms = int(time.time() * 1000) - records
+    seconds = produce_sessions(settings, records, start_ms)
+    print(f"  wrote {records:,} session events in {seconds:.1f}s ({records / seconds:,.0f}/s)", flush=True)
+
+    def read(selection):
+        stats = replay_sessions.ReadStats()
+        cpu = time.process_time()
+        replay_sessions.read(settings, selection, None, stats)
+        return stats, time.process_time() - cpu
+
+    read(replay_sessions.Selection.of(client_ips=["192.0.2.1"]))  # warm
+    stats, cpu = best(3, lambda: read(replay_sessions.Selection.of(client_ips=["198.51.100.42"])))
+    print(line("sessions --client-ip (one address of a thousand)", stats, stats.seconds, cpu,
+               f"{stats.decoded:,} decoded"), flush=True)
+    stats, cpu = best(3, lambda: read(replay_sessions.Selection.of(features=["screening"])))
+    print(line("sessions, every address (the events that count decoded)", stats, stats.seconds, cpu,
+               f"{stats.decoded:,} decoded"), flush=True)
+    began, cpu = time.perf_counter(), time.process_time()
+    report = asyncio.run(replay_sessions.replay(settings, replay_sessions.Selection.of(features=["screening"])))
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+    print(f"  replay sessions, every address (read, then counted under the local policy): {report.read.read:,} "
+          f"in {seconds:.2f}s: {report.read.read / seconds:,.0f} events/s ({report.read.read / cpu:,.0f} per "
+          f"CPU-second), {report.counted:,} counted, {len(report.recorded_policies):,} bans", flush=True)
+
+
+def run(records: int = RECORDS, session_records: int = SESSION_RECORDS) -> None:
     with local_stack(POLICY, components=()) as (settings, _stack):
         start_ms = int(time.time() * 1000) - records
         seconds = produce(settings, records, start_ms)
@@ -109,17 +201,16 @@ def run(records: int = RECORDS) -> None:
         count, seconds = raw_read(settings)
         print(f"  consumed alone (no parsing, no filter): {count:,} in {seconds:.2f}s: "
               f"{count / seconds:,.0f} records/s", flush=True)
-        stats = timed(settings, Selection.of(senders=["sender00042@partner.test"]))
-        print(f"  --sender (one in 50,000): read and filtered {stats.read:,} in {stats.seconds:.2f}s: "
-              f"{stats.per_second:,.0f} events/s, {stats.selected} selected", flush=True)
-        stats = timed(settings, Selection.of(client_ips=["198.51.100.7"], actions=["quarantine"]))
-        print(f"  --client-ip --action quarantine (a tenth, each parsed): read and filtered {stats.read:,} in "
-              f"{stats.seconds:.2f}s: {stats.per_second:,.0f} events/s, {stats.selected:,} selected", flush=True)
         since = datetime.fromtimestamp((start_ms + records // 2) / 1000, timezone.utc)
-        stats = timed(settings, Selection.of(since=since, actions=["quarantine"]))
-        print(f"  --since (the newer half) --action quarantine: read and filtered {stats.read:,} in "
-              f"{stats.seconds:.2f}s: {stats.per_second:,.0f} events/s, {stats.selected:,} selected", flush=True)
+        for what, selection in (
+                ("--sender (one in 50,000)", Selection.of(senders=["sender00042@partner.test"])),
+                ("--client-ip --action quarantine (a tenth, each parsed)",
+                 Selection.of(client_ips=["198.51.100.7"], actions=["quarantine"])),
+                ("--since (the newer half) --action quarantine", Selection.of(since=since, actions=["quarantine"]))):
+            stats, cpu = best(3, lambda: timed(settings, selection))
+            print(line(what, stats, stats.seconds, cpu, f"{stats.selected:,} selected"), flush=True)
+        sessions(settings, session_records)
 
 
 if __name__ == "__main__":
-    run(int(sys.argv[1]) if len(sys.argv) > 1 else RECORDS)
+    run(int(sys.argv[1]) if len(sys.argv) > 1 else RECORDS, int(sys.argv[2]) if len(sys.argv) > 2 else SESSION_RECORDS)

@@ -562,7 +562,12 @@ async def consume(
     """Consume topics with a group, handing decoded events to ``handle`` a batch at a time.
 
     Offsets are committed after ``handle`` returns, so a crash redelivers the
-    batch and ``handle`` must be idempotent.
+    batch and ``handle`` must be idempotent. They are committed at most every
+    ``COMMIT_EVERY_SECONDS`` (and when the consumer stops): a commit per batch
+    was an OffsetCommit request to the broker for every two or three
+    messages from each sink, ~1 of the ~12 requests a relayed message cost
+    the broker (its request log under bench/e2e_relay.py); a crash now
+    redelivers up to a second of records, which ``handle`` already absorbs.
     """
     while True:
         consumer = AIOKafkaConsumer(
@@ -587,6 +592,17 @@ async def consume(
             log.warning("waiting for Kafka at %s (group %s): %s", settings.kafka_bootstrap, group_id, exc)
             await asyncio.sleep(BROKER_RETRY_SECONDS)
     lag_at = 0.0
+    handled: dict = {}  # partition -> the offset after the last record ``handle`` finished
+    committed_at = time.monotonic()
+
+    async def commit() -> None:
+        # Only what was handled (not merely fetched), and only partitions
+        # still assigned: a rebalance hands the others to another member.
+        offsets = {tp: offset for tp, offset in handled.items() if tp in consumer.assignment()}
+        handled.clear()
+        if offsets:
+            await consumer.commit(offsets)
+
     try:
         while True:
             batch = await consumer.getmany(timeout_ms=500, max_records=200)
@@ -600,13 +616,24 @@ async def consume(
                         log.error("skipping %s@%d: %s", record.topic, record.offset, exc)
             if events:
                 await handle(events)
-            if batch:
-                await consumer.commit()
+            for tp, records in batch.items():
+                handled[tp] = records[-1].offset + 1
+            if handled and time.monotonic() - committed_at >= COMMIT_EVERY_SECONDS:
+                await commit()
+                committed_at = time.monotonic()
             if time.monotonic() - lag_at >= LAG_EVERY_SECONDS:
                 lag_at = time.monotonic()
                 await record_lag(consumer, group_id, topics)
     finally:
+        try:
+            await commit()  # what was handled, so that a clean stop redelivers nothing
+        except Exception as exc:  # a broker gone, a rebalance: redelivered, and handled again
+            log.warning("group %s: last offsets not committed at stop: %s", group_id, exc)
         await consumer.stop()
+
+
+#: How often ``consume`` commits what its handler finished (see there).
+COMMIT_EVERY_SECONDS = 1.0
 
 
 #: How often a consumer's lag is measured (a local computation: no request).

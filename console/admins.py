@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,6 +73,7 @@ def admins_path(data_dir: Path) -> Path:
 class AdminStore:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._lock = threading.Lock()
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -100,9 +102,9 @@ class AdminStore:
             raise ValueError("the password is too weak: " + "; ".join(problems))
         records = self._read()
         # A reset keeps the second factor (set or removed with `console totp`).
-        totp = records.get(name, {}).get("totp_secret")
-        records[name] = {"role": role, "password_hash": hash_password(password),
-                         **({"totp_secret": totp} if totp else {})}
+        kept = {k: v for k, v in records.get(name, {}).items() if k in ("totp_secret", "totp_last_step")}
+        totp = kept.get("totp_secret")
+        records[name] = {"role": role, "password_hash": hash_password(password), **kept}
         self._write(records)
         return Admin(name, role, bool(totp))
 
@@ -131,8 +133,7 @@ class AdminStore:
     def all(self) -> list[Admin]:
         return [Admin(name, r["role"], "totp_secret" in r) for name, r in sorted(self._read().items())]
 
-    def authenticate(self, name: str, password: str, code: str = "", at: float | None = None,
-                     used: int | None = None) -> Admin | None:
+    def authenticate(self, name: str, password: str, code: str = "", at: float | None = None) -> Admin | None:
         """The admin when the password is right, and the one-time code too for an
         account that has one (``totp_step`` then says which step the code was
         for). Slow on purpose (Argon2): call it in a thread.
@@ -140,9 +141,10 @@ class AdminStore:
         An unknown name costs the same as a wrong password (verify_password
         checks a dummy hash), and a wrong code is refused like a wrong
         password, after the same work: the login form reveals neither who
-        exists nor who has a second factor. ``used``: the step of this
-        account's last accepted code; it and older steps are refused (a code
-        works once).
+        exists nor who has a second factor. A code works once (RFC 6238
+        section 5.2): the step of the last one accepted is kept in the
+        account's record, so it and older steps stay refused after the
+        console restarts, and between two console processes.
         """
         import time
 
@@ -154,6 +156,15 @@ class AdminStore:
         if not secret:
             return Admin(name, record["role"])
         step = totp_step(secret, code, time.time() if at is None else at)
-        if step is None or (used is not None and step <= used):
+        if step is None:
             return None
+        with self._lock:  # two logins with one code: the first takes it
+            records = self._read()
+            current = records.get(name)
+            if current is None or current.get("totp_secret") != secret:
+                return None  # removed or re-enrolled meanwhile
+            if step <= current.get("totp_last_step", -1):
+                return None
+            current["totp_last_step"] = step
+            self._write(records)
         return Admin(name, record["role"], True, step)

@@ -67,7 +67,6 @@ class Console(LoginPages, QuarantinePages, TrackingPages, ScreeningPages, Policy
         self.sessions: dict[str, Session] = {}
         #: Per account with TOTP, the time step of its last accepted code:
         #: that code (and older ones) are refused from then on.
-        self.totp_used: dict[str, int] = {}
         #: Releases and deletions this process published that the quarantine
         #: index does not show yet (the sink marks it a moment later): a
         #: second click in that moment is refused, not published again.

@@ -39,8 +39,7 @@ class LoginPages(ConsoleBase):
         name = str(form.get("name", "")).strip()[:64]
         password = str(form.get("password", ""))
         code = str(form.get("code", ""))[:16]
-        admin = await asyncio.to_thread(self.admins.authenticate, name, password, code,
-                                        used=self.totp_used.get(name))
+        admin = await asyncio.to_thread(self.admins.authenticate, name, password, code)
         if admin is None:
             client_ip = request.remote or "unknown"
             log.warning("console login refused for %r from %s", name, client_ip)
@@ -50,8 +49,6 @@ class LoginPages(ConsoleBase):
                 log.error("could not record the refused login: %s", type(exc).__name__)
             metrics.CONSOLE_LOGINS.labels(outcome="failure").inc()
             return await self.login_form(request, failed=True, name=name)
-        if admin.totp_step is not None:
-            self.totp_used[name] = admin.totp_step
         now = time.monotonic()
         for stale in [t for t, s in self.sessions.items() if s.expired(now)]:
             del self.sessions[stale]

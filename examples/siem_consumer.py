@@ -42,7 +42,7 @@ import sys
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
 AUDIT_TOPICS = ["smtp.sessions", "mail.received", "mail.verdicts", "mail.deliveries", "quarantine.events",
-                "outbreak.fingerprints", "dmarc.reports", "console.logins"]
+                "outbreak.fingerprints", "dmarc.reports", "console.logins", "forensics.replay"]
 
 # The record headers Bulwark sets on every event.
 HEADER_TYPE = "bulwark-type"

@@ -127,8 +127,9 @@ PRINCIPALS: tuple[Principal, ...] = (
     ),
     Principal(
         "admin", "the bulwark command line of an administrator (topics ensure, policy apply, accounts, "
-                 "quarantine, screening, backscatter, trace)",
-        writes=(t.POLICY, t.ACCOUNTS, t.ACCOUNT_STATE, t.BANS, t.BACKSCATTER_KEYS, t.QUARANTINE),
+                 "quarantine, screening, backscatter, trace, replay)",
+        # forensics.replay: `bulwark replay --publish`.
+        writes=(t.POLICY, t.ACCOUNTS, t.ACCOUNT_STATE, t.BANS, t.BACKSCATTER_KEYS, t.QUARANTINE, t.FORENSICS),
         reads=t.ALL_TOPICS,
         # `topics ensure` commits a first offset for the workers' group
         # before they start (bulwark/kafka.py, seed_group_offsets).

@@ -7,7 +7,7 @@ Topics are never rewritten, so this is how history stays readable.
 
 from __future__ import annotations
 
-import json
+import orjson
 from collections.abc import Callable, Iterable, Sequence
 
 from .events import EVENT_TYPES, Event
@@ -138,7 +138,10 @@ def decode(value: bytes, headers: Iterable[tuple[str, bytes]] | None = None) -> 
     the consumer on one corrupt or hostile record.
     """
     try:
-        data = json.loads(value)
+        # orjson: about three times json's speed on these records, and every
+        # consumer decodes every record it reads. Its errors are ValueErrors;
+        # nesting deeper than 1024 is one of them.
+        data = orjson.loads(value)
     except (TypeError, ValueError) as exc:
         raise UnknownEvent(f"record is not JSON: {exc}") from None
     except RecursionError:

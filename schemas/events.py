@@ -787,6 +787,56 @@ class DmarcReportUnreadable(Event):
     received: DmarcReportMessage
 
 
+# --------------------------------------------------------------------------
+# forensics.replay: what `bulwark replay` found, when asked to --publish it.
+# --------------------------------------------------------------------------
+
+
+REPLAY_KINDS = Literal["verdicts", "sessions"]
+REPLAY_MODES = Literal["recorded", "candidate"]
+
+
+class ReplayFinding(Event):
+    """One thing a replay found, for whoever reads the topic (a SIEM, a ticket).
+
+    A verdict replay publishes one per message whose verdict differs from the
+    recorded one (mode ``recorded``) or whose action would change under the
+    candidate policy (mode ``candidate``), and one per message it could not
+    replay; a session replay one per client address or account whose bans,
+    limits or disables differ between the recorded policies and the
+    candidate (or, without a candidate, one per fact the recorded policies
+    issue). The replay's ``ReplayCompleted`` follows its findings.
+    """
+
+    TYPE: ClassVar[str] = "forensics.replay_finding"
+    VERSION: ClassVar[int] = 1
+    replay_id: str = Field(description="The replay this belongs to (its ReplayCompleted has the same)")
+    replay: REPLAY_KINDS = Field(description="What was replayed: mail.verdicts, or smtp.sessions and mail.received")
+    mode: REPLAY_MODES = Field(description="Under the recorded policy versions, or a candidate policy")
+    subject: str = Field(description="A message id (verdicts), a client address or an account (sessions)")
+    recorded: str | None = Field(default=None, description="What the recorded policy did: an action; bans and limits")
+    replayed: str | None = Field(default=None, description="What the replay gave: an action; bans and limits")
+    causes: list[str] = Field(default_factory=list, description="Why it differs, as the replay explains it")
+    error: str | None = Field(default=None, description="Why it could not be replayed")
+    details: dict = Field(default_factory=dict, description="The row as `bulwark replay --json` prints it")
+
+
+class ReplayCompleted(Event):
+    """A replay ended: what it selected and read, and how many findings it published before this."""
+
+    TYPE: ClassVar[str] = "forensics.replay_completed"
+    VERSION: ClassVar[int] = 1
+    replay_id: str
+    replay: REPLAY_KINDS
+    mode: REPLAY_MODES
+    candidate_policy: str | None = Field(default=None, description="The candidate's version (mode candidate)")
+    selection: dict = Field(default_factory=dict, description="The selection options given, by name")
+    read: int = Field(description="Records read")
+    selected: int = Field(description="Messages judged again, or session events counted")
+    findings: int = Field(description="ReplayFinding events published before this one")
+    by: str = Field(description="Who ran it")
+
+
 # Every concrete event, for the codec and the JSON Schema generator.
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
@@ -826,6 +876,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SessionFlagged,
         DmarcReportReceived,
         DmarcReportUnreadable,
+        ReplayFinding,
+        ReplayCompleted,
     )
 }
 

@@ -256,10 +256,23 @@ TRACE_INDEX = TopicSpec(
             "offset), written by the trace indexer; `bulwark trace` reads it instead of scanning the topics",
 )
 
+FORENSICS = TopicSpec(
+    name="forensics.replay",
+    # One partition, keyed by replay: a replay's findings and its completion
+    # stay together and in order.
+    key="replay id",
+    key_field="replay_id",
+    kind="audit",
+    partitions=1,
+    carries=(ev.ReplayFinding, ev.ReplayCompleted),
+    purpose="What `bulwark replay --publish` found: verdicts that differ or would change, bans and limits a "
+            "candidate policy would issue or not; then the replay's figures",
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SESSIONS, RECEIVED, VERDICTS, DELIVERIES, QUARANTINE, POLICY, ACCOUNTS, DOMAINS, ACCOUNT_STATE, BANS, HIJACK_LIMITS,
     OUTBREAK_FINGERPRINTS, OUTBREAK_ALERTS, BACKSCATTER_KEYS, TLS_FALLBACKS, MTA_STS_POLICIES,
-    DMARC_REPORTS, CONSOLE_LOGINS, TRACE_INDEX,
+    DMARC_REPORTS, CONSOLE_LOGINS, TRACE_INDEX, FORENSICS,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_TOPICS}

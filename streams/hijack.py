@@ -40,11 +40,13 @@ message accepted; the benchmark measures it.
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bulwark import metrics
 from schemas import events as ev
+from streams.once import Source, cleared, count_once, event_id, once
 from streams.screening import STEPS_PER_WINDOW, _dt, window_bounds
 
 if TYPE_CHECKING:
@@ -130,12 +132,68 @@ def decide(account: str, counts: dict, window: tuple[float, float], event: ev.Me
     )
 
 
+class HijackDetector:
+    """What Account Hijack Detection does with each record: count an account's messages, judge, publish once.
+
+    The live agent (``install``) and ``bulwark replay sessions``
+    (``bulwark/replay_sessions.py``) both run this: the agent over its Faust
+    tables, the replay over mappings in memory, so a replay reaches the
+    limits and disables the agent would have, with the same ids. ``windows``
+    is an account's hopping windows (what ``table[account]`` is in Faust:
+    ``apply`` and ``delta`` at the record's time), ``window`` the window
+    definition, ``at`` the record's timestamp in seconds.
+    """
+
+    def __init__(self, states: MutableMapping, reached: MutableMapping, size: float, step: float):
+        #: Latest AccountStateChanged per account, as JSON.
+        self.states = states
+        #: Latest AccountLimitReached per account, as JSON: published once per window.
+        self.reached = reached
+        self.size, self.step = size, step
+
+    def state_changed(self, event: ev.AccountStateChanged, windows, source: Source) -> None:
+        """Follow ``accounts.state``; ``windows`` are the account's."""
+        key = account_key(event.address)
+        self.states[key] = event.model_dump(mode="json")
+        if event.enabled:
+            # Re-enabled: the messages before it no longer count.
+            windows.apply(once(cleared, source), None)
+            self.reached.pop(key, None)
+
+    def observe(self, account: str, event: ev.MessageReceived, windows, window, at: float, source: Source,
+                policy: "Policy") -> ev.Event | None:
+        """Count one message of ``account``; the fact to publish under ``policy``, if any."""
+        if not policy.hijack.enabled:
+            return None
+        counts = count_once(windows, add_message, {"messages": 1, "client_ips": [event.envelope.client_ip]},
+                            source, self.size - self.step)
+        if counts is None:
+            return None  # counted (and judged) before this delivery
+        oldest = window_bounds(window.delta(at, self.size - self.step))
+        fact = decide(account, counts, oldest, event, policy, event_id(event.occurred_at, source, "hijack"))
+        if fact is None:
+            return None
+        state = self.states.get(account)
+        if state is not None and not state["enabled"]:
+            return None  # already disabled; its sessions are being refused
+        if isinstance(fact, ev.AccountLimitReached):
+            previous = self.reached.get(account)
+            if previous is not None and datetime.fromisoformat(previous["until"]) > event.occurred_at:
+                return None  # already at the limit for this window
+            self.reached[account] = fact.model_dump(mode="json")
+        else:
+            # Recorded now, not only when it comes back on accounts.state,
+            # so the messages in between do not disable it twice.
+            self.states[account] = fact.model_dump(mode="json")
+        return fact
+
+
 def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_state: "faust.TopicT",
             limits_topic: "faust.TopicT") -> dict:
     from faust import current_event
 
     from streams.eventio import decode_record, send_event
-    from streams.once import cleared, count_once, event_id, once, source_of
+    from streams.once import source_of
 
     rules = holder.current.hijack
     size = timedelta(minutes=rules.window_minutes).total_seconds()
@@ -153,6 +211,7 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
     states = app.Table("hijack-account-states", default=None, partitions=partitions, key_type=str)
     #: Latest AccountLimitReached per account, to publish it once per window.
     reached = app.Table("hijack-limits", default=None, partitions=partitions, key_type=str)
+    detection = HijackDetector(states, reached, size, step)
 
     received_channel = app.topic(received.get_topic_name(), key_type=bytes, value_type=bytes,
                                  key_serializer="raw", value_serializer="raw")
@@ -183,43 +242,21 @@ def install(app: "faust.App", holder: Any, received: "faust.TopicT", account_sta
             # their origin: each is counted once (streams/once.py).
             source = source_of(record)
             if isinstance(event, ev.AccountStateChanged):
-                key = account_key(event.address)
-                states[key] = event.model_dump(mode="json")
-                if event.enabled:
-                    # Re-enabled: the messages before it no longer count.
-                    counters[key].apply(once(cleared, source), None)
-                    reached.pop(key, None)
+                detection.state_changed(event, counters[account_key(event.address)], source)
                 continue
             if not isinstance(event, ev.MessageReceived) or record.key is None:
                 continue
-            policy = holder.current
-            if not policy.hijack.enabled:
-                continue
             account = record.key.decode()
-            counts = count_once(counters[account], add_message,
-                                {"messages": 1, "client_ips": [event.envelope.client_ip]}, source, size - step)
-            if counts is None:
-                continue  # counted (and judged) before this delivery
-            oldest = window_bounds(counters.table.window.delta(current_event().message.timestamp, size - step))
-            fact = decide(account, counts, oldest, event, policy, event_id(event.occurred_at, source, "hijack"))
+            fact = detection.observe(account, event, counters[account], counters.table.window,
+                                     current_event().message.timestamp, source, holder.current)
             if fact is None:
                 continue
-            state = states.get(account)
-            if state is not None and not state["enabled"]:
-                continue  # already disabled; its sessions are being refused
             if isinstance(fact, ev.AccountLimitReached):
-                previous = reached.get(account)
-                if previous is not None and datetime.fromisoformat(previous["until"]) > event.occurred_at:
-                    continue  # already at the limit for this window
-                reached[account] = fact.model_dump(mode="json")
                 await send_event(limits_topic, fact)
                 metrics.HIJACK_LIMITS.inc()
                 log.warning("account %s reached its limit: %d messages; 452 until %s",
                             account, fact.messages, fact.until.isoformat(timespec="seconds"))
             else:
-                # Recorded now, not only when it comes back on accounts.state,
-                # so the messages in between do not disable it twice.
-                states[account] = fact.model_dump(mode="json")
                 await send_event(account_state, fact)
                 metrics.HIJACK_DISABLED.inc()
                 log.warning("account %s disabled: %s", account, fact.reason)

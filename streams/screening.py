@@ -38,8 +38,9 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from bulwark import metrics
+from schemas import codec
 from schemas import events as ev
-from streams.once import APPLIED, Source, applied, cleared, once
+from streams.once import APPLIED, Source, applied, cleared, event_id, once
 
 if TYPE_CHECKING:
     import faust
@@ -67,6 +68,14 @@ AUTH_GUESS_REASONS = (ev.AUTH_INVALID_CREDENTIALS, ev.AUTH_NOT_UTF8_CREDENTIALS,
 #: Steps per window: finer steps follow "the last M minutes" more closely,
 #: at the cost of a table read per step for every event.
 STEPS_PER_WINDOW = 5
+
+
+#: What the agent reads: the bans, and the events ``counted_as`` may count.
+#: An event of another type (EHLO, MAIL, DATA, STARTTLS...) is skipped by
+#: its type header, unparsed: about half of a message's session events.
+READ_TYPES = frozenset(t.TYPE for t in (
+    ev.BanIssued, ev.BanLifted, ev.ConsoleLoginFailed, ev.SessionConnected, ev.SessionRcpt, ev.SessionAuth,
+    ev.SessionRset, ev.SessionDisconnected))
 
 
 def counted_as(event: ev.Event, policy: "Policy") -> str | None:
@@ -192,11 +201,17 @@ class StepCounters:
     def __init__(self, table, size: float, step: float):
         self.table = table  # the Faust table, not its window wrapper
         self.size, self.step = size, step
+        #: The last timestamp's steps: counting an event asks for them three times.
+        self._steps_at: tuple[float, list[tuple[float, float]]] | None = None
 
     def steps(self, timestamp: float) -> list[tuple[float, float]]:
         """The step ranges making up the window that ends with ``timestamp``'s step, oldest first."""
-        steps = round(self.size / self.step)
-        return [self.table.window.ranges(timestamp - i * self.step)[0] for i in reversed(range(steps))]
+        if self._steps_at is not None and self._steps_at[0] == timestamp:
+            return self._steps_at[1]
+        count = round(self.size / self.step)
+        steps = [self.table.window.ranges(timestamp - i * self.step)[0] for i in reversed(range(count))]
+        self._steps_at = (timestamp, steps)
+        return steps
 
     def window(self, timestamp: float) -> tuple[float, float]:
         """Start and end (exclusive) of the window the counts at ``timestamp`` cover."""
@@ -241,6 +256,45 @@ class StepCounters:
                 self.table[(key, step_range)] = op(old, None)
 
 
+class Screener:
+    """What Dynamic Screening does with each record, on its counters: count, judge, ban, start again.
+
+    The live agent (``install``) and ``bulwark replay sessions``
+    (``bulwark/replay_sessions.py``) both run this, the agent over its Faust
+    table and the replay over counters in memory, so a replay issues the
+    bans the agent would have issued, with the same ids, and there is one
+    copy of the rules. ``at`` is the record's timestamp (its event time, in
+    seconds); ``source`` its origin (``streams.once``).
+    """
+
+    def __init__(self, counters: StepCounters):
+        self.counters = counters
+
+    def lifted(self, ip: str, at: float, source: Source) -> None:
+        """A ``BanLifted``: the window that holds the events before the unban starts again."""
+        self.counters.clear(ip, at, source)
+
+    def observe(self, event: ev.SessionEvent | ev.ConsoleLoginFailed, at: float, source: Source,
+                policy: "Policy") -> ev.BanIssued | None:
+        """Count the event; the ban it calls for under ``policy``, if any."""
+        counter = counted_as(event, policy)
+        if counter is None or not policy.screening.enabled or exempt(policy, event.client_ip):
+            return None
+        ip = event.client_ip
+        counts = self.counters.count_once(ip, at, {counter: 1}, source)
+        if counts is None:
+            return None  # counted (and judged) before this delivery
+        ban = ban_for(event, counts, self.counters.window(at), policy, event_id(event.occurred_at, source, "ban"))
+        if ban is None:
+            return None
+        # The evidence is spent: after the ban (or its early lifting) the
+        # client starts from zero, so the ban is not issued again at
+        # once. A client that keeps hammering while banned (refused
+        # connections still count) earns a new, later ban.
+        self.counters.clear(ip, at)
+        return ban
+
+
 def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faust.TopicT",
             console_logins: "faust.TopicT | None" = None) -> dict:
     """Declare the Dynamic Screening tables and agent on the app.
@@ -250,8 +304,8 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
     """
     from faust import current_event
 
-    from streams.eventio import decode_record, send_event
-    from streams.once import event_id, source_of
+    from streams.eventio import decode_record, headers_of, send_event
+    from streams.once import source_of
 
     rules = holder.current.screening
     size = timedelta(minutes=rules.window_minutes).total_seconds()
@@ -263,6 +317,7 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
         "screening-counts", default=None, partitions=sessions.partitions, key_type=str, value_type=None,
     ).tumbling(step, expires=size + step).relative_to_stream()
     counters = StepCounters(table.table, size, step)
+    screening = Screener(counters)
     active_bans = app.Table("screening-bans", default=None, partitions=sessions.partitions, key_type=str)
 
     # Every topic on one channel: the assignor gives one worker the same
@@ -276,6 +331,9 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
     async def dynamic_screening(stream):
         await holder.start()
         async for record in stream.events():
+            kind = codec.header(headers_of(record), codec.HEADER_TYPE)
+            if kind is not None and kind not in READ_TYPES:
+                continue  # most session events count for nothing: not parsed (the header says what it is)
             event = decode_record(record)
             # Records can arrive twice (at-least-once): every counter update
             # is applied once per source record (streams/once.py).
@@ -285,32 +343,19 @@ def install(app: "faust.App", holder: Any, sessions: "faust.TopicT", bans: "faus
                 continue
             if isinstance(event, ev.BanLifted):
                 active_bans.pop(event.client_ip, None)
-                # The window that holds the events before the unban.
-                counters.clear(event.client_ip, current_event().message.timestamp, source)
+                screening.lifted(event.client_ip, current_event().message.timestamp, source)
                 continue
             if not isinstance(event, (ev.SessionEvent, ev.ConsoleLoginFailed)):
                 continue
             policy = holder.current
-            counter = counted_as(event, policy)
-            if counter is None or not policy.screening.enabled or exempt(policy, event.client_ip):
-                continue
-            ip = event.client_ip
-            at = current_event().message.timestamp
-            counts = counters.count_once(ip, at, {counter: 1}, source)
-            if counts is None:
-                continue  # counted (and judged) before this delivery
-            ban = ban_for(event, counts, counters.window(at), policy, event_id(event.occurred_at, source, "ban"))
+            ban = screening.observe(event, current_event().message.timestamp, source, policy)
             if ban is None:
                 continue
             await send_event(bans, ban)
             metrics.BANS.inc()
-            for name in crossed(counts, policy.screening):
+            for name in crossed(ban.counters, policy.screening):
                 metrics.BAN_TRIGGERS.labels(counter=name).inc()
-            # The evidence is spent: after the ban (or its early lifting) the
-            # client starts from zero, so the ban is not issued again at
-            # once. A client that keeps hammering while banned (refused
-            # connections still count) earns a new, later ban.
-            counters.clear(ip, at)
-            log.warning("banned %s until %s: %s", ip, ban.expires_at.isoformat(timespec="seconds"), ban.reason)
+            log.warning("banned %s until %s: %s", ban.client_ip, ban.expires_at.isoformat(timespec="seconds"),
+                        ban.reason)
 
     return {"counters": counters, "bans": active_bans, "agent": dynamic_screening, "size": size, "step": step}

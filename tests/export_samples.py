@@ -122,6 +122,13 @@ def events() -> list[ev.Event]:
         ev.DmarcReportUnreadable(report_key=f"{MESSAGE}#1", error="not gzip: bad magic number", size=2048,
                                  received=ev.DmarcReportMessage(mail_from="dmarc@partner.test", client_ip=IP)),
         ev.ConsoleLoginFailed(login="helpdesk-lee", client_ip=IP),
+        ev.ReplayFinding(replay_id="0194f1c2a3b6cc00112233445566", replay="sessions", mode="candidate", subject=IP,
+                         recorded="ban at 09:15:00 (20 failed RCPTs in 5 minutes)", replayed="none",
+                         causes=["failed_rcpt_limit: 20 in the recorded policy, 40 in the candidate"],
+                         details={"kind": "ban", "recorded": 1, "candidate": 0}),
+        ev.ReplayCompleted(replay_id="0194f1c2a3b6cc00112233445566", replay="sessions", mode="candidate",
+                           candidate_policy="p-2026-12-01", selection={"since": "2026-11-30T09:00:00+00:00"},
+                           read=125000, selected=2300, findings=1, by="admin"),
     ]
 
 

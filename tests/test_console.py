@@ -838,7 +838,10 @@ def test_totp_codes_are_checked_with_a_step_of_drift_and_work_once(tmp_path):
     assert store.authenticate("alice", PASSWORD + "x", code, at=at) is None
     admin = store.authenticate("alice", PASSWORD, code, at=at)
     assert admin.role == "admin" and admin.totp_step is not None
-    assert store.authenticate("alice", PASSWORD, code, at=at, used=admin.totp_step) is None  # replayed
+    assert store.authenticate("alice", PASSWORD, code, at=at) is None  # replayed
+    # Replayed after the console restarted (a new store on the same file): still refused.
+    assert AdminStore(tmp_path / "admins.json").authenticate("alice", PASSWORD, code, at=at) is None
+    assert AdminStore(tmp_path / "admins.json").authenticate("alice", PASSWORD, totp.at(at + 30), at=at + 30)
     # A password reset keeps the second factor; --off removes it.
     store.add("alice", "admin", PASSWORD)
     assert store.authenticate("alice", PASSWORD) is None

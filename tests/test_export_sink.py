@@ -152,7 +152,8 @@ def test_a_batch_the_collector_has_not_acknowledged_is_not_written(authority):
 
 def test_the_default_export_is_every_audit_topic():
     assert default_topics() == ("smtp.sessions", "mail.received", "mail.verdicts", "mail.deliveries",
-                                "quarantine.events", "outbreak.fingerprints", "dmarc.reports", "console.logins")
+                                "quarantine.events", "outbreak.fingerprints", "dmarc.reports", "console.logins",
+                                "forensics.replay")
 
 
 def test_export_settings_come_from_the_environment(monkeypatch):

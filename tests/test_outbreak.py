@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from email.message import EmailMessage
 
+import pytest
+
 from schemas.events import Envelope
 from streams.message import Message
 from streams.outbreak import fingerprints, normalise
@@ -143,3 +145,54 @@ def test_a_worker_does_not_publish_an_observation_it_published_lately():
     # Bounded: the oldest is forgotten (and would be published again).
     assert recent.fresh("fp2", "c@x.test", "192.0.2.1", 1062.0)
     assert recent.fresh("fp", "b@x.test", "192.0.2.1", 1063.0)
+
+
+def campaign_message(name: str) -> Message:
+    """A message whose envelope carries the digest of its own bytes, as ingest writes it."""
+    import hashlib
+
+    base = _message(PHISH.format(name=name, n=7, extra=""))
+    envelope = base.envelope.model_copy(update={"sha256": hashlib.sha256(base.raw).hexdigest()})
+    return Message(base.message_id, base.session_id, envelope, base.direction, base.raw)
+
+
+async def test_the_check_and_the_observer_fingerprint_a_message_once(monkeypatch):
+    import asyncio
+
+    from streams import outbreak
+
+    calls = []
+    real = outbreak.fingerprints
+
+    def counting(message):
+        calls.append(message.message_id)
+        return real(message)
+
+    monkeypatch.setattr(outbreak, "fingerprints", counting)
+    memo = outbreak.FingerprintMemo(size=2)
+    message = campaign_message("Alice")
+    # Concurrently, as the two agents read the same record.
+    first, second = await asyncio.gather(memo.of(message), memo.of(message))
+    assert first == second == real(message) and first
+    assert memo.known(message.envelope.sha256) and await memo.of_known(message.envelope.sha256) == first
+    assert len(calls) == 1
+
+    # Bounded: the oldest contents are forgotten.
+    for name in ("Bob", "Carol"):
+        await memo.of(campaign_message(name))
+    assert not memo.known(message.envelope.sha256)
+
+
+async def test_a_failed_fingerprint_is_not_remembered(monkeypatch):
+    from streams import outbreak
+    from streams.message import UnreadableMessage
+
+    def broken(message):
+        raise UnreadableMessage("broken MIME")
+
+    monkeypatch.setattr(outbreak, "fingerprints", broken)
+    memo = outbreak.FingerprintMemo()
+    message = campaign_message("Alice")
+    with pytest.raises(UnreadableMessage):
+        await memo.of(message)
+    assert not memo.known(message.envelope.sha256)

@@ -125,6 +125,14 @@ def test_what_counts():
     long = ev.SessionDisconnected(client_ip="198.51.100.1", duration_seconds=900.0, messages_accepted=0)
     assert screening.counted_as(long, rules) == screening.LONG_SESSIONS
     assert screening.counted_as(long.model_copy(update={"duration_seconds": 60}), rules) is None
+    # The agent parses only the types that can count (and the bans): each counted example is one of them.
+    [connect] = connects("198.51.100.1", 1)
+    [login] = failed_console_logins("198.51.100.1", 1)
+    rset = ev.SessionRset(client_ip="198.51.100.1")
+    for counted in (rcpt, auth, long, connect, login, rset):
+        assert screening.counted_as(counted, rules) is not None
+        assert counted.TYPE in screening.READ_TYPES
+    assert ev.SessionEhlo.TYPE not in screening.READ_TYPES and ev.SessionData.TYPE not in screening.READ_TYPES
 
 
 def test_domain_mail_servers_are_exempt():

@@ -491,7 +491,7 @@ class _Progress:
             self.bar.__exit__(None, None, None)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--since", help="Verdicts from this time: ISO 8601 (UTC unless stated) or a duration ago (6h, 2d)")
 @click.option("--until", help="Verdicts up to this time (same forms)")
 @click.option("--sender", multiple=True, help="Envelope sender (repeatable)")
@@ -507,25 +507,30 @@ class _Progress:
 @click.option("--all", "show_all", is_flag=True, help="List every replayed message, not only those that differ")
 @click.option("--concurrency", default=8, show_default=True, help="Messages judged at once")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: the figures and every message")
-def replay(since, until, sender, recipient, domain, client_ip, action, result, policy_version, candidate, show_all,
-           concurrency, as_json) -> None:
+@click.option("--publish", is_flag=True, help="Also publish what it found to forensics.replay")
+@click.pass_context
+def replay(ctx, since, until, sender, recipient, domain, client_ip, action, result, policy_version, candidate,
+           show_all, concurrency, as_json, publish) -> None:
     """Judge recorded messages again, from their raw copies in the blob store.
 
     Without --policy, each under the policy version it was judged under: the
     verdict should be the one recorded, and any difference is shown with its
     cause (exit status 1). With --policy FILE, under that candidate: which
-    messages would change action, and why. Reads only; writes to no topic.
+    messages would change action, and why. Reads only; writes to no topic
+    unless --publish. `bulwark replay sessions` does the same for the bans
+    and limits of Dynamic Screening and Account Hijack Detection.
     """
+    if ctx.invoked_subcommand is not None:
+        from click.core import ParameterSource
+
+        given = [name for name in ctx.params if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} goes after `{ctx.invoked_subcommand}`")
+        return
     from bulwark import replay as rp
-    from bulwark.policy import PolicyError, load
 
     settings = _settings()
-    policy = None
-    if candidate:
-        try:
-            policy = load(candidate)
-        except PolicyError as exc:
-            raise click.UsageError(str(exc)) from None
+    policy = _candidate(candidate)
     selection = rp.Selection.of(_when(since), _when(until), sender, recipient, domain, client_ip, action, result,
                                 policy_version)
     stats = rp.ReadStats()
@@ -542,6 +547,16 @@ def replay(since, until, sender, recipient, domain, client_ip, action, result, p
         judging.close()
     changed = [o for o in outcomes if o.changed]
     errors = [o for o in outcomes if o.error]
+    if publish:
+        from bulwark import forensics
+
+        replay_id = _run(forensics.publish(
+            settings, [forensics.verdict_finding(o) for o in outcomes if show_all or o.changed or o.error],
+            replay="verdicts", mode="candidate" if policy else "recorded",
+            candidate_policy=policy.version if policy else None,
+            selection={k: v for k, v in ctx.params.items() if k in _SELECTORS and v not in (None, ())},
+            read=stats.read, selected=stats.selected))
+        click.echo(f"published to forensics.replay as replay {replay_id}", err=True)
     if as_json:
         click.echo(json.dumps({
             "mode": "candidate" if policy else "recorded",
@@ -559,6 +574,89 @@ def replay(since, until, sender, recipient, domain, client_ip, action, result, p
         if shown:
             click.echo(shown)
     if policy is None and (changed or errors):
+        sys.exit(1)
+
+
+#: The options that select what a replay reads (what a published replay records of its selection).
+_SELECTORS = {"since", "until", "sender", "recipient", "domain", "client_ip", "action", "result", "policy_version",
+              "account"}
+
+
+def _candidate(path: str | None):
+    from bulwark.policy import PolicyError, load
+
+    if not path:
+        return None
+    try:
+        return load(path)
+    except PolicyError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@replay.command("sessions")
+@click.option("--since", help="Facts from this time: ISO 8601 (UTC unless stated) or a duration ago (6h, 2d)")
+@click.option("--until", help="Facts up to this time (same forms)")
+@click.option("--client-ip", multiple=True, help="Dynamic Screening of this client address (repeatable)")
+@click.option("--account", multiple=True, help="Account Hijack Detection of this account (repeatable)")
+@click.option("--only", "features", multiple=True, type=click.Choice(["screening", "hijack"]),
+              help="Only this feature (default: both, or the one the selection names)")
+@click.option("--policy", "candidate", type=click.Path(exists=True, dir_okay=False),
+              help="A candidate policy file: which bans and limits it would issue, and where they differ")
+@click.option("--all", "show_all", is_flag=True, help="With --policy, also list the recorded policies' facts")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: the figures, the facts, the differences")
+@click.option("--publish", is_flag=True, help="Also publish what it found to forensics.replay")
+@click.pass_context
+def replay_sessions(ctx, since, until, client_ip, account, features, candidate, show_all, as_json, publish) -> None:
+    """Count smtp.sessions and mail.received again: which bans, limits and disables.
+
+    Runs the agents' own Dynamic Screening and Account Hijack Detection code
+    in event time. Without --policy, under the policy in force when each
+    event happened: the facts it issues, and any the live agents published
+    that it does not (exit status 1). With --policy FILE, under that
+    candidate too: client address by client address and account by account,
+    where the facts differ, and which settings explain it. Reads only;
+    writes to no topic unless --publish.
+    """
+    from bulwark import replay_sessions as rs
+
+    settings = _settings()
+    policy = _candidate(candidate)
+    selection = rs.Selection.of(_when(since), _when(until), client_ip, account, features)
+    bars: list[_Progress] = []
+
+    def bar(label: str) -> _Progress:
+        if bars:
+            bars[-1].close()
+        bars.append(_Progress(label))
+        return bars[-1]
+    try:
+        report = _run(rs.replay(settings, selection, policy, bar))
+    finally:
+        if bars:
+            bars[-1].close()
+    if publish:
+        from bulwark import forensics
+
+        replay_id = _run(forensics.publish(
+            settings, forensics.session_findings(report), replay="sessions",
+            mode="candidate" if policy else "recorded", candidate_policy=policy.version if policy else None,
+            selection=selection.as_json(), read=report.read.read, selected=report.counted))
+        click.echo(f"published to forensics.replay as replay {replay_id}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        line = (f"{report.read.read} records read in {report.read.seconds:.1f}s "
+                f"({report.read.per_second:,.0f}/s), {report.counted} counted: "
+                f"{len(report.recorded_policies)} bans, limits and disables under the recorded policies "
+                f"({len(report.on_topics)} on the topics, {len(report.not_reproduced)} not reproduced)")
+        if report.candidate is not None:
+            line += (f"; {len(report.candidate)} under policy {report.candidate_version}, "
+                     f"{len(report.differences)} client addresses or accounts differ")
+        click.echo(line)
+        shown = rs.table(report, show_all=show_all)
+        if shown:
+            click.echo(shown)
+    if policy is None and report.not_reproduced:
         sys.exit(1)
 
 

@@ -383,4 +383,11 @@ def _summary(event: ev.Event) -> str:
             return f"console login as {event.login} from {event.client_ip} refused"
         case ev.DmarcReportUnreadable():
             return f"unreadable DMARC report {event.report_key} from <{event.received.mail_from}>: {event.error}"
+        case ev.ReplayFinding():
+            what = event.error or f"{event.recorded or '-'} recorded, {event.replayed or '-'} replayed"
+            return f"replay of {event.replay} ({event.mode}): {event.subject}: {what}"
+        case ev.ReplayCompleted():
+            under = f" under {event.candidate_policy}" if event.candidate_policy else ""
+            return (f"replay of {event.replay}{under} by {event.by}: {event.read} records read, "
+                    f"{event.selected} selected, {event.findings} findings")
     return event.TYPE

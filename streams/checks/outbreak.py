@@ -7,7 +7,6 @@ message's fingerprints up in the table of marked outbreaks.
 
 from __future__ import annotations
 
-import asyncio
 
 from pydantic import Field
 
@@ -46,8 +45,7 @@ async def check(message: Message, settings: Settings) -> list[CheckResult]:
     if settings.exempts(message.envelope.mail_from):
         return [CheckResult(check=NAME, name=CLEAN, outcome="pass", detail="sender domain exempt")]
     marked, body_bands = [], []
-    # MinHashing a long body takes milliseconds of CPU: off the event loop.
-    found = await asyncio.to_thread(outbreak.fingerprints, message)
+    found = await outbreak.MEMO.of(message)  # shared with the observer: computed once
     for fingerprint, kind in found.items():
         record = outbreak.ACTIVE.get(fingerprint)
         if record and kind == "body":

@@ -13,6 +13,8 @@ ownership table (schemas/acl.py). What a user of the profile relies on:
   or an account;
 - a client without credentials, or with a wrong password, gets nothing;
 - the ingest principal cannot publish a policy;
+- ``bulwark replay --publish`` writes its findings as the administrator,
+  and a SIEM principal, which reads them, cannot forge one;
 - a reader added with ``bulwark kafka add-reader`` reads, in its own
   consumer groups only; ``bulwark kafka provision`` takes back a grant made
   by hand;
@@ -43,7 +45,7 @@ from bulwark.settings import Settings
 from schemas import codec
 from schemas import events as ev
 from schemas.acl import PRINCIPALS
-from schemas.topics import ACCOUNTS, POLICY, RECEIVED, VERDICTS
+from schemas.topics import ACCOUNTS, FORENSICS, POLICY, RECEIVED, VERDICTS
 
 from tests.outbound_servers import Nsd
 
@@ -224,6 +226,23 @@ def test_the_ingest_principal_cannot_publish_a_policy(secure):
     # While the administrator may: the same path, another principal.
     assert not [r for r in asyncio.run(read_topics(secure.settings, [POLICY.name]))
                 if r.event.policy_version == "forged-by-ingest"]
+
+
+def test_a_replay_publishes_as_the_administrator_and_a_siem_principal_cannot_forge_one(secure):
+    queue_id = _send(secure, "secure profile replay")
+    secure.downstream.wait_for(lambda d: "secure profile replay" in d.text, timeout=180, what="the replayed message")
+    replayed = secure.stack.run_cli(["replay", "--sender", "secure-sender@partner.test", "--all", "--publish"],
+                                    check=False)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    replay_id = replayed.stderr.strip().rsplit(" ", 1)[1]
+    found = [r.event for r in asyncio.run(read_topics(secure.settings, [FORENSICS.name], keys={replay_id.encode()}))]
+    assert queue_id in {e.message_id for e in found if isinstance(e, ev.ReplayFinding)}
+    assert isinstance(found[-1], ev.ReplayCompleted)
+
+    forged = ev.ReplayCompleted(replay_id="forged-by-siem", replay="verdicts", mode="recorded", read=0, selected=0,
+                                findings=0, by="siem")
+    error = _produce(secure.librdkafka("siem"), FORENSICS.name, forged, b"forged-by-siem")
+    assert error is not None and error.code() == confluent_kafka.KafkaError.TOPIC_AUTHORIZATION_FAILED, error
 
 
 def _connect(config: dict) -> tuple[bool, list[confluent_kafka.KafkaError]]:
