@@ -1,7 +1,8 @@
 """Chaos with reconciliation: SIGKILL every component under load, then account for every message.
 
 A whole local stack (real Kafka, clamd, ingest, two Faust workers, the
-delivery, quarantine and DMARC-report sinks) relays to a downstream SMTP
+delivery, quarantine and DMARC-report sinks, the safety net for messages
+never judged) relays to a downstream SMTP
 server this script owns. Many concurrent sessions from 127.0.10.1-20 send
 a mix of messages, each answered and recorded by the client:
 
@@ -70,11 +71,11 @@ SENDER_DOMAIN = "partner.test"
 #: The loopback addresses the load comes from (reserved for this script and its test).
 CLIENT_IPS = [f"127.0.10.{n}" for n in range(1, 21)]
 #: What runs, in start order; the second Faust worker has its own store and web port.
-RUNNING = ("quarantine", "delivery", "dmarc-reports", "streams", "streams-2", "ingest")
+RUNNING = ("quarantine", "delivery", "dmarc-reports", "unjudged", "streams", "streams-2", "ingest")
 #: The components those processes belong to (streams twice: BULWARK_STREAMS_WORKERS=2).
-COMPONENTS_RUN = ("quarantine", "delivery", "dmarc-reports", "streams", "ingest")
+COMPONENTS_RUN = ("quarantine", "delivery", "dmarc-reports", "unjudged", "streams", "ingest")
 #: What is killed, in this order, once per round.
-VICTIMS = ("ingest", "streams", "streams-2", "delivery", "quarantine", "dmarc-reports", "kafka")
+VICTIMS = ("ingest", "streams", "streams-2", "delivery", "quarantine", "dmarc-reports", "unjudged", "kafka")
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 WORDS = ("order invoice meeting report budget quarter delivery schedule contract review draft figures team "
          "customer supplier account payment reminder agenda minutes project update shipment warehouse request "
@@ -450,6 +451,8 @@ class Topics:
     received: dict[str, list[str]] = field(default_factory=dict)
     verdicts: dict[str, list[str]] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
+    #: queue id -> copies of its mail.received record beyond the first (the safety net's re-sends)
+    copies: Counter = field(default_factory=Counter)
     quarantined: Counter = field(default_factory=Counter)
     bounced: Counter = field(default_factory=Counter)
     #: queue id -> delivery attempts that the delivery sink recorded as delivered
@@ -467,7 +470,12 @@ async def read_state(settings: Settings, quarantine_only: bool = False) -> Topic
     async for record in iter_records(settings, topics, types=types):
         e = record.event
         if isinstance(e, ev.MessageReceived) and e.header_message_id:
-            state.received.setdefault(_one_line(e.header_message_id), []).append(e.message_id)
+            # Once per queue id: the safety net (sinks/unjudged.py) may have written a record again.
+            ids = state.received.setdefault(_one_line(e.header_message_id), [])
+            if e.message_id in ids:
+                state.copies[e.message_id] += 1
+            else:
+                ids.append(e.message_id)
         elif isinstance(e, ev.Verdict):
             state.verdicts.setdefault(e.message_id, []).append(e.action)
         elif isinstance(e, ev.MessageRefused):
@@ -538,6 +546,9 @@ class Report:
     outbound_window: int = 0
     verdict_actions: Counter = field(default_factory=Counter)
     second_verdicts: int = 0
+    #: messages the safety net sent again (no verdict in time), and the copies it wrote
+    resent_messages: int = 0
+    resent_copies: int = 0
     problems: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     drain_seconds: float = 0.0
@@ -607,6 +618,7 @@ def reconcile(attempts: list[Attempt], arrivals: list[Arrival], topics: Topics, 
     for actions in topics.verdicts.values():
         report.verdict_actions[actions[0]] += 1
         report.second_verdicts += len(actions) - 1
+    report.resent_messages, report.resent_copies = len(topics.copies), sum(topics.copies.values())
 
 
 def recovery(kills: list[Kill], attempts: list[Attempt], arrivals: list[Arrival]) -> None:
@@ -795,6 +807,8 @@ def print_report(report: Report, options: Options) -> None:
               + ", ".join(f"{k} {v}" for k, v in report.in_doubt.most_common()))
     print(f"  verdicts: {dict(report.verdict_actions)}; second verdicts (ignored by the sinks): "
           f"{report.second_verdicts}")
+    print(f"  sent again by the safety net (no verdict in time): {report.resent_messages} messages, "
+          f"{report.resent_copies} copies")
     print(f"  {'killed':<15}{'at s':>7}{'down s':>8}{'250 again s':>13}{'delivered again s':>19}")
     for kill in report.kills:
         down = f"{kill.restarted - kill.at:.1f}" if kill.restarted else "-"

@@ -30,6 +30,7 @@ COMPONENTS = [
     ("delivery", ["sinks", "delivery"]),
     ("dmarc-reports", ["sinks", "dmarc-reports"]),
     ("trace-index", ["sinks", "trace-index"]),
+    ("unjudged", ["sinks", "unjudged"]),
     ("streams", ["streams", "worker"]),
     ("ingest", ["ingest"]),
     ("console", ["console"]),

@@ -120,6 +120,13 @@ CONSOLE_LOGINS = _counter("bulwark_console_logins", "Console logins, by outcome 
 CONSOLE_ACTIONS = _counter("bulwark_console_quarantine_actions",
                            "Releases and deletions asked for in the console", ["action"])
 CONSOLE_RESPONSES = _counter("bulwark_console_http_responses", "Console HTTP responses, by status code", ["code"])
+UNJUDGED_PENDING = _gauge("bulwark_unjudged_pending_messages",
+                          "Messages on mail.received with no verdict yet, by state (waiting: within the period or "
+                          "sent again; given_up: no verdict after the last re-send)", ["state"])
+UNJUDGED_RESENT = _counter("bulwark_unjudged_resent",
+                           "Messages written to mail.received again because no verdict came in time")
+UNJUDGED_GIVEN_UP = _counter("bulwark_unjudged_given_up",
+                             "Messages still without a verdict after the last re-send (logged as errors)")
 MAILBOX_MESSAGES = _counter("bulwark_mailbox_messages", "Messages the demo mailbox stored (one per recipient)")
 
 _EVENTS = (EVENTS_PUBLISHED, PUBLISH_FAILURES)
@@ -139,6 +146,7 @@ EXPOSED: dict[str, tuple] = {
     "console": (CONSOLE_LOGINS, CONSOLE_ACTIONS, CONSOLE_RESPONSES, *_PUBLISHER),
     "mailbox": (MAILBOX_MESSAGES,),
     "trace-index": (EVENTS_CONSUMED,),
+    "unjudged": (UNJUDGED_PENDING, UNJUDGED_RESENT, UNJUDGED_GIVEN_UP, EVENTS_CONSUMED),
 }
 
 
@@ -151,6 +159,7 @@ INITIAL: dict[str, list[tuple[object, dict[str, str]]]] = {
                  *((DELIVERY_RECIPIENTS, {"outcome": o}) for o in ("delivered", "deferred", "bounced"))],
     "quarantine": [(MESSAGES, {"action": a}) for a in ("quarantined", "released", "deleted")],
     "dmarc-reports": [(DMARC_REPORTS, {"outcome": o}) for o in ("received", "unreadable")],
+    "unjudged": [(UNJUDGED_PENDING, {"state": s}) for s in ("waiting", "given_up")],
     "console": [*((CONSOLE_LOGINS, {"outcome": o}) for o in ("success", "failure")),
                 *((CONSOLE_ACTIONS, {"action": a}) for a in ("release", "delete"))],
 }

@@ -37,6 +37,7 @@ METRICS_PORTS = {
     "export": ("BULWARK_EXPORT_METRICS_PORT", 9467),
     "mailbox": ("BULWARK_MAILBOX_METRICS_PORT", 9468),
     "trace-index": ("BULWARK_TRACE_INDEX_METRICS_PORT", 9469),
+    "unjudged": ("BULWARK_UNJUDGED_METRICS_PORT", 9470),
 }
 
 #: The last environment's settings (Settings.from_env).
@@ -194,6 +195,13 @@ class Settings:
     #: and Accounts pages' counters). None: https://127.0.0.1:streams_web_port
     #: (same host); in compose, the streams service.
     streams_web_url: str | None = None
+    #: The safety net for messages never judged (``bulwark sinks unjudged``,
+    #: sinks/unjudged.py): how long a message on mail.received may wait for
+    #: its verdict before it is written there again (judging takes well under
+    #: a second; a worker's failover tens of seconds), and how many times it
+    #: is sent again before an error says it was given up.
+    unjudged_after_seconds: float = 120.0
+    unjudged_max_resends: int = 5
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -265,6 +273,8 @@ class Settings:
             kafka_profile=_env("BULWARK_KAFKA_PROFILE", "plaintext").lower(),
             kafka_secure_dir=Path(_env("BULWARK_KAFKA_SECURE_DIR", str(data_dir / "kafka-secure"))).resolve(),
             streams_web_url=_env("BULWARK_STREAMS_WEB_URL", "") or None,
+            unjudged_after_seconds=float(_env("BULWARK_UNJUDGED_AFTER_SECONDS", "120")),
+            unjudged_max_resends=int(_env("BULWARK_UNJUDGED_MAX_RESENDS", "5")),
         )
 
     def with_(self, **changes) -> "Settings":

@@ -113,6 +113,13 @@ PRINCIPALS: tuple[Principal, ...] = (
         groups=("bulwark-trace-index",),
     ),
     Principal(
+        "unjudged", "bulwark sinks unjudged (the safety net for messages never judged)",
+        # A message with no verdict in time is written to mail.received again.
+        writes=(t.RECEIVED,),
+        reads=(t.RECEIVED, t.VERDICTS),
+        groups=("bulwark-unjudged",),
+    ),
+    Principal(
         "export", "bulwark sinks export (SIEM exports)",
         reads=AUDIT_TOPICS,
         groups=("bulwark-export-*",),
@@ -152,6 +159,7 @@ COMPONENT_PRINCIPALS: dict[str, str | None] = {
     "console": "console",
     "export": "export",
     "trace-index": "trace-index",
+    "unjudged": "unjudged",
 }
 
 

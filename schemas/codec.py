@@ -15,6 +15,10 @@ from .events import EVENT_TYPES, Event
 HEADER_TYPE = "bulwark-type"
 HEADER_VERSION = "bulwark-version"
 HEADER_EVENT_ID = "bulwark-event-id"
+#: On a ``mail.received`` record written again by ``bulwark sinks unjudged``
+#: (sinks/unjudged.py) because no verdict came: how many times it was sent
+#: again ("1", "2", ...). The value is the original's, byte for byte.
+HEADER_RESEND = "bulwark-resend"
 
 Headers = Sequence[tuple[str, bytes]]
 Upcaster = Callable[[dict], dict]

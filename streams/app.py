@@ -214,6 +214,14 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
         value_type=str,
     ).tumbling(JUDGED_WINDOW, expires=2 * JUDGED_WINDOW)
 
+    # Message ids being judged on this worker now. The agent runs four at a
+    # time, so copies of one record read together (the safety net's
+    # re-sends, sinks/unjudged.py) would each find the judged table empty
+    # and each be judged. A copy read while its message is being judged is
+    # skipped; its offset is not committed before the original's, which is
+    # earlier on the same partition.
+    judging: set[str] = set()
+
     @app.agent(received, concurrency=4)
     async def content(stream):
         # Started here, in the worker's own event loop, and before the first
@@ -228,11 +236,15 @@ def build_app(settings: Settings, policy: Policy | None = None) -> faust.App:
             if not isinstance(event, MessageReceived):
                 continue
             key = event.message_id
-            if judged[key].current():
+            if key in judging or judged[key].current():
                 log.info("message %s already judged; not judging twice", event.message_id)
                 continue
-            verdict = await _judge_and_publish(event, blobs, holder.current, verdicts)
-            judged[key] = verdict.event_id
+            judging.add(key)
+            try:
+                verdict = await _judge_and_publish(event, blobs, holder.current, verdicts)
+                judged[key] = verdict.event_id
+            finally:
+                judging.discard(key)
             log.info("message %s: %s %s", event.message_id, verdict.action, ",".join(verdict.reasons))
 
     app.bulwark_agents = {"content": content}  # type: ignore[attr-defined]

@@ -116,8 +116,8 @@ def project(compose_check) -> dict:
 def test_compose_loads_the_file_as_a_project_with_every_service_the_stack_needs(project):
     assert project["name"] == "bulwark"
     assert set(project["services"]) == {
-        "kafka", "topics", "ingest", "streams", "delivery", "quarantine", "dmarc-reports", "trace-index", "mailbox",
-        "clamd", "console",
+        "kafka", "topics", "ingest", "streams", "delivery", "quarantine", "dmarc-reports", "trace-index", "unjudged",
+        "mailbox", "clamd", "console",
     }
     # The policy the services read is the shipped compose policy, not a
     # directory Docker would create in its place.

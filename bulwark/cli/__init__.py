@@ -91,6 +91,14 @@ def sinks_trace_index() -> None:
     serve(_settings())
 
 
+@sinks.command("unjudged")
+def sinks_unjudged() -> None:
+    """Run the safety net: send again any received message that got no verdict in time."""
+    from sinks.unjudged import serve
+
+    serve(_settings())
+
+
 @sinks.command("export")
 @click.option("--name", help="Names the consumer group bulwark-export-NAME (default siem; $BULWARK_EXPORT_NAME)")
 @click.option("--format", "fmt", type=click.Choice(["ecs", "cef", "syslog"]),

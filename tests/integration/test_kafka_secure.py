@@ -45,7 +45,7 @@ from bulwark.settings import Settings
 from schemas import codec
 from schemas import events as ev
 from schemas.acl import PRINCIPALS
-from schemas.topics import ACCOUNTS, FORENSICS, POLICY, VERDICTS
+from schemas.topics import ACCOUNTS, FORENSICS, POLICY, RECEIVED, VERDICTS
 
 from tests.outbound_servers import Nsd
 
@@ -115,7 +115,7 @@ def secure(tmp_path_factory) -> SecureGateway:
             nsd.stop()
 
 
-def _send(gw: SecureGateway, subject: str) -> str:
+def _send(gw: SecureGateway, subject: str, source_ip: str = "127.0.0.1") -> str:
     import smtplib
     from email.message import EmailMessage
     from email.utils import make_msgid
@@ -126,7 +126,8 @@ def _send(gw: SecureGateway, subject: str) -> str:
     msg["Subject"] = subject
     msg["Message-ID"] = make_msgid(domain="client.test")
     msg.set_content("Over TLS to Kafka, every component as itself.\n")
-    with smtplib.SMTP(gw.settings.smtp_host, gw.settings.smtp_port, timeout=60) as client:
+    with smtplib.SMTP(gw.settings.smtp_host, gw.settings.smtp_port, timeout=60,
+                      source_address=(source_ip, 0)) as client:
         client.ehlo("client.test")
         client.mail(msg["From"])
         assert client.rcpt(msg["To"])[0] == 250
@@ -316,6 +317,32 @@ def test_an_added_reader_reads_the_verdicts_in_its_own_consumer_groups_only(secu
 
     messages, errors = _poll(splunk, "siem-archive", VERDICTS.name, refused, 30)
     assert refused(messages, errors) and not messages, errors
+
+
+def test_the_safety_net_sends_a_message_again_as_its_own_principal(secure):
+    """`bulwark sinks unjudged` (principal unjudged): reads both topics, commits in its group, writes mail.received."""
+    stack = secure.stack
+    stack.stop("unjudged")
+    stack.stop("streams")
+    try:
+        stack.start("unjudged", ["sinks", "unjudged"], {"BULWARK_UNJUDGED_AFTER_SECONDS": "2"})
+        queue_id = _send(secure, "secure profile unjudged", source_ip="127.0.17.2")  # no worker: 250 at the deadline
+        deadline = time.monotonic() + 60
+        while f"message {queue_id} " not in stack.log_tail("unjudged", 100):
+            assert stack.procs["unjudged"].poll() is None, stack.log_tail("unjudged", 40)
+            assert time.monotonic() < deadline, stack.log_tail("unjudged", 40)
+            time.sleep(0.5)
+        assert "sent again (1)" in stack.log_tail("unjudged", 100)
+        records = asyncio.run(read_topics(secure.settings, [RECEIVED.name], keys={queue_id.encode()}))
+        assert len(records) >= 2  # the original and the net's copy
+    finally:
+        stack.restart("streams")
+        stack.stop("unjudged")
+        stack.start("unjudged", ["sinks", "unjudged"])
+    # The worker judges the original and skips the copies: one delivery.
+    secure.downstream.wait_for(lambda d: "secure profile unjudged" in d.text, timeout=180, what="the delivery")
+    time.sleep(10)
+    assert len(secure.downstream.matching(lambda d: "secure profile unjudged" in d.text)) == 1
 
 
 def test_provision_takes_back_a_grant_the_table_does_not_have(secure):
