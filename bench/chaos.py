@@ -86,6 +86,8 @@ BACKOFF_SECONDS = 5.0
 TRICKLE_SECONDS = 2.0
 #: A second delivery whose first copy arrived this shortly before the delivery sink's kill is the kill's.
 OUTBOUND_WINDOW_SECONDS = 2.0
+#: ... or this long after it (the downstream stamps a message when it has taken it all).
+OUTBOUND_AFTER_KILL_SECONDS = 1.0
 #: One message in twenty of each kind but clean.
 KINDS = {3: "virus", 7: "blocked", 11: "bounce", 15: "relay"}
 
@@ -569,7 +571,11 @@ def outbound_window(fate: Fate, recorded_deliveries: int, kills: list[Kill]) -> 
     if fate.delivered < 2 or recorded_deliveries >= fate.delivered:
         return None
     first = min(fate.arrived)
-    return next((k for k in kills if k.victim == "delivery" and 0 <= k.at - first < OUTBOUND_WINDOW_SECONDS), None)
+    # The first copy may also be stamped just after the kill: the sink had
+    # sent the final dot, died, and the downstream finished taking the
+    # message and answered a socket nobody read any more. The same window.
+    return next((k for k in kills if k.victim == "delivery"
+                 and -OUTBOUND_AFTER_KILL_SECONDS <= k.at - first < OUTBOUND_WINDOW_SECONDS), None)
 
 
 def reconcile(attempts: list[Attempt], arrivals: list[Arrival], topics: Topics, report: Report) -> None:
