@@ -342,7 +342,9 @@ def postfix(root: Path, relay_port: int, milter_port: int | None = None):
 #: Process kinds whose CPU time the benchmark reports, by what their command line holds.
 CPU_KINDS = (
     ("ingest", "bulwark.cli ingest"), ("streams", "bulwark.cli streams"), ("delivery", "bulwark.cli sinks delivery"),
-    ("quarantine", "bulwark.cli sinks quarantine"), ("kafka", "kafka.Kafka"), ("clamav-milter", "clamav-milter"),
+    ("quarantine", "bulwark.cli sinks quarantine"), ("dmarc-reports", "bulwark.cli sinks dmarc-reports"),
+    ("trace-index", "bulwark.cli sinks trace-index"), ("unjudged", "bulwark.cli sinks unjudged"),
+    ("kafka", "kafka.Kafka"), ("clamav-milter", "clamav-milter"),
     ("clamd", "clamd"), ("smtp-sink", "smtp-sink"),
 )
 

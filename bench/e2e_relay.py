@@ -10,7 +10,9 @@ Four set-ups, one after the other on the same machine, with the same load
   bulwark-async    the same with ``inline_refusal: {enabled: false}``
 
 Bulwark runs as ``bulwark up`` does by default: one ingest process and one
-Faust worker. ``--only bulwark-per-core`` (not in the default run) is the
+Faust worker, and every sink that reads each message (quarantine, delivery,
+DMARC reports, the trace index, the unjudged-message safety net); not the
+demo mailbox (smtp-sink is the downstream) nor the console. ``--only bulwark-per-core`` (not in the default run) is the
 default policy with an ingest process and a worker per core
 (``BULWARK_INGEST_PROCESSES=auto``, ``BULWARK_STREAMS_WORKERS=auto``), to compare.
 
@@ -51,7 +53,7 @@ SETUPS = ("postfix", "postfix+clamav", "bulwark", "bulwark-async")
 #: Set-ups run only when asked for with --only.
 EXTRA_SETUPS = ("bulwark-per-core",)
 #: Bulwark's processes whose memory counts (not Kafka's, not clamd's).
-BULWARK_PROCESSES = ("ingest", "streams", "delivery", "quarantine")
+BULWARK_PROCESSES = ("ingest", "streams", "delivery", "quarantine", "dmarc-reports", "trace-index", "unjudged")
 
 
 @dataclass
@@ -181,7 +183,9 @@ def run_bulwark(root: Path, args, inline_refusal: bool, per_core: bool = False) 
     scale = {"BULWARK_INGEST_PROCESSES": processes, "BULWARK_STREAMS_WORKERS": processes}
     with smtp_sink(root / setup) as sink:
         policy = bulwark_policy(sink.port, inline_refusal)
-        components = ("quarantine", "delivery", "streams", "ingest")
+        # What `bulwark up` runs, but the demo mailbox (smtp-sink is the
+        # downstream) and the console (no work per message).
+        components = ("quarantine", "delivery", "dmarc-reports", "trace-index", "unjudged", "streams", "ingest")
         with local_stack(policy, components=components, extra_env=scale) as (settings, stack):
             scopes = (str(root / setup), str(stack.kafka_dir.parent))
             with PeakRss(lambda: [p.pid for n, p in stack.procs.items() if n.startswith(BULWARK_PROCESSES)]) as rss:
