@@ -92,6 +92,14 @@ def test_links_are_signed_and_expire(tmp_path, monkeypatch):
     assert load_key(tmp_path) == key  # made once, then read
 
 
+@pytest.fixture(autouse=True)
+def policy_period(monkeypatch):
+    """The policy's period, whatever the environment says: the integration
+    stack's short BULWARK_DIGEST_PERIOD_SECONDS stays set for the whole
+    session when `make test` runs both suites in one process."""
+    monkeypatch.delenv("BULWARK_DIGEST_PERIOD_SECONDS", raising=False)
+
+
 @pytest.fixture
 def links(tmp_path):
     return DigestLinks(load_key(tmp_path))
