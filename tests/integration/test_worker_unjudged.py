@@ -25,6 +25,7 @@ from schemas.events import MessageReceived, Verdict
 from schemas.topics import RECEIVED, VERDICTS
 
 from .conftest import LOCAL_DOMAIN
+from .test_worker_failover import ensure_worker_running
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +40,6 @@ def start_net(gateway, after: float | None) -> None:
     # Re-sends every few seconds while a worker restarts would give up soon: never here.
     stack.start("unjudged", ["sinks", "unjudged"],
                 {"BULWARK_UNJUDGED_AFTER_SECONDS": str(after), "BULWARK_UNJUDGED_MAX_RESENDS": "100"} if after else {})
-
-
-def ensure_worker_running(gateway) -> None:
-    stack = gateway.stack
-    worker = stack.procs.get("streams")
-    if worker is None or worker.poll() is not None:
-        stack.procs.pop("streams", None)
-        stack.start("streams", ["streams", "worker"])
 
 
 @pytest.fixture
