@@ -29,6 +29,15 @@ from schemas.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
+#: How long the broker may hold a view's fetch when there is nothing new.
+#: A state topic changes rarely, and a fetch is answered as soon as a record
+#: is appended (none of these topics is written in transactions, whose
+#: commits do not wake a fetch: streams/transport.py), so waiting longer
+#: costs no freshness; it only saves the idle round trips. At aiokafka's
+#: 500 ms default the eleven views of a stack asked the broker about 40 times
+#: a second with nothing to say (docs/performance.md, "Seventh session").
+FETCH_MAX_WAIT_MS = 5000
+
 Listener = Callable[[str, Event | None], None]
 
 
@@ -66,6 +75,7 @@ class StateView:
                 auto_offset_reset="earliest",
                 isolation_level=self.isolation_level,
                 client_id=f"bulwark-view-{self.spec.name}",
+                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                 **aiokafka_options(self.settings),
             )
             partitions = [TopicPartition(self.spec.name, p) for p in range(self.spec.partitions)]
