@@ -107,6 +107,26 @@ def test_unsealed_mail_is_none():
     assert msg.authentication_results["arc"] == ["arc=none smtp.remote-ip=192.0.2.10"]
 
 
+def test_unsealed_mail_gets_dkimpy_s_own_answer():
+    # Answered without dkimpy when no ARC field is there (streams/sender_auth.py): the same words.
+    from streams import sender_auth
+
+    raw = original()
+    assert asyncio.run(sender_auth.arc_result(message(raw))) == sender_auth._evaluate_arc(
+        raw, sender_auth.resolvers()[1])
+
+
+def test_a_set_quoted_in_the_body_is_not_a_set_and_a_real_one_in_any_case_is_verified():
+    sealed = forwarded(original(), "forwarder.test", ARC_TRUSTED, SAW_PASS)
+    quoted = email(body="Forwarded:\n\n" + sealed.replace(b"\r\n\r\n", b"\r\n", 1).decode())
+    [found] = asyncio.run(arc.check(message(quoted), arc.Settings()))
+    assert found.name == "ARC_NONE"
+    lowered = sealed.replace(b"ARC-Seal:", b"arc-seal:", 1)
+    assert lowered != sealed
+    verdict, found = relayed(lowered)
+    assert found["arc"].name != "ARC_NONE"
+
+
 def test_trusted_forwarders_must_be_domains():
     import pytest
     from pydantic import ValidationError

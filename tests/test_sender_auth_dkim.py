@@ -35,6 +35,31 @@ def test_an_unsigned_message_is_none():
     assert msg.authentication_results["dkim"] == ["dkim=none"]
 
 
+def test_a_signature_quoted_in_the_body_is_not_a_signature():
+    # Unsigned mail is answered without dkimpy (streams/sender_auth.py); a
+    # forwarded-as-text message carries its signature in the body only.
+    quoted = signed(email(), RSA, "rsa").replace(b"\r\n\r\n", b"\r\n", 1)
+    raw = email(body="Forwarded:\n\n" + quoted.decode())
+    assert [r.name for r in verify(raw)[0]] == ["DKIM_NONE"]
+
+
+def test_a_signature_field_named_in_any_case_is_verified():
+    raw = signed(email(), RSA, "rsa")
+    assert raw.startswith(b"DKIM-Signature:")
+    lowered = b"dkim-signature :" + raw[len(b"DKIM-Signature:"):]
+    [found], _ = verify(lowered)
+    assert found.name != "DKIM_NONE"  # dkimpy's verdict on it, whatever it is, not "unsigned"
+    assert found.name == check_full(lowered)
+
+
+def check_full(raw: bytes) -> str:
+    """What dkimpy alone says about the first signature (no shortcut)."""
+    from streams import sender_auth
+
+    results = sender_auth._evaluate_dkim(raw, sender_auth.resolvers()[1])
+    return {"pass": "DKIM_PASS"}.get(results[0].result, "DKIM_" + results[0].result.upper())
+
+
 def test_a_changed_body_or_header_fails_and_the_good_signature_still_passes():
     raw = signed(email(body="Pay invoice 1.\n"), RSA, "rsa")
     tampered = raw.replace(b"Pay invoice 1.", b"Pay invoice 9.")
