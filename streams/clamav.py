@@ -4,7 +4,10 @@ the antivirus and macros checks share.
 The client speaks clamd's INSTREAM protocol over TCP (``man clamd``): the
 command ``zINSTREAM\\0``, then chunks of <4-byte big-endian length><bytes>, a
 zero-length chunk, and one reply line ``stream: OK`` / ``stream: <name>
-FOUND`` / ``<reason> ERROR``.
+FOUND`` / ``<reason> ERROR``. Connections are kept in clamd's session mode
+(``zIDSESSION\\0``: each reply prefixed with the command's number), one
+command at a time on each, so a message does not cost clamd two connections
+and two threads' hand-offs (see ``Session``).
 
 It is written here rather than taken from aioclamd (1.1.0, the asyncio client
 on PyPI) because aioclamd sends 1 KiB chunks and hops to a thread for each:
@@ -82,8 +85,46 @@ def classify(target: str, line: str) -> Reply:
     return Reply(target, "failed", f"unexpected reply from clamd: {line[:200]!r}")
 
 
+class _Stale(Exception):
+    """A kept session that clamd had closed (its IdleTimeout, a restart) before this command."""
+
+
+@dataclass(eq=False)
+class Session:
+    """One connection to clamd in session mode (``zIDSESSION``), one command at a time.
+
+    A connection per scan cost the worker 4 % of its CPU (connect, close, and
+    the hand-offs around them; py-spy --gil under bench/e2e_relay.py) and
+    clamd a thread start per scan, two per message. clamd numbers the
+    replies of a session (``3: stream: OK``); with one command outstanding
+    the number only confirms which command is answered. clamd closes an
+    idle session after its IdleTimeout (30 s by default) and a session
+    after an ERROR reply; a session is reused only if it is idle for less
+    than ``SESSION_IDLE_SECONDS`` and its last reply was not an error.
+    """
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    commands: int = 0
+    idle_since: float = 0.0
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+#: A kept session idle longer than this is closed instead of reused (clamd's
+#: IdleTimeout is 30 s by default; the template sets none).
+SESSION_IDLE_SECONDS = 10.0
+#: Sessions kept open per clamd and event loop, at most (more are closed when done).
+MAX_IDLE_SESSIONS = 16
+
+_sessions: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, list[Session]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class Clamd:
-    """One clamd over TCP; each command on its own connection, as clamd expects."""
+    """One clamd over TCP, its connections kept open in session mode between commands."""
 
     def __init__(self, host: str, port: int, timeout: float):
         self.host, self.port, self.timeout = host, port, timeout
@@ -96,14 +137,67 @@ class Clamd:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def _exchange(self, command: bytes, payload: bytes | None = None) -> str:
+    def _kept(self) -> list[Session]:
+        return _sessions.setdefault(asyncio.get_running_loop(), {}).setdefault(self.address, [])
+
+    async def _open(self) -> Session:
         try:
             reader, writer = await asyncio.open_connection(self.host, self.port)
         except OSError as exc:
             raise ClamdError(f"cannot connect to clamd at {self.address}: {exc.strerror or exc}") from None
+        writer.write(b"zIDSESSION\0")
+        return Session(reader, writer)
+
+    def _take(self) -> Session | None:
+        kept, now = self._kept(), time.monotonic()
+        while kept:
+            session = kept.pop()
+            if now - session.idle_since < SESSION_IDLE_SECONDS and not session.reader.at_eof():
+                return session
+            session.close()
+        return None
+
+    def _keep(self, session: Session) -> None:
+        kept = self._kept()
+        if len(kept) >= MAX_IDLE_SESSIONS:
+            session.close()
+            return
+        session.idle_since = time.monotonic()
+        kept.append(session)
+
+    async def _exchange(self, command: bytes, payload: bytes | None = None) -> str:
+        session = self._take()
+        if session is not None:
+            try:
+                return await self._on(session, command, payload)
+            except _Stale:
+                pass  # closed by clamd while kept: once more, on a new connection
+        return await self._on(await self._open(), command, payload)
+
+    async def _on(self, session: Session, command: bytes, payload: bytes | None) -> str:
+        """Send one command on the session and read its reply; keep the session if it is still good."""
+        session.commands += 1
+        reused = session.commands > 1
+        kept = False
+        try:
+            line = await self._command_on(session, command, payload, reused)
+            number, sep, reply = line.partition(": ")
+            if not sep or number != str(session.commands):
+                raise ClamdError(f"clamd at {self.address} answered out of turn: {line[:200]!r}")
+            if not reply.endswith("ERROR"):  # clamd ends a session after an error
+                self._keep(session)
+                kept = True
+            return reply
+        finally:
+            if not kept:
+                session.close()
+
+    async def _command_on(self, session: Session, command: bytes, payload: bytes | None, reused: bool) -> str:
+        reader, writer = session.reader, session.writer
+
         async def read_reply() -> bytes:
             reply = b""
-            # One NUL-terminated line, then clamd closes; bounded in case it does not.
+            # One NUL-terminated line; bounded in case clamd sends no NUL.
             while b"\0" not in reply and len(reply) < 64 * 1024:
                 chunk = await reader.read(4096)
                 if not chunk:
@@ -134,6 +228,8 @@ class Clamd:
                 cut_short = True  # clamd stopped reading; its reply, if it arrived, says why
             reply = await reading
         except OSError as exc:
+            if reused:  # no reply on a kept session: closed while idle (a scan is safe to send again)
+                raise _Stale() from None
             if cut_short:
                 # A reset can discard clamd's reply: say what is most likely.
                 raise ClamdError(f"clamd at {self.address} closed the connection while the data was sent "
@@ -141,14 +237,11 @@ class Clamd:
             raise ClamdError(f"clamd at {self.address} dropped the connection: {exc}") from None
         finally:
             reading.cancel()
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
         if not reply:
+            if reused:
+                raise _Stale()
             raise ClamdError(f"clamd at {self.address} closed the connection without a reply")
-        return reply.rstrip(b"\0\n").decode("utf-8", "replace")
+        return reply.split(b"\0", 1)[0].rstrip(b"\n").decode("utf-8", "replace")
 
     async def command(self, command: str) -> str:
         try:
@@ -209,10 +302,10 @@ async def _recent_version(clamd: Clamd) -> str:
     """clamd's VERSION, asked at most once a second per clamd.
 
     Asking it with every message cost a second connection to clamd (and a
-    clamd thread) per message: about 7 % of the worker's CPU at 20 msg/s in
-    py-spy. A database that clamd reloads is stamped at most a second late;
-    the stamp was never exact to the message (VERSION and INSTREAM run on
-    separate connections, as clamd expects).
+    clamd thread) per message, when each command had a connection of its
+    own: about 7 % of the worker's CPU at 20 msg/s in py-spy. A database
+    that clamd reloads is stamped at most a second late; the stamp was never
+    exact to the message (VERSION and the scans are separate commands).
     """
     cached = _versions.get(clamd.address)
     now = time.monotonic()

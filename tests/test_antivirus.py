@@ -80,29 +80,45 @@ def test_the_message_and_each_decoded_part_are_scan_targets_once():
 # -- the client, against a stand-in speaking clamd's framing -----------------------------------
 
 
-async def _stand_in(answer: bytes):
+async def _stand_in(answer: bytes, close_after_each: bool = False):
+    """A clamd in session mode (zIDSESSION, numbered replies) answering every command alike.
+
+    ``close_after_each``: after one reply, it closes the connection as the
+    next command arrives, as when clamd ends a session at its IdleTimeout
+    just as the client sends on it."""
     received: list[bytes] = []
+    connections: list[int] = []
 
     async def handle(reader, writer):
-        command = await reader.readuntil(b"\0")
-        body = b""
-        if command == b"zINSTREAM\0":
-            while True:
-                (size,) = struct.unpack("!L", await reader.readexactly(4))
-                if size == 0:
-                    break
-                body += await reader.readexactly(size)
-        received.append(command + body)
-        writer.write(answer + b"\0")
-        await writer.drain()
+        connections.append(1)
+        assert await reader.readuntil(b"\0") == b"zIDSESSION\0"
+        number = 0
+        while True:
+            try:
+                command = await reader.readuntil(b"\0")
+            except asyncio.IncompleteReadError:
+                break
+            if close_after_each and number:
+                break
+            number += 1
+            body = b""
+            if command == b"zINSTREAM\0":
+                while True:
+                    (size,) = struct.unpack("!L", await reader.readexactly(4))
+                    if size == 0:
+                        break
+                    body += await reader.readexactly(size)
+            received.append(command + body)
+            writer.write(f"{number}: ".encode() + answer + b"\0")
+            await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1], received
+    return server, server.sockets[0].getsockname()[1], received, connections
 
 
 async def test_instream_frames_the_bytes_in_chunks_and_reads_the_reply():
-    server, port, received = await _stand_in(b"stream: Bulwark.Test.EICAR.UNOFFICIAL FOUND")
+    server, port, received, _ = await _stand_in(b"stream: Bulwark.Test.EICAR.UNOFFICIAL FOUND")
     async with server:
         data = bytes(range(256)) * 1000  # several 64 KiB chunks
         reply = await Clamd("127.0.0.1", port, timeout=5).instream("big.bin", data)
@@ -112,9 +128,10 @@ async def test_instream_frames_the_bytes_in_chunks_and_reads_the_reply():
 
 async def test_clamds_size_limit_reply_is_read_even_while_the_stream_is_still_being_sent():
     async def refuse_early(reader, writer):
+        await reader.readuntil(b"\0")  # zIDSESSION
         await reader.readuntil(b"\0")
         await reader.readexactly(4)
-        writer.write(b"INSTREAM size limit exceeded. ERROR\0")
+        writer.write(b"1: INSTREAM size limit exceeded. ERROR\0")
         await writer.drain()
         writer.close()
 
@@ -127,14 +144,48 @@ async def test_clamds_size_limit_reply_is_read_even_while_the_stream_is_still_be
 
 
 async def test_version_is_clamds_answer():
-    server, port, received = await _stand_in(VERSION.encode())
+    server, port, received, _ = await _stand_in(VERSION.encode())
     async with server:
         assert await Clamd("127.0.0.1", port, timeout=5).version() == VERSION
     assert received == [b"zVERSION\0"]
 
 
+async def test_scans_share_one_connection_to_clamd():
+    server, port, received, connections = await _stand_in(b"stream: OK")
+    async with server:
+        clamd = Clamd("127.0.0.1", port, timeout=5)
+        replies = [await clamd.instream(f"part {i}", b"hello %d" % i) for i in range(3)]
+        assert await clamd.version() == "stream: OK"
+    assert [r.kind for r in replies] == ["clean"] * 3
+    assert len(received) == 4 and len(connections) == 1
+
+
+async def test_a_session_clamd_closed_while_kept_is_replaced_without_a_failed_scan():
+    server, port, received, connections = await _stand_in(b"stream: OK", close_after_each=True)
+    async with server:
+        clamd = Clamd("127.0.0.1", port, timeout=5)
+        first = await clamd.instream("message", b"one")
+        second = await clamd.instream("message", b"two")
+    assert (first.kind, second.kind) == ("clean", "clean")
+    assert received == [b"zINSTREAM\0one", b"zINSTREAM\0two"] and len(connections) == 2
+
+
+async def test_a_reply_to_another_command_is_a_failure_not_a_result():
+    async def confused(reader, writer):
+        await reader.readuntil(b"\0")
+        await reader.readuntil(b"\0")
+        writer.write(b"7: stream: OK\0")
+        await writer.drain()
+
+    server = await asyncio.start_server(confused, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reply = await Clamd("127.0.0.1", port, timeout=5).instream("message", b"x")
+    assert reply.kind == "failed" and "answered out of turn: '7: stream: OK'" in reply.detail
+
+
 async def test_clamd_down_is_a_failed_reply_not_an_exception():
-    server, port, _ = await _stand_in(b"")
+    server, port, _, _ = await _stand_in(b"")
     server.close()
     await server.wait_closed()
     reply = await Clamd("127.0.0.1", port, timeout=5).instream("message", b"x")
