@@ -20,7 +20,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from bulwark import metrics
 from bulwark.blobstore import BlobStore, BlobStoreError
-from bulwark.kafka import DurableLog, EventPublisher, start_publisher
+from bulwark.kafka import BATCHING_LINGER_MS, DurableLog, EventPublisher, start_publisher
 from bulwark.policy import Policy
 from bulwark.policy.runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
@@ -778,7 +778,7 @@ async def serve(settings: Settings) -> None:
     bound_tls_buffers()
     policy = PolicyHolder(settings=settings)
     await policy.start()
-    publisher = await start_publisher(settings, "bulwark-ingest")
+    publisher = await start_publisher(settings, "bulwark-ingest", linger_ms=BATCHING_LINGER_MS)
     durable = DurableLog(settings, transactional_id(settings))
     await durable.start()
     accounts = AccountDirectory(settings, policy)

@@ -28,7 +28,7 @@ from bulwark import auth_results, metrics
 from bulwark.backscatter import Keyring, sign
 from bulwark.blobstore import BlobStore
 from bulwark.created_domains import CreatedDomains
-from bulwark.kafka import EventPublisher, consume, start_publisher
+from bulwark.kafka import BATCHING_LINGER_MS, EventPublisher, consume, start_publisher
 from bulwark.policy import Policy
 from bulwark.policy.runtime import PolicyHolder
 from bulwark.service import configure_logging, run_until_signalled
@@ -771,7 +771,7 @@ async def serve(settings: Settings) -> None:
     policy = PolicyHolder(settings=settings)
     await policy.start()
     queue = JsonIndex(settings.data_dir / "delivery" / "queue")
-    publisher = await start_publisher(settings, "bulwark-delivery")
+    publisher = await start_publisher(settings, "bulwark-delivery", linger_ms=BATCHING_LINGER_MS)
     sink = DeliverySink(settings, policy, publisher, queue)
     first_verdicts = JsonIndex(settings.data_dir / "delivery" / "first-verdicts")
     sink.first_verdicts = FirstVerdicts(first_verdicts, sink.retention)
