@@ -126,7 +126,7 @@ async def serve(settings: Settings) -> None:
     metrics.EVENT_BACKLOG.set_function(lambda: publisher.backlog)
     metrics_server = metrics.start("dmarc-reports", settings)
     try:
-        await run_until_signalled(consume(settings, GROUP, [VERDICTS.name, QUARANTINE.name], sink.take))
+        await run_until_signalled(consume(settings, GROUP, [VERDICTS.name, QUARANTINE.name], sink.take, batched=True))
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()

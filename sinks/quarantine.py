@@ -128,7 +128,8 @@ async def serve(settings: Settings) -> None:
             await asyncio.sleep(PRUNE_EVERY_SECONDS)
 
     try:
-        await run_until_signalled(consume(settings, "bulwark-quarantine", [VERDICTS.name, QUARANTINE.name], sink.take),
+        await run_until_signalled(consume(settings, "bulwark-quarantine", [VERDICTS.name, QUARANTINE.name], sink.take,
+                                          batched=True),
                                   prune_hourly())
     finally:
         if metrics_server is not None:

@@ -26,7 +26,7 @@ import confluent_kafka
 
 from bulwark import metrics
 from bulwark import trace_index as ix
-from bulwark.kafka import consumer_config, producer_config
+from bulwark.kafka import batch_fetch_config, consumer_config, producer_config
 from bulwark.service import configure_logging
 from bulwark.settings import Settings
 from schemas.topics import TRACE_INDEX
@@ -83,6 +83,9 @@ class TraceIndexer:
         consumer = confluent_kafka.Consumer(consumer_config(self.settings, GROUP, **{
             # Static membership: a restarted indexer takes its partitions back at once.
             "group.instance.id": GROUP,
+            # A trace reads what the index has not read yet from the topics
+            # (bulwark/trace_index.py), so batching costs no freshness.
+            **batch_fetch_config(),
         }))
         consumer.subscribe(ix.INDEXED_TOPICS, on_assign=self._assigned)
         log.info("indexing %s into %s", ", ".join(ix.INDEXED_TOPICS), self.store.path)

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 import confluent_kafka
 
 from bulwark import metrics
-from bulwark.kafka import consumer_config, producer_config
+from bulwark.kafka import batch_fetch_config, consumer_config, producer_config
 from bulwark.service import configure_logging
 from bulwark.settings import Settings
 from schemas.codec import HEADER_RESEND, HEADER_TYPE
@@ -222,6 +222,8 @@ class SafetyNet:
             # The range assignor gives a process the same partition numbers of
             # both topics: a message's verdict is on its message's partition.
             "partition.assignment.strategy": "range",
+            # Off every reply's path: it acts minutes after a record.
+            **batch_fetch_config(),
         }))
         self.producer = confluent_kafka.Producer(producer_config(settings, GROUP, **{"linger.ms": 0}))
         self._failed: list[confluent_kafka.KafkaError] = []
