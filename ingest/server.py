@@ -14,7 +14,6 @@ import resource
 import socket
 import time
 from asyncio import sslproto
-from email.parser import BytesHeaderParser
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
@@ -31,7 +30,7 @@ from ingest.auth import MECHANISMS as AUTH_MECHANISMS
 from ingest.auth import ehlo_keywords, listener_rules, listener_ports, requiretls_refusal, smtp_auth
 from ingest import mta_sts_host
 from ingest.tls import server_tls
-from ingest.guards import Refusal
+from ingest.guards import Refusal, parse_headers
 from ingest.guards.ip_shielding import IPShieldingGuard
 from ingest.guards.limits import SessionClock, SessionLimitsGuard, SessionTimeouts, size_reply
 from ingest.guards.lists import ListsGuard
@@ -420,7 +419,6 @@ class IngestHandler:
         self.guards = guards if guards is not None else default_guards(policy, accounts)
         #: ingest.verdicts.VerdictWaiter for inline refusal; None: never wait.
         self.verdicts = verdicts
-        self._header_parser = BytesHeaderParser()
 
     @staticmethod
     def _close_after(server: SMTP, refusal: Refusal | None) -> None:
@@ -652,7 +650,7 @@ class IngestHandler:
             data_event(False, TEMPFAIL_RECORD, "blob store unavailable")
             return TEMPFAIL_RECORD
 
-        headers = self._header_parser.parsebytes(raw)
+        headers = parse_headers(raw)
         received = ev.MessageReceived(
             session_id=session.id,
             message_id=message_id,

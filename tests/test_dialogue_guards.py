@@ -318,3 +318,18 @@ def test_rcpts_over_the_recipient_limit_are_not_commands_up_to_the_overshoot_lim
     # Past the overshoot limit they count, and the commands limit applies.
     refusal = run(guard.on_command(s, "RCPT"))
     assert refusal is not None and refusal.reply.startswith("421 4.7.0")
+
+
+@pytest.mark.parametrize("raw", [
+    b"From: a@shielded.test\r\nSubject: hi\r\n\r\nFrom: evil@other.test\r\n\r\nbody\r\n",
+    b"From: a@shielded.test\nSubject: bare LF\n\nFrom: evil@other.test\r\n\r\nbody\n",
+    b"From: a@shielded.test\r\nSubject: no body at all",
+    b"Subject: folded\r\n  over two lines\r\nFrom: a@shielded.test\r\n\r\n" + b"x" * 100_000,
+])
+def test_guards_read_the_header_fields_as_the_whole_message_parser_does(raw):
+    # parse_headers hands the parser only the header section (ingest/guards/__init__.py).
+    from email.parser import BytesHeaderParser
+
+    from ingest.guards import parse_headers
+
+    assert parse_headers(raw).items() == BytesHeaderParser().parsebytes(raw).items()

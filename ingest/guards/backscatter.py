@@ -11,11 +11,10 @@ allow-listed clients, authenticated sessions, domain mail servers.
 from __future__ import annotations
 
 import logging
-from email.parser import BytesHeaderParser
 from typing import TYPE_CHECKING, Callable
 
 from bulwark.backscatter import Check, Keyring, is_auto_reply, verify
-from ingest.guards import Refusal
+from ingest.guards import Refusal, parse_headers
 from schemas import events as ev
 from schemas.events import utcnow
 
@@ -101,7 +100,7 @@ class BackscatterGuard:
         envelope = getattr(session, "envelope", None)
         if not cfg.enabled or envelope is None or envelope.mail_from in ("", "<>") or self._excluded(session):
             return None  # (DSNs were judged at RCPT)
-        if not is_auto_reply(BytesHeaderParser().parsebytes(raw)):
+        if not is_auto_reply(parse_headers(raw)):
             return None
         suspects = [c for c in (self._suspect(session, r) for r in envelope.rcpt_tos) if c is not None]
         for check in suspects:

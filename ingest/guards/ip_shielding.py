@@ -11,20 +11,17 @@ names the rule: the domain and the pairs that would have let it through.
 from __future__ import annotations
 
 import ipaddress
-from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from typing import TYPE_CHECKING
 
 from bulwark.policy import Policy
 from bulwark.policy.runtime import current
 from bulwark.policy.sections import ShieldPair
-from ingest.guards import Refusal
+from ingest.guards import Refusal, parse_headers
 from ingest.guards.lists import allow_listed
 
 if TYPE_CHECKING:
     from ingest.guards.session import GuardSession
-
-_headers = BytesHeaderParser()
 
 
 def pairs_for(policy: Policy, domain: str) -> list[tuple[int, ShieldPair]]:
@@ -61,7 +58,7 @@ def judge_domain(policy: Policy, client_ip: str, domain: str, where: str) -> Ref
 
 
 def from_header_domains(raw: bytes) -> list[str]:
-    headers = _headers.parsebytes(raw)
+    headers = parse_headers(raw)
     values = headers.get_all("From") or []
     return [addr.rpartition("@")[2].lower() for _, addr in getaddresses([str(v) for v in values]) if "@" in addr]
 
