@@ -51,10 +51,25 @@ def test_same_attachment_from_many_senders_is_quarantined_after_the_threshold(ga
     assert fingerprint[:24] in listing and f"{THRESHOLD} senders" in listing
 
 
-PHISH = ("Dear {name}, your mailbox has reached its storage limit and incoming mail is being held. "
-         "Sign in within 24 hours to release the held messages and to keep your address active; after "
-         "that the held messages will be deleted and cannot be recovered. This is an automated notice "
-         "from the mail administration team of your organisation. {extra}\n")
+# Long enough that six personalised copies share most of their word 4-grams
+# (Jaccard about 0.9), so they very likely meet under a common band: 4 of 5
+# bands here. The short notice this replaced shared one band by chance, and
+# none once the MinHash functions changed.
+PHISH = (
+    "Dear {name}, your mailbox has reached its storage limit and incoming mail is being held. "
+    "Sign in within 24 hours to release the held messages and to keep your address active; after "
+    "that the held messages will be deleted and cannot be recovered. To release them, open the secure "
+    "portal, confirm your password, and the storage quota will be raised for the rest of the year at "
+    "no cost to your department. Staff who do not confirm their details in time lose access to shared "
+    "calendars, archived folders and the address book, and their forwarding rules are switched off until "
+    "an administrator restores them by hand, which can take several working days during the migration. "
+    "The upgrade is mandatory for every account on the old cluster and is being rolled out floor by floor; "
+    "your floor was scheduled for this week, so please complete it before you leave the office today. "
+    "If you already completed the verification on another device you may ignore the reminder, but please "
+    "keep this notice until the new quota is shown in your settings page, because the helpdesk will ask "
+    "for the reference printed at its foot when you call about missing mail. Messages sent to you while "
+    "the mailbox is held are returned to their senders with a note saying the address is no longer in use. "
+    "This is an automated notice from the mail administration team of your organisation. {extra}\n")
 
 
 def _body_fingerprints(msg) -> set[str]:
@@ -71,7 +86,7 @@ def _body_fingerprints(msg) -> set[str]:
 
 def test_a_campaign_personalised_per_recipient_is_caught_by_its_body(gateway):
     # Fixed text, sent by no other test. Whether copies meet is a matter of
-    # probability (streams/outbreak.py); these six share a band, as asserted.
+    # probability (streams/outbreak.py); these six share bands, as asserted.
     names = ["Anna Berg", "Bruno Costa", "Chen Wei", "Dara Okafor", "Emil Novak", "Farah Haddad"]
     extras = ["", "Ref. A-1.", "Do not reply.", "Thank you.", "IT desk.", "Case closed after 24 hours."]
     messages = [gateway.message(f"notice{n}@mailadmin{n}.test", [f"user{n}@{LOCAL_DOMAIN}"], "Mailbox full",

@@ -8,7 +8,7 @@ import confluent_kafka
 import pytest
 
 from schemas import events as ev
-from schemas.topics import ALL_TOPICS, VERDICTS
+from schemas.topics import ALL_TOPICS, DELIVERIES, QUARANTINE, VERDICTS
 
 from .conftest import LOCAL_DOMAIN
 
@@ -39,6 +39,13 @@ def judged(gateway):
                              timeout=60, what=f"verdict of {queue_id}")
     [verdict] = gateway.records([VERDICTS.name], keys={ids["risky"]})
     assert verdict.event.action == "quarantine" and "ATTACHMENT_TYPE_BLOCKED" in verdict.event.reasons
+    # And what the sinks write about them, before a test counts the records:
+    # the quarantine sink reads verdicts in batches, up to half a second
+    # late (bulwark/kafka.py, BATCH_FETCH_WAIT_MS).
+    gateway.wait_records(lambda r: isinstance(r.event, ev.QuarantineAdded), [QUARANTINE.name],
+                         keys={ids["risky"]}, timeout=60, what="the risky message held")
+    gateway.wait_records(lambda r: isinstance(r.event, ev.DeliveryAttempted), [DELIVERIES.name],
+                         keys={ids["clean"]}, timeout=60, what="the clean message delivered")
     return ids
 
 
