@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from bulwark import metrics
 from bulwark.blobstore import BlobStore, BlobStoreError
+from bulwark.headers import parse_headers
 from bulwark.kafka import BATCHING_LINGER_MS, DurableLog, EventPublisher, start_publisher
 from bulwark.policy import Policy
 from bulwark.policy.runtime import PolicyHolder
@@ -30,7 +31,7 @@ from ingest.auth import MECHANISMS as AUTH_MECHANISMS
 from ingest.auth import ehlo_keywords, listener_rules, listener_ports, requiretls_refusal, smtp_auth
 from ingest import mta_sts_host
 from ingest.tls import server_tls
-from ingest.guards import Refusal, parse_headers
+from ingest.guards import Refusal
 from ingest.guards.ip_shielding import IPShieldingGuard
 from ingest.guards.limits import SessionClock, SessionLimitsGuard, SessionTimeouts, size_reply
 from ingest.guards.lists import ListsGuard

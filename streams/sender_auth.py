@@ -66,6 +66,7 @@ import spf
 from publicsuffixlist import PublicSuffixList
 
 from bulwark.dns import blocking_resolver_for, resolver_for
+from bulwark.headers import header_section
 from bulwark.settings import Settings
 from streams.message import Message
 
@@ -344,14 +345,6 @@ class DkimResult:
         if not self.domain:
             return self.detail
         return f"d={self.domain} s={self.selector} a={self.algorithm}: {self.detail}"
-
-
-def header_section(raw: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        at = raw.find(sep)
-        if at >= 0:
-            return raw[:at]
-    return raw
 
 
 def _tag(fields: dict, name: bytes) -> str | None:

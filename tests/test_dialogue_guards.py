@@ -327,9 +327,9 @@ def test_rcpts_over_the_recipient_limit_are_not_commands_up_to_the_overshoot_lim
     b"Subject: folded\r\n  over two lines\r\nFrom: a@shielded.test\r\n\r\n" + b"x" * 100_000,
 ])
 def test_guards_read_the_header_fields_as_the_whole_message_parser_does(raw):
-    # parse_headers hands the parser only the header section (ingest/guards/__init__.py).
+    # parse_headers hands the parser only the header section (bulwark/headers.py).
     from email.parser import BytesHeaderParser
 
-    from ingest.guards import parse_headers
+    from bulwark.headers import parse_headers
 
     assert parse_headers(raw).items() == BytesHeaderParser().parsebytes(raw).items()

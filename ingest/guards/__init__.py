@@ -20,24 +20,10 @@ A guard is enabled by the policy, and absent otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from email.message import Message
-from email.parser import BytesHeaderParser
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ingest.guards.session import GuardSession
-
-
-def parse_headers(raw: bytes) -> Message:
-    """The header fields of a message (``on_data`` guards and the recorded event read them).
-
-    Only the header section is handed to the parser: with the whole message
-    it decodes and feeds every body line too, only to drop them. Three
-    readers did that per message, 9 % of ingest's CPU for 10 KB messages
-    (py-spy --gil under bench/e2e_relay.py), and more the larger the message.
-    """
-    ends = [at + len(blank) for blank in (b"\r\n\r\n", b"\n\n") if (at := raw.find(blank)) >= 0]
-    return BytesHeaderParser().parsebytes(raw[:min(ends)] if ends else raw)
 
 
 @dataclass(frozen=True)

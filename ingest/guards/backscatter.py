@@ -14,7 +14,8 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 from bulwark.backscatter import Check, Keyring, is_auto_reply, verify
-from ingest.guards import Refusal, parse_headers
+from bulwark.headers import parse_headers
+from ingest.guards import Refusal
 from schemas import events as ev
 from schemas.events import utcnow
 

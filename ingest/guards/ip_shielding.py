@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from bulwark.policy import Policy
 from bulwark.policy.runtime import current
 from bulwark.policy.sections import ShieldPair
-from ingest.guards import Refusal, parse_headers
+from bulwark.headers import parse_headers
+from ingest.guards import Refusal
 from ingest.guards.lists import allow_listed
 
 if TYPE_CHECKING:
