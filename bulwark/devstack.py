@@ -9,6 +9,7 @@ to be ready, and stops them all, in reverse order, on Ctrl-C.
 from __future__ import annotations
 
 import os
+import random
 from contextlib import contextmanager
 import signal
 import socket
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bulwark.settings import METRICS_PORTS, REPO_ROOT, Settings
+from bulwark.settings import METRICS_INSTANCE_STEP, METRICS_PORTS, REPO_ROOT, Settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 CLAMD_SCRIPT = REPO_ROOT / "infra" / "clamav" / "clamd.sh"
@@ -63,10 +64,55 @@ def _wait_gone(pid: int, timeout: float = 30) -> None:
     raise TimeoutError(f"pid {pid} still alive {timeout:.0f}s after SIGKILL")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _private_ports() -> range:
+    """Where private stacks take their ports: the 12,000 below the kernel's
+    ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 on Linux).
+
+    A port the kernel hands out for ``bind(0)`` is in the ephemeral range, so
+    between being chosen and being listened on it can become the source port
+    of any outgoing connection (the stack makes hundreds to the broker); a
+    second worker's web port, chosen as the first one's + 1, was taken that
+    way in CI and the worker exited at start. Below the range only another
+    listener can take it.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+#: Ports this process has handed out: two stacks of one test run never share one.
+_HANDED_OUT: set[int] = set()
+
+
+def _bindable(host: str, port: int, udp: bool) -> bool:
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", *, udp: bool = False, offsets: tuple[int, ...] = (0,)) -> int:
+    """A loopback port nobody listens on, for a private stack's listener.
+
+    ``udp``: free for UDP as well (NSD listens on both). ``offsets``: the
+    ports at these distances from it are free too, for the ports a setting
+    derives from its base (a second worker's web port is the base + 1, a
+    second process's metrics port the base + 10).
+    """
+    ports = _private_ports()
+    for _ in range(1000):
+        port = random.randrange(ports.start, ports.stop - max(offsets))
+        wanted = [port + offset for offset in offsets]
+        if _HANDED_OUT.isdisjoint(wanted) and all(_bindable(host, p, udp) for p in wanted):
+            _HANDED_OUT.update(wanted)
+            return port
+    raise RuntimeError(f"no free port on {host} in {ports.start}-{ports.stop - 1}")
 
 
 def private_environment(root: Path, policy: Path) -> dict[str, str]:
@@ -82,11 +128,14 @@ def private_environment(root: Path, policy: Path) -> dict[str, str]:
         "BULWARK_SUBMISSION_PORT": str(free_port()),
         "BULWARK_SUBMISSIONS_PORT": str(free_port()),
         "BULWARK_MAILBOX_PORT": str(free_port()),
-        "BULWARK_STREAMS_WEB_PORT": str(free_port()),
+        # A second and third worker serve on this port + 1, + 2 (LocalStack.instances).
+        "BULWARK_STREAMS_WEB_PORT": str(free_port(offsets=(0, 1, 2, 3))),
         "BULWARK_MTA_STS_PORT": str(free_port()),
         "BULWARK_CONSOLE_PORT": str(free_port()),
         # Every process's Prometheus metrics (bulwark/metrics.py).
-        **{variable: str(free_port()) for variable, _ in METRICS_PORTS.values()},
+        # A second ingest process or worker serves its metrics on this port + 10 (Settings.metrics_port).
+        **{variable: str(free_port(offsets=tuple(METRICS_INSTANCE_STEP * i for i in range(4))))
+           for variable, _ in METRICS_PORTS.values()},
         # A private clamd with the project's own signature database.
         "BULWARK_CLAMD_PORT": str(free_port()),
         "BULWARK_CLAMD_DIR": str(root / "clamd"),

@@ -17,7 +17,6 @@ import datetime
 import ipaddress
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import threading
@@ -31,21 +30,14 @@ import dns.query
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from bulwark import devstack
+
 NSD = shutil.which("nsd") or "/usr/sbin/nsd"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both TCP and UDP on ``host`` (NSD listens on both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
+    return devstack.free_port(host, udp=True)
 
 
 # -- certificates ------------------------------------------------------------------

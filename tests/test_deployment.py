@@ -7,11 +7,12 @@ subcommands, the same environment variables, a policy that validates.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import yaml
 
 from bulwark.cli import main
-from bulwark.devstack import COMPONENTS
+from bulwark.devstack import COMPONENTS, private_environment
 from bulwark.policy import load
 from bulwark.settings import REPO_ROOT
 
@@ -53,3 +54,20 @@ def test_compose_kafka_is_the_pinned_broker_version():
 def test_shipped_policies_validate():
     for path in (REPO_ROOT / "infra").glob("policy.*.yaml"):
         load(path)
+
+
+def test_a_private_stack_takes_its_ports_where_no_outgoing_connection_can():
+    """The ports of a test's or benchmark's own stack, and those derived from
+    them (a second worker's web port + 1, a second process's metrics port
+    + 10), lie below the kernel's ephemeral range: an outgoing connection's
+    source port cannot take one before its process listens on it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    env = private_environment(Path("/nonexistent"), Path("/nonexistent/policy.yaml"))
+    web = int(env["BULWARK_STREAMS_WEB_PORT"])
+    metrics = int(env["BULWARK_INGEST_METRICS_PORT"])
+    ports = [int(value.rsplit(":", 1)[-1]) for name, value in env.items() if name.endswith(("_PORT", "_BOOTSTRAP"))]
+    assert all(port < low for port in [*ports, web + 3, metrics + 30])
+    assert len(set(ports)) == len(ports)
+    # Nor does a port derived from one base fall on another listener's base.
+    derived = {web + i for i in range(1, 4)} | {metrics + 10 * i for i in range(1, 4)}
+    assert derived.isdisjoint(ports)

@@ -34,6 +34,8 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
+from bulwark.devstack import free_port
+
 from .m365_stub import M365Stub
 from .minger_responder import MingerResponder
 
@@ -51,12 +53,6 @@ SECRETS = {
 
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- certificates -------------------------------------------------------------
@@ -371,7 +367,7 @@ def start_verification_servers(root: Path) -> VerificationServers:
     bind = write_secret(root, "ldap-bind", SECRETS["bind_password"])
     client_secret = write_secret(root, "m365-client", SECRETS["client_secret"])
     minger_secret = write_secret(root, "minger", SECRETS["minger_secret"])
-    closed_tcp, closed_udp = free_port(), free_port(socket.SOCK_DGRAM)
+    closed_tcp, closed_udp = free_port(), free_port(udp=True)
 
     ldap_common = f"""bind_dn: "{SERVICE_DN}"
     bind_password_file: {bind}
