@@ -240,13 +240,13 @@ class DeliverySink:
         # Only the flag, on the entry as it is now: the copy in hand may be
         # stale (a delivery can finish while the publish waits), and writing
         # it back would make a delivered message due again: a duplicate.
-        self._update(entry["message_id"], queued_event_sent=True)
-
-    def _update(self, message_id: str, **fields) -> None:
-        current = self.queue.get(message_id)
+        # Not synced: lost to a power cut, the flag only makes the
+        # announcement go out again (it is at-least-once anyway), and the
+        # attempt's own synced write puts it on disk first (sinks/store.py).
+        current = self.queue.get(entry["message_id"])
         if current is not None:
-            current.update(fields)
-            self.queue.put(message_id, current)
+            current["queued_event_sent"] = True
+            self.queue.put(entry["message_id"], current, synced=False)
 
     def _schedule(self, entry: dict) -> None:
         if not entry["done"] and entry["next_attempt_at"]:
@@ -276,7 +276,10 @@ class DeliverySink:
             stored = self.queue.get(entry["message_id"])
             if stored is not None and stored.get("outbox") and stored["outbox"][0] == head:
                 stored["outbox"].pop(0)
-                self.queue.put(entry["message_id"], stored)
+                # Not synced: lost to a power cut, the event goes out again
+                # with its own event id, which consumers already meet after
+                # a crash between the publish and this write.
+                self.queue.put(entry["message_id"], stored, synced=False)
 
     # -- delivering ---------------------------------------------------------
 

@@ -3,6 +3,13 @@
 Writes are synchronous (fsynced WAL): a sink commits its Kafka offset only
 after the record is on disk, so a power cut never loses what the offset says
 was handled. The CLI opens the same index read-only beside a running sink.
+
+A write whose loss would only make an event go out again may be relaxed
+(``put(..., synced=False)``): it is in the WAL at once (so a crash of the
+process keeps it), and on disk at the next synced write of the same index,
+since the WAL is written in order. A synced write cost 236 us of wall time,
+113 us of it CPU, against 8 us unsynced, on this machine's ext4; rocksdict
+holds the GIL meanwhile, so the whole sink waits.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ class JsonIndex:
             durable = WriteOptions()
             durable.sync = True
             self.db.set_write_options(durable)
+            self._relaxed = WriteOptions()
+            self._relaxed.sync = False
 
     def get(self, key: str) -> dict | None:
         raw = self.db.get(key.encode())
@@ -35,8 +44,10 @@ class JsonIndex:
     def __contains__(self, key: str) -> bool:
         return self.db.get(key.encode()) is not None
 
-    def put(self, key: str, record: dict) -> None:
-        self.db[key.encode()] = json.dumps(record, default=str).encode()
+    def put(self, key: str, record: dict, synced: bool = True) -> None:
+        """Write one record; ``synced=False`` only where losing it to a power cut re-sends an event, no more."""
+        value = json.dumps(record, default=str).encode()
+        self.db.put(key.encode(), value, None if synced else self._relaxed)
 
     def put_many(self, records: dict[str, dict]) -> None:
         """One synced write for a whole batch."""
