@@ -99,6 +99,8 @@ class DeliverySink:
         self._depth_at = 0.0
         #: Entries whose outbox a broker outage left unpublished.
         self._unpublished: set[str] = set()
+        #: Background syncs of the queue started by recorded attempts.
+        self._syncs: set[asyncio.Task] = set()
         self._publishing: set[str] = set()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
@@ -202,7 +204,7 @@ class DeliverySink:
         """Queue the work these events ask for; idempotent on message id."""
         await self._queue_notifications(events)
         if self.first_verdicts is not None:
-            events = self.first_verdicts.admit(events)
+            events = await self.first_verdicts.admit(events)
         new: dict[str, dict] = {}
         too_old = utcnow() - self.retention
         for event in events:
@@ -216,7 +218,9 @@ class DeliverySink:
             entry = self._work_from(event)
             if entry and entry["message_id"] not in self.queue and entry["message_id"] not in new:
                 new[entry["message_id"]] = entry
-        self.queue.put_many(new)
+        # On disk before the offsets are committed: an fsync shared with the deliveries'.
+        self.queue.put_many(new, synced=False)
+        await self.queue.sync()
         # Announce what was queued, including entries queued before a crash
         # that never got their event out; only then may they be delivered, so
         # delivery.queued always precedes delivery.attempted on the topic.
@@ -500,9 +504,14 @@ class DeliverySink:
         return results or every("deferred", None, "4.4.1 no server could be reached"), last
 
     def _record(self, entry: dict, attempt: ev.DeliveryAttempted) -> None:
-        """One attempt on disk before anything else happens: its delivered
+        """One attempt recorded before anything else happens: its delivered
         recipients are done (never sent again, whatever crashes next) and its
-        event waits in the outbox. No await between read and write."""
+        event waits in the outbox. No await between read and write.
+
+        In the write-ahead log at once (a crash of the process keeps it), on
+        disk a moment later: the fsync starts now, shared with the other
+        deliveries' (``JsonIndex.sync``), and ``_settle`` waits for it.
+        """
         message_id = entry["message_id"]
         stored = self.queue.get(message_id) or entry
         for result in attempt.recipients:
@@ -511,8 +520,25 @@ class DeliverySink:
                     copy["recipients"][result.recipient].update(state="delivered", reply_code=result.reply_code,
                                                                 reply=result.reply)
         stored["outbox"] = [*stored.get("outbox", []), codec.encode(attempt)[0].decode()]
-        self.queue.put(message_id, stored)
-        self._unpublished.add(message_id)
+        self.queue.put(message_id, stored, synced=False)
+        self._sync_soon(message_id)
+
+    def _sync_soon(self, message_id: str) -> None:
+        """Start putting the queue's relaxed writes on disk (one fsync for all
+        waiting); the entry's events may be published once they are."""
+        async def sync() -> None:
+            await self.queue.sync()
+            self._unpublished.add(message_id)
+
+        task = asyncio.ensure_future(sync())
+        self._syncs.add(task)
+        task.add_done_callback(self._synced)
+
+    def _synced(self, task: asyncio.Task) -> None:
+        self._syncs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # _settle's own sync fails too and the delivery is retried as recorded.
+            log.error("the delivery queue could not be synced to disk: %s", task.exception())
 
     def _attempt(self, entry: dict, destination: Destination, route: Route, tls: ev.TlsOutcome | None,
                  results: list[ev.RecipientResult]) -> ev.DeliveryAttempted:
@@ -573,7 +599,10 @@ class DeliverySink:
         stored = self.queue.get(entry["message_id"]) or entry
         entry["outbox"] = [*stored.get("outbox", []), *(codec.encode(e)[0].decode() for e in events)]
         entry["queued_event_sent"] = stored.get("queued_event_sent", entry["queued_event_sent"])
-        self.queue.put(entry["message_id"], entry)
+        self.queue.put(entry["message_id"], entry, synced=False)
+        # On disk, with this delivery's attempts, before its events may go
+        # out or it is due again.
+        await self.queue.sync()
         self._schedule(entry)
         if dsn_entry is not None:
             self._unpublished.add(dsn_entry["message_id"])

@@ -9,7 +9,8 @@ quarantined".
 
 Verdicts are keyed by message id, so every consumer of ``mail.verdicts``
 reads a message's verdicts in the same order. Each sink keeps the first
-verdict's id per message here (a synced write before it acts) and ignores a
+verdict's id per message here (on disk before it acts: an fsync it shares
+with its other writes, sinks/store.py) and ignores a
 later one with a different id, logging it: the delivery sink and the
 quarantine sink then always act on the same verdict. The same verdict read
 again (a redelivery) is let through; the sinks handle it idempotently.
@@ -34,8 +35,8 @@ class FirstVerdicts:
         self.index = index
         self.retention = retention
 
-    def admit(self, events: list[ev.Event]) -> list[ev.Event]:
-        """``events`` without any verdict that is not its message's first."""
+    async def admit(self, events: list[ev.Event]) -> list[ev.Event]:
+        """``events`` without any verdict that is not its message's first (once those are on disk)."""
         first: dict[str, dict] = {}
         admitted: list[ev.Event] = []
         for event in events:
@@ -52,7 +53,8 @@ class FirstVerdicts:
             else:
                 log.warning("a second verdict for %s (%s) is ignored: the first (%s, %s) stands",
                             event.message_id, event.action, seen["action"], seen["event_id"])
-        self.index.put_many(first)
+        self.index.put_many(first, synced=False)
+        await self.index.sync()
         return admitted
 
     def prune(self) -> int:

@@ -50,7 +50,7 @@ class QuarantineSink:
 
     async def take(self, events: list[ev.Event]) -> None:
         if self.first_verdicts is not None:
-            events = self.first_verdicts.admit(events)
+            events = await self.first_verdicts.admit(events)
         for event in events:
             if isinstance(event, ev.Verdict) and event.action in HOLD_ACTIONS:
                 await self._hold(event)

@@ -3,6 +3,7 @@ never make it both delivered and quarantined: every sink acts on the first."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -56,6 +57,6 @@ async def test_the_same_verdict_read_again_is_still_acted_on_once(tmp_path):
 def test_first_verdicts_are_forgotten_after_the_retention(tmp_path):
     first = FirstVerdicts(JsonIndex(tmp_path / "first"), timedelta(days=7))
     old = datetime.now(timezone.utc) - timedelta(days=8)
-    first.admit([verdict("old", "deliver", at=old), verdict("new", "deliver")])
+    asyncio.run(first.admit([verdict("old", "deliver", at=old), verdict("new", "deliver")]))
     assert first.prune() == 1
     assert first.index.get("old") is None and first.index.get("new") is not None
