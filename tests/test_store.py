@@ -29,24 +29,37 @@ class _CountingWal:
         return getattr(self.db, name)
 
 
+def _while_an_fsync_runs(tmp_path, writes: list[str]) -> tuple[JsonIndex, _CountingWal, list[bool]]:
+    """Write "first" and start its sync; while that fsync runs, write each of
+    ``writes`` and sync after each; then let the fsyncs finish. Returns the
+    index, its counted log and, per later sync, whether it had returned
+    before the first fsync was let finish."""
+    index = JsonIndex(tmp_path / "queue")
+    wal = index.db = _CountingWal(index.db)
+    early: list[bool] = []
+
+    async def scenario():
+        index.put("first", {"n": 0}, synced=False)
+        first = asyncio.ensure_future(index.sync())
+        await asyncio.to_thread(wal.started.wait, 10)
+        later = []
+        for n, key in enumerate(writes, 1):
+            index.put(key, {"n": n}, synced=False)
+            later.append(asyncio.ensure_future(index.sync()))
+        await asyncio.sleep(0.2)
+        early.extend(task.done() for task in later)
+        wal.release.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)
+
+    asyncio.run(scenario())
+    return index, wal, early
+
+
 def test_a_sync_waits_for_an_fsync_that_began_after_its_writes(tmp_path):
     """A write made while an fsync is already running is not on disk when
     that fsync ends: whoever syncs after it waits for the next one."""
-    index = JsonIndex(tmp_path / "queue")
-    wal = index.db = _CountingWal(index.db)
-
-    async def scenario():
-        index.put("first", {"n": 1}, synced=False)
-        first = asyncio.ensure_future(index.sync())
-        await asyncio.to_thread(wal.started.wait, 10)
-        index.put("second", {"n": 2}, synced=False)
-        second = asyncio.ensure_future(index.sync())
-        await asyncio.sleep(0.2)
-        assert not second.done()
-        wal.release.set()
-        await asyncio.wait_for(asyncio.gather(first, second), 10)
-
-    asyncio.run(scenario())
+    _, wal, early = _while_an_fsync_runs(tmp_path, ["second"])
+    assert early == [False]
     assert wal.fsyncs == 2
     assert b"second" not in wal.covered[0] and b"second" in wal.covered[1]
 
@@ -54,26 +67,13 @@ def test_a_sync_waits_for_an_fsync_that_began_after_its_writes(tmp_path):
 def test_deliveries_waiting_together_share_one_fsync(tmp_path):
     """Twenty deliveries that record their outcome while an fsync runs are
     put on disk by one more fsync, not twenty (the group commit)."""
-    index = JsonIndex(tmp_path / "queue")
-    wal = index.db = _CountingWal(index.db)
-
-    async def scenario():
-        index.put("m0", {"n": 0}, synced=False)
-        first = asyncio.ensure_future(index.sync())
-        await asyncio.to_thread(wal.started.wait, 10)
-        waiting = []
-        for n in range(1, 21):
-            index.put(f"m{n}", {"n": n}, synced=False)
-            waiting.append(asyncio.ensure_future(index.sync()))
-        await asyncio.sleep(0.2)
-        wal.release.set()
-        await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
-
-    asyncio.run(scenario())
+    keys = [f"m{n}" for n in range(1, 21)]
+    index, wal, early = _while_an_fsync_runs(tmp_path, keys)
+    assert not any(early)
     assert wal.fsyncs == 2
-    assert {f"m{n}".encode() for n in range(21)} <= wal.covered[1]
+    assert {key.encode() for key in keys} <= wal.covered[1]
     # Readers saw every relaxed write at once, and the store has them all.
-    assert [index.get(f"m{n}")["n"] for n in range(21)] == list(range(21))
+    assert [index.get(key)["n"] for key in keys] == list(range(1, 21))
 
 
 def test_a_sync_with_nothing_written_does_not_touch_the_disk(tmp_path):
