@@ -246,7 +246,8 @@ class DeliverySink:
         # it back would make a delivered message due again: a duplicate.
         # Not synced: lost to a power cut, the flag only makes the
         # announcement go out again (it is at-least-once anyway), and the
-        # attempt's own synced write puts it on disk first (sinks/store.py).
+        # attempt's sync puts it on disk first, since the log is written in
+        # order (sinks/store.py).
         current = self.queue.get(entry["message_id"])
         if current is not None:
             current["queued_event_sent"] = True
