@@ -52,12 +52,14 @@ class JsonIndex:
 
     def put(self, key: str, record: dict, synced: bool = True) -> None:
         """Write one record; relaxed (``synced=False``): on disk at the next ``sync()``."""
-        value = json.dumps(record, default=str).encode()
+        self.db.put(key.encode(), json.dumps(record, default=str).encode(), self._options(synced))
+
+    def _options(self, synced: bool) -> WriteOptions | None:
+        """The write options of one write: the index's default (synced), or relaxed and counted for ``sync``."""
         if synced:
-            self.db.put(key.encode(), value)
-        else:
-            self.db.put(key.encode(), value, self._relaxed)
-            self._writes += 1
+            return None
+        self._writes += 1
+        return self._relaxed
 
     async def sync(self) -> None:
         """Return once every relaxed write made before the call is on disk.
@@ -81,11 +83,7 @@ class JsonIndex:
         batch = WriteBatch(raw_mode=True)
         for key, record in records.items():
             batch.put(key.encode(), json.dumps(record, default=str).encode())
-        if synced:
-            self.db.write(batch)
-        else:
-            self.db.write(batch, self._relaxed)
-            self._writes += 1
+        self.db.write(batch, self._options(synced))
 
     def delete_many(self, keys: list[str]) -> None:
         """One synced write for a whole batch of deletions."""
